@@ -1,0 +1,20 @@
+//! The CPU reference: one file per op, each with an explicit forward and backward (no autograd).
+//!
+//! Conventions (from llm.c): every function opens with the shapes it works on; backward
+//! functions *accumulate* (`+=`) into their gradient outputs, so a tensor used twice simply
+//! receives two contributions; the caller zeroes gradients once per step.
+//! Ops are generic over [`Real`](crate::real::Real): training runs them in f32, the gradient
+//! checks in f64. Parallel loops split work into pieces fixed by the shapes alone, never by the
+//! thread count, so results are bit-identical run to run on any number of cores.
+
+pub mod attention;
+pub mod crossentropy;
+pub mod encoder;
+pub mod gelu;
+pub mod layernorm;
+pub mod matmul;
+pub mod optimizer;
+pub mod residual;
+
+#[cfg(test)]
+pub(crate) mod gradcheck;
