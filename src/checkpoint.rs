@@ -1,0 +1,83 @@
+//! Training checkpoints: everything a run needs to continue bit for bit — weights, AdamW
+//! moments, the step, the data position and the RNG — in one safetensors file, written
+//! atomically so the run directory always holds a complete last checkpoint.
+
+use crate::config::GptConfig;
+use crate::cpu::optimizer::AdamW;
+use crate::data::BatchWalker;
+use crate::fsutil::write_atomically_with;
+use crate::layout::ParamLayout;
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+const FORMAT: &str = "finch-checkpoint-1";
+
+/// Where the training loop stands, besides weights and optimizer moments.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps completed.
+    pub step: usize,
+    pub walker: BatchWalker,
+    pub rng: Rng,
+}
+
+pub struct Checkpoint {
+    pub config: GptConfig,
+    pub params: Vec<f32>,
+    pub optimizer: AdamW<f32>,
+    pub state: TrainState,
+}
+
+pub fn save(dir: &Path, config: &GptConfig, params: &[f32], optimizer: &AdamW<f32>, state: &TrainState) -> Result<()> {
+    let n = params.len();
+    let tensors = [("params", params), ("adam.m", &optimizer.m[..]), ("adam.v", &optimizer.v[..])]
+        .map(|(name, data)| Ok((name, TensorView::new(Dtype::F32, vec![n], bytemuck::cast_slice(data))?)))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("config".to_string(), serde_json::to_string(config)?),
+        ("state".to_string(), serde_json::to_string(state)?),
+        ("adam_t".to_string(), optimizer.t.to_string()),
+    ]);
+    write_atomically_with(&dir.join(CHECKPOINT_FILE), |tmp| {
+        safetensors::serialize_to_file(tensors, Some(metadata), tmp)
+            .with_context(|| format!("{}: cannot write", tmp.display()))
+    })
+}
+
+/// Reads `dir/checkpoint.safetensors`; `Ok(None)` when the directory has none yet.
+pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
+    let path = dir.join(CHECKPOINT_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let name = path.display();
+    let bytes = std::fs::read(&path).with_context(|| format!("{name}: cannot read"))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{name}: not a valid checkpoint: {e}"))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let meta = header.metadata().as_ref().with_context(|| format!("{name}: not a finch checkpoint (no metadata)"))?;
+    let get = |key: &str| meta.get(key).with_context(|| format!("{name}: checkpoint metadata lacks \"{key}\""));
+    if get("format")? != FORMAT {
+        bail!("{name}: unsupported checkpoint format {:?} (expected {FORMAT})", get("format")?);
+    }
+    let config: GptConfig = serde_json::from_str(get("config")?).with_context(|| format!("{name}: bad \"config\""))?;
+    config.validate(&name.to_string())?;
+    let state: TrainState = serde_json::from_str(get("state")?).with_context(|| format!("{name}: bad \"state\""))?;
+    let adam_t: u64 = get("adam_t")?.parse().with_context(|| format!("{name}: bad \"adam_t\""))?;
+    let n = ParamLayout::new(&config).total;
+    let tensor = |key: &str| -> Result<Vec<f32>> {
+        let view = st.tensor(key).map_err(|e| anyhow::anyhow!("{name}: {key}: {e}"))?;
+        if view.dtype() != Dtype::F32 || view.shape() != [n] {
+            bail!("{name}: {key} is {:?} {:?}, expected F32 [{n}]", view.dtype(), view.shape());
+        }
+        Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+    };
+    let optimizer = AdamW { m: tensor("adam.m")?, v: tensor("adam.v")?, t: adam_t };
+    Ok(Some(Checkpoint { config, params: tensor("params")?, optimizer, state }))
+}

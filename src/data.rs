@@ -1,0 +1,291 @@
+//! Token files, memory-mapped: llm.c's format (a 256 × int32 header, then uint16 or uint32
+//! tokens) or raw little-endian uint16 (nanoGPT's train.bin). Several shards read as one stream.
+
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+pub const LLMC_MAGIC: i32 = 20240520;
+pub const LLMC_HEADER_BYTES: usize = 256 * 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// llm.c token files: 1024-byte header (magic 20240520, version, count), then tokens.
+    Llmc,
+    /// Raw little-endian uint16 tokens with no header (nanoGPT's train.bin).
+    RawU16,
+}
+
+/// One memory-mapped shard.
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    /// Byte offset of the first token.
+    start: usize,
+    /// Bytes per token: 2 or 4.
+    width: usize,
+    len: usize,
+}
+
+impl Shard {
+    fn open(path: &Path, format: DataFormat) -> Result<Shard> {
+        let name = path.display();
+        let file = File::open(path).with_context(|| format!("{name}: cannot open"))?;
+        let size = file.metadata().with_context(|| format!("{name}: cannot read its size"))?.len() as usize;
+        if size == 0 {
+            bail!("{name}: the file is empty");
+        }
+        // SAFETY: the map is read-only; like every mmap-based reader we rely on the file not being
+        // truncated underneath us while training runs.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map"))?;
+        let (start, width, len) = match format {
+            DataFormat::RawU16 => {
+                if size % 2 != 0 {
+                    bail!("{name}: raw uint16 token file has an odd size ({size} bytes); is it truncated?");
+                }
+                (0, 2, size / 2)
+            }
+            DataFormat::Llmc => parse_llmc_header(&map, path)?,
+        };
+        Ok(Shard { path: path.to_owned(), map, start, width, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len * self.width]
+    }
+
+    fn token(&self, i: usize) -> u32 {
+        let b = &self.bytes()[i * self.width..];
+        match self.width {
+            2 => u16::from_le_bytes([b[0], b[1]]) as u32,
+            _ => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        }
+    }
+
+    /// The first token ≥ `vocab_size`, as (index, id).
+    fn first_out_of_vocab(&self, vocab_size: usize) -> Option<(usize, u32)> {
+        let bytes = self.bytes();
+        let index = match self.width {
+            2 => bytes.par_chunks_exact(2).position_first(|b| u16::from_le_bytes([b[0], b[1]]) as usize >= vocab_size),
+            _ => bytes
+                .par_chunks_exact(4)
+                .position_first(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize >= vocab_size),
+        }?;
+        Some((index, self.token(index)))
+    }
+}
+
+/// Validates an llm.c header; returns (first token byte, bytes per token, token count).
+fn parse_llmc_header(bytes: &[u8], path: &Path) -> Result<(usize, usize, usize)> {
+    let name = path.display();
+    let int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+    if bytes.len() < 4 || int(0) != LLMC_MAGIC {
+        bail!(
+            "{name}: not an llm.c token file (it does not start with magic {LLMC_MAGIC}); \
+             if it holds raw uint16 tokens (nanoGPT's train.bin), pass --data-format raw-u16"
+        );
+    }
+    if bytes.len() < LLMC_HEADER_BYTES {
+        bail!("{name}: truncated: {} bytes, shorter than the {LLMC_HEADER_BYTES}-byte llm.c header", bytes.len());
+    }
+    let width = match int(1) {
+        1 => 2,
+        2 => 4,
+        v => bail!("{name}: unsupported llm.c token file version {v} (expected 1 for uint16 or 2 for uint32 tokens)"),
+    };
+    let count = int(2);
+    if count < 0 {
+        bail!("{name}: header gives a negative token count ({count})");
+    }
+    let count = count as usize;
+    let expected = LLMC_HEADER_BYTES + count * width;
+    if bytes.len() < expected {
+        bail!(
+            "{name}: truncated: header says {count} tokens ({expected} bytes) but the file has {} bytes",
+            bytes.len()
+        );
+    }
+    if bytes.len() > expected {
+        bail!(
+            "{name}: header/size mismatch: header says {count} tokens ({expected} bytes) but the file has {} bytes",
+            bytes.len()
+        );
+    }
+    if count == 0 {
+        bail!("{name}: the file holds no tokens");
+    }
+    Ok((LLMC_HEADER_BYTES, width, count))
+}
+
+/// Expands `--data`: a path, or a glob pattern (`dir/train_*.bin`) taken in sorted order.
+pub fn expand_paths(pattern: &str, flag: &str) -> Result<Vec<PathBuf>> {
+    if !pattern.contains(['*', '?', '[']) {
+        return Ok(vec![PathBuf::from(pattern)]);
+    }
+    let mut paths: Vec<PathBuf> = glob::glob(pattern)
+        .with_context(|| format!("{flag} {pattern}: invalid glob pattern"))?
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("{flag} {pattern}: cannot list the matching files"))?;
+    if paths.is_empty() {
+        bail!("{flag} {pattern}: no file matches the pattern");
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// The concatenation of one or more shards, read as one stream of token ids.
+pub struct TokenStream {
+    shards: Vec<Shard>,
+    /// Index in the stream of each shard's first token.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl TokenStream {
+    /// Opens every shard matching `pattern` and checks every token id is below `vocab_size`.
+    pub fn open(pattern: &str, flag: &str, format: DataFormat, vocab_size: usize) -> Result<TokenStream> {
+        let mut shards = Vec::new();
+        for path in expand_paths(pattern, flag)? {
+            let shard = Shard::open(&path, format)?;
+            if let Some((index, id)) = shard.first_out_of_vocab(vocab_size) {
+                bail!(
+                    "{}: token {index} (byte offset {}) has id {id}, but the model's vocab size is {vocab_size}",
+                    path.display(),
+                    shard.start + index * shard.width
+                );
+            }
+            shards.push(shard);
+        }
+        Ok(Self::from_shards(shards))
+    }
+
+    fn from_shards(shards: Vec<Shard>) -> TokenStream {
+        let mut starts = Vec::with_capacity(shards.len());
+        let mut len = 0;
+        for s in &shards {
+            starts.push(len);
+            len += s.len;
+        }
+        TokenStream { shards, starts, len }
+    }
+
+    /// An in-memory stream (tests, generated corpora).
+    pub fn from_tokens(tokens: &[u32]) -> TokenStream {
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).expect("anonymous map");
+        map[..bytes.len()].copy_from_slice(&bytes);
+        let shard = Shard {
+            path: PathBuf::from("<memory>"),
+            map: map.make_read_only().expect("read-only map"),
+            start: 0,
+            width: 4,
+            len: tokens.len(),
+        };
+        Self::from_shards(vec![shard])
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn describe(&self) -> String {
+        match self.shards.as_slice() {
+            [one] => one.path.display().to_string(),
+            many => {
+                format!("{} shards ({} .. {})", many.len(), many[0].path.display(), many[many.len() - 1].path.display())
+            }
+        }
+    }
+
+    /// Copies tokens `start .. start + out.len()` of the stream, crossing shard boundaries.
+    pub fn read(&self, start: usize, out: &mut [u32]) {
+        assert!(start + out.len() <= self.len, "read past the end of the token stream");
+        let mut shard = self.starts.partition_point(|&s| s <= start) - 1;
+        let mut pos = start - self.starts[shard];
+        for o in out.iter_mut() {
+            while pos == self.shards[shard].len {
+                shard += 1;
+                pos = 0;
+            }
+            *o = self.shards[shard].token(pos);
+            pos += 1;
+        }
+    }
+}
+
+/// Walks a stream in windows of B·T + 1 tokens (inputs and next-token targets), advancing B·T
+/// each time and wrapping to offset 0 when a window would run past the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchWalker {
+    /// Offset of the next window.
+    pub position: usize,
+}
+
+impl BatchWalker {
+    /// Fills `x` and `y` (B·T each) with the next batch: x[i] = buf[i], y[i] = buf[i + 1].
+    pub fn next_batch(&mut self, stream: &TokenStream, buf: &mut Vec<u32>, x: &mut [u32], y: &mut [u32]) {
+        let n = x.len();
+        assert!(n < stream.len(), "the stream is shorter than one batch");
+        if self.position + n + 1 > stream.len() {
+            self.position = 0;
+        }
+        buf.resize(n + 1, 0);
+        stream.read(self.position, buf);
+        x.copy_from_slice(&buf[..n]);
+        y.copy_from_slice(&buf[1..]);
+        self.position += n;
+    }
+}
+
+/// Writes an llm.c token file (version 1, uint16) — for tests and tools.
+pub fn write_llmc_u16(path: &Path, tokens: &[u16]) -> Result<()> {
+    let mut bytes = vec![0u8; LLMC_HEADER_BYTES];
+    for (i, v) in [LLMC_MAGIC, 1, tokens.len() as i32].iter().enumerate() {
+        bytes[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+    crate::fsutil::write_atomically(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_advance_by_bt_and_wrap_to_zero() {
+        let tokens: Vec<u32> = (0..41).collect();
+        let stream = TokenStream::from_tokens(&tokens);
+        let mut walker = BatchWalker { position: 0 };
+        let (mut buf, mut x, mut y) = (vec![], vec![0; 16], vec![0; 16]);
+        let mut starts = vec![];
+        for _ in 0..5 {
+            walker.next_batch(&stream, &mut buf, &mut x, &mut y);
+            starts.push(x[0]);
+            assert!(x.iter().zip(&y).all(|(a, b)| b == &(a + 1)));
+        }
+        // 0..17 and 16..33 fit in 41 tokens; 32..49 would not, so the walk wraps.
+        assert_eq!(starts, [0, 16, 0, 16, 0]);
+    }
+
+    #[test]
+    fn reads_cross_shard_boundaries() {
+        let dir = std::env::temp_dir().join(format!("finch-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_llmc_u16(&dir.join("s_000.bin"), &[0, 1, 2]).unwrap();
+        write_llmc_u16(&dir.join("s_001.bin"), &[3, 4]).unwrap();
+        write_llmc_u16(&dir.join("s_002.bin"), &[5, 6, 7]).unwrap();
+        let stream = TokenStream::open(&format!("{}/s_*.bin", dir.display()), "--data", DataFormat::Llmc, 8).unwrap();
+        let mut out = vec![0; 6];
+        stream.read(1, &mut out);
+        assert_eq!(out, [1, 2, 3, 4, 5, 6]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

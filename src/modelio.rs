@@ -1,0 +1,155 @@
+//! Models on disk in Hugging Face's GPT-2 layout: `config.json` + `model.safetensors` (f32).
+//! A directory finch writes loads in `transformers.GPT2LMHeadModel`, and vice versa.
+
+use crate::config::GptConfig;
+use crate::fsutil::{create_dir, write_atomically, write_atomically_with};
+use crate::layout::ParamLayout;
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[cfg(target_endian = "big")]
+compile_error!("finch reads and writes little-endian files by reinterpreting memory");
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Reads `dir/config.json`. `layer_norm_epsilon` defaults to GPT-2's 1e-5 when absent.
+pub fn load_config(dir: &Path) -> Result<GptConfig> {
+    let path = dir.join(CONFIG_FILE);
+    let name = path.display();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{name}: cannot read"))?;
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{name}: not valid JSON"))?;
+    let field = |key: &str| -> Result<usize> {
+        match json.get(key) {
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .with_context(|| format!("{name}: {key} must be a non-negative integer, got {v}")),
+            None => bail!("{name}: missing \"{key}\""),
+        }
+    };
+    let layer_norm_epsilon = match json.get("layer_norm_epsilon") {
+        None => 1e-5,
+        Some(v) => v.as_f64().with_context(|| format!("{name}: layer_norm_epsilon must be a number, got {v}"))?,
+    };
+    let cfg = GptConfig {
+        n_layer: field("n_layer")?,
+        n_head: field("n_head")?,
+        n_embd: field("n_embd")?,
+        vocab_size: field("vocab_size")?,
+        n_positions: field("n_positions")?,
+        layer_norm_epsilon,
+    };
+    cfg.validate(&name.to_string())?;
+    Ok(cfg)
+}
+
+/// The `config.json` finch writes: our fields plus what transformers needs to load GPT-2.
+pub fn config_json(cfg: &GptConfig) -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_ctx": cfg.n_positions,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "activation_function": "gelu_new",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": true,
+    })
+}
+
+/// Buffers in Hugging Face checkpoints that are not parameters (or are tied to wte).
+fn is_ignored(name: &str) -> bool {
+    name == "lm_head.weight" || name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
+}
+
+/// Rows of a tensor as stored on disk: wte has V rows there, Vp in memory.
+fn disk_shape(layout_shape: &[usize], name: &str, cfg: &GptConfig) -> Vec<usize> {
+    if name == "wte.weight" {
+        vec![cfg.vocab_size, cfg.n_embd]
+    } else {
+        layout_shape.to_vec()
+    }
+}
+
+/// Reads `dir/model.safetensors` into a parameter buffer for `cfg` (padding rows zero).
+pub fn load_params(dir: &Path, cfg: &GptConfig) -> Result<Vec<f32>> {
+    let path = dir.join(WEIGHTS_FILE);
+    let name = path.display();
+    let file = std::fs::File::open(&path).with_context(|| format!("{name}: cannot open"))?;
+    // SAFETY: read-only map of a file we only read during this call.
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map"))?;
+    let st =
+        SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{name}: not a valid safetensors file: {e}"))?;
+    let layout = ParamLayout::new(cfg);
+    let mut params = vec![0f32; layout.total];
+    let mut seen = vec![false; layout.specs.len()];
+    let index: HashMap<&str, usize> = layout.specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    for (full_name, view) in st.iter() {
+        let tname = full_name.strip_prefix("transformer.").unwrap_or(full_name);
+        if is_ignored(tname) {
+            continue;
+        }
+        let Some(&i) = index.get(tname) else {
+            bail!("{name}: unexpected tensor \"{full_name}\" (not part of a GPT-2 model with {} layers)", cfg.n_layer);
+        };
+        let spec = &layout.specs[i];
+        let want = disk_shape(&spec.shape, tname, cfg);
+        if view.shape() != want.as_slice() {
+            bail!("{name}: tensor \"{full_name}\" has shape {:?}, expected {want:?} from {CONFIG_FILE}", view.shape());
+        }
+        let dst = &mut params[spec.offset..spec.offset + want.iter().product::<usize>()];
+        convert_to_f32(&view, dst).with_context(|| format!("{name}: tensor \"{full_name}\""))?;
+        seen[i] = true;
+    }
+    if let Some(missing) = layout.specs.iter().zip(&seen).find(|(_, &s)| !s) {
+        bail!("{name}: missing tensor \"{}\"", missing.0.name);
+    }
+    Ok(params)
+}
+
+fn convert_to_f32(view: &TensorView, dst: &mut [f32]) -> Result<()> {
+    let bytes = view.data();
+    match view.dtype() {
+        Dtype::F32 => {
+            dst.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(d, b)| *d = f32::from_le_bytes(b.try_into().unwrap()))
+        }
+        Dtype::BF16 => dst
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(d, b)| *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        Dtype::F16 => dst
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(d, b)| *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        other => bail!("dtype {other:?} is not supported (expected F32, BF16 or F16)"),
+    }
+    Ok(())
+}
+
+/// Writes `dir/config.json` and `dir/model.safetensors` (f32, without wte's padding rows),
+/// each atomically; creates `dir` if needed.
+pub fn save_model(dir: &Path, cfg: &GptConfig, params: &[f32], flag: &str) -> Result<()> {
+    create_dir(dir, flag)?;
+    let layout = ParamLayout::new(cfg);
+    let mut views = Vec::with_capacity(layout.specs.len());
+    for spec in &layout.specs {
+        let shape = disk_shape(&spec.shape, &spec.name, cfg);
+        let data = &params[spec.offset..spec.offset + shape.iter().product::<usize>()];
+        views.push((spec.name.clone(), TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(data))?));
+    }
+    let path = dir.join(WEIGHTS_FILE);
+    write_atomically_with(&path, |tmp| {
+        safetensors::serialize_to_file(views, None, tmp).with_context(|| format!("{}: cannot write", tmp.display()))
+    })?;
+    let config = serde_json::to_string_pretty(&config_json(cfg))? + "\n";
+    write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())
+}

@@ -1,0 +1,442 @@
+//! `finch train`: flags, validation, and the training loop on the CPU reference.
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{GptConfig, Preset};
+use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
+use crate::data::{BatchWalker, DataFormat, TokenStream};
+use crate::fsutil::{create_dir, write_atomically};
+use crate::layout::{activation_count, ParamLayout};
+use crate::model::{init_params, Gpt};
+use crate::modelio;
+use crate::rng::Rng;
+use crate::schedule::{learning_rate, LrSchedule};
+use crate::trainlog::{Console, JsonlLog, StepRecord};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The flags of `finch train`. Serialisable so a run directory remembers them for --resume.
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
+#[command(after_help = "Examples:
+  finch train --data train.bin --model gpt2 --batch-size 4 --seq-len 64 --steps 100 --out runs/a
+  finch train --data 'shards/train_*.bin' --val val.bin --init gpt2-dir --lr 3e-4 --save out-dir
+  finch train --resume runs/a                  # continue an interrupted run bit for bit
+  finch train --resume runs/a --steps 2000     # ... or extend it")]
+pub struct TrainArgs {
+    /// Token file(s): an llm.c .bin file, or a quoted glob such as 'dir/train_*.bin' (sorted)
+    #[arg(long, value_name = "FILE|GLOB", required_unless_present = "resume")]
+    pub data: Option<String>,
+    /// Token file format
+    #[arg(long, value_enum, default_value = "llmc")]
+    pub data_format: DataFormat,
+    /// Validation token file(s), same format as --data
+    #[arg(long, value_name = "FILE|GLOB")]
+    pub val: Option<String>,
+    /// Evaluate on --val every K steps (0: only after the last step)
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub val_every: usize,
+    /// Batches per validation
+    #[arg(long, value_name = "M", default_value_t = 20)]
+    pub val_batches: usize,
+
+    /// Start from a Hugging Face GPT-2 directory (config.json + model.safetensors)
+    #[arg(long, value_name = "DIR")]
+    pub init: Option<PathBuf>,
+    /// Random init of a GPT-2 size [default: gpt2]; the flags below override its fields
+    #[arg(long, value_enum)]
+    pub model: Option<Preset>,
+    #[arg(long, value_name = "L")]
+    pub n_layer: Option<usize>,
+    #[arg(long, value_name = "NH")]
+    pub n_head: Option<usize>,
+    #[arg(long, value_name = "C")]
+    pub n_embd: Option<usize>,
+    #[arg(long, value_name = "V")]
+    pub vocab_size: Option<usize>,
+    #[arg(long, value_name = "maxT")]
+    pub context_length: Option<usize>,
+    /// Seed of the random init
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+
+    /// Sequences per micro-batch (B)
+    #[arg(long, value_name = "B", default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per sequence (T) [default: the model's context length]
+    #[arg(long, value_name = "T")]
+    pub seq_len: Option<usize>,
+    /// Micro-batches per optimizer step
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Optimizer steps [default: one pass over the data]
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+
+    /// Peak learning rate
+    #[arg(long, default_value_t = 6e-4)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub lr_schedule: LrSchedule,
+    /// Linear warm-up steps before the schedule
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Where cosine and linear decay end
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    /// AdamW decoupled weight decay, applied to 2-D tensors only
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0: no clipping)
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+
+    /// Where to train: cpu, cuda, or auto (CUDA when available, else CPU)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// CPU threads [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Write the JSONL log here [default: RUN_DIR/log.jsonl with --out]
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Save the final model here (Hugging Face layout)
+    #[arg(long, value_name = "DIR")]
+    pub save: Option<PathBuf>,
+    /// Run directory: flags, log, checkpoints and the final model
+    #[arg(long, value_name = "RUN_DIR")]
+    pub out: Option<PathBuf>,
+    /// Checkpoint to RUN_DIR every K steps (and always after the last)
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Continue the run in RUN_DIR from its last checkpoint, with its saved flags;
+    /// flags given now override them
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+}
+
+const ARGS_FILE: &str = "train_args.json";
+const MODEL_FLAGS: [&str; 6] = ["model", "n_layer", "n_head", "n_embd", "vocab_size", "context_length"];
+
+/// For --resume: the run's saved flags, overridden by those given on this command line.
+pub fn merge_resumed_args(cli: &TrainArgs, is_explicit: impl Fn(&str) -> bool) -> Result<TrainArgs> {
+    let dir = cli.resume.as_ref().expect("called for --resume");
+    let path = dir.join(ARGS_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--resume {}: not a finch run directory (cannot read {ARGS_FILE})", dir.display()))?;
+    let saved: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let mut merged = serde_json::to_value(cli)?;
+    for (key, value) in merged.as_object_mut().expect("flags serialise as an object") {
+        if !is_explicit(key) {
+            if let Some(saved_value) = saved.get(key.as_str()) {
+                *value = saved_value.clone();
+            }
+        }
+    }
+    let mut args: TrainArgs =
+        serde_json::from_value(merged).with_context(|| format!("{}: unreadable flags", path.display()))?;
+    args.resume = Some(dir.clone());
+    args.out = Some(dir.clone());
+    Ok(args)
+}
+
+/// Flags checked and combined into what the loop needs.
+struct Plan {
+    config: GptConfig,
+    /// Where the initial weights come from, for the console.
+    init_source: String,
+    params: Vec<f32>,
+    b: usize,
+    t: usize,
+    steps: usize,
+    train: TokenStream,
+    val: Option<TokenStream>,
+    log_path: Option<PathBuf>,
+}
+
+fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
+    let positive = [("--batch-size", a.batch_size), ("--grad-accum", a.grad_accum), ("--val-batches", a.val_batches)];
+    for (flag, v) in positive {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    for (flag, v) in [("--seq-len", a.seq_len), ("--steps", a.steps), ("--threads", a.threads)] {
+        if v == Some(0) {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    let finite_nonneg =
+        [("--lr", a.lr), ("--min-lr", a.min_lr), ("--weight-decay", a.weight_decay), ("--grad-clip", a.grad_clip)];
+    for (flag, v) in finite_nonneg {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("{flag} must be a finite number ≥ 0, got {v}");
+        }
+    }
+    if a.lr == 0.0 {
+        bail!("--lr must be above 0");
+    }
+    for (flag, v) in [("--beta1", a.beta1), ("--beta2", a.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            bail!("{flag} must be in [0, 1), got {v}");
+        }
+    }
+    if !(a.eps.is_finite() && a.eps > 0.0) {
+        bail!("--eps must be above 0, got {}", a.eps);
+    }
+    if a.checkpoint_every > 0 && a.out.is_none() {
+        bail!("--checkpoint-every needs --out RUN_DIR to write the checkpoints to");
+    }
+    if a.val.is_none() && (is_explicit("val_every") || is_explicit("val_batches")) {
+        bail!("--val-every and --val-batches need --val FILE");
+    }
+    if a.init.is_some() {
+        if let Some(flag) = MODEL_FLAGS.iter().find(|f| is_explicit(f)) {
+            bail!("--init takes the model's shape from its config.json; drop --{}", flag.replace('_', "-"));
+        }
+    }
+    match a.device.as_str() {
+        "cpu" | "auto" => Ok(()),
+        "cuda" => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
+        other => bail!("--device {other}: unknown device (expected cpu, cuda or auto)"),
+    }
+}
+
+fn model_config(a: &TrainArgs) -> Result<GptConfig> {
+    let mut cfg = GptConfig::preset(a.model.unwrap_or(Preset::Gpt2));
+    let overrides = [
+        (&mut cfg.n_layer, a.n_layer),
+        (&mut cfg.n_head, a.n_head),
+        (&mut cfg.n_embd, a.n_embd),
+        (&mut cfg.vocab_size, a.vocab_size),
+        (&mut cfg.n_positions, a.context_length),
+    ];
+    for (field, value) in overrides {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
+    cfg.validate("model flags (--n-layer, --n-head, --n-embd, --vocab-size, --context-length)")?;
+    Ok(cfg)
+}
+
+fn open_stream(pattern: &str, flag: &str, a: &TrainArgs, cfg: &GptConfig, window: usize) -> Result<TokenStream> {
+    let stream = TokenStream::open(pattern, flag, a.data_format, cfg.vocab_size)?;
+    if stream.len() <= window {
+        bail!(
+            "{flag} {}: {} tokens, too few for one batch (--batch-size × --seq-len + 1 = {} tokens)",
+            stream.describe(),
+            stream.len(),
+            window + 1
+        );
+    }
+    Ok(stream)
+}
+
+fn plan(a: &TrainArgs, resumed: Option<&checkpoint::Checkpoint>) -> Result<Plan> {
+    let (config, params, init_source) = match (resumed, &a.init) {
+        (Some(ck), _) => (ck.config, ck.params.clone(), "the run's checkpoint".to_string()),
+        (None, Some(dir)) => {
+            let cfg = modelio::load_config(dir)?;
+            (cfg, modelio::load_params(dir, &cfg)?, dir.display().to_string())
+        }
+        (None, None) => {
+            let cfg = model_config(a)?;
+            (cfg, init_params(&cfg, a.seed), format!("random init, seed {}", a.seed))
+        }
+    };
+    let t = a.seq_len.unwrap_or(config.n_positions);
+    if t > config.n_positions {
+        bail!("--seq-len {t} exceeds the model's context length {}", config.n_positions);
+    }
+    let b = a.batch_size;
+    let window = b.checked_mul(t).filter(|&w| w < usize::MAX / 4).context("--batch-size × --seq-len is too large")?;
+    let data = a.data.as_deref().context("--data is required")?;
+    let train = open_stream(data, "--data", a, &config, window)?;
+    let val = a.val.as_deref().map(|v| open_stream(v, "--val", a, &config, window)).transpose()?;
+    let steps = a.steps.unwrap_or_else(|| (train.len() / (window * a.grad_accum)).max(1));
+    let log_path = a.log.clone().or_else(|| a.out.as_ref().map(|d| d.join("log.jsonl")));
+    Ok(Plan { config, init_source, params, b, t, steps, train, val, log_path })
+}
+
+fn mean_loss_over(model: &mut Gpt<f32>, stream: &TokenStream, b: usize, t: usize, batches: usize) -> f64 {
+    let mut walker = BatchWalker { position: 0 };
+    let (mut buf, mut x, mut y) = (Vec::new(), vec![0; b * t], vec![0; b * t]);
+    let mut total = 0.0;
+    for _ in 0..batches {
+        walker.next_batch(stream, &mut buf, &mut x, &mut y);
+        total += model.forward(&x, Some(&y), b, t).expect("targets given");
+    }
+    total / batches as f64
+}
+
+fn human_bytes(n: usize) -> String {
+    format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
+}
+
+/// Runs `finch train`. `is_explicit(id)` tells whether a flag was given on the command line.
+pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
+    let args = match &cli.resume {
+        Some(_) => merge_resumed_args(&cli, is_explicit)?,
+        None => cli,
+    };
+    check_flags(&args, is_explicit)?;
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("--threads: cannot start the thread pool")?;
+    }
+    let resumed = match &args.resume {
+        Some(dir) => checkpoint::load(dir)?,
+        None => None,
+    };
+    if let Some(dir) = &args.out {
+        if args.resume.is_none() && dir.join(checkpoint::CHECKPOINT_FILE).exists() {
+            bail!(
+                "--out {}: this run directory already holds a checkpoint; continue it with --resume {0} or choose another --out",
+                dir.display()
+            );
+        }
+        create_dir(dir, "--out")?;
+        write_atomically(&dir.join(ARGS_FILE), (serde_json::to_string_pretty(&args)? + "\n").as_bytes())?;
+    }
+    let plan = plan(&args, resumed.as_ref())?;
+    let cfg = plan.config;
+    let layout = ParamLayout::new(&cfg);
+    let (b, t) = (plan.b, plan.t);
+    let tokens_per_step = b * t * args.grad_accum;
+
+    let real_params = layout.total - (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.n_embd;
+    println!(
+        "model: {:.2}M parameters ({} layers, {} heads, {} channels, vocab {} padded to {}, context {}) from {}",
+        real_params as f64 / 1e6,
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.vocab_size,
+        cfg.padded_vocab_size(),
+        cfg.n_positions,
+        plan.init_source
+    );
+    println!(
+        "data: {} ({} tokens); {} steps of {b}×{t}×{} tokens",
+        plan.train.describe(),
+        plan.train.len(),
+        plan.steps,
+        args.grad_accum
+    );
+    let weight_bytes = 4 * layout.total * 4; // params, grads, AdamW m and v, all f32
+    let act_bytes = 2 * 4 * activation_count(&cfg, b, t); // activations and their gradients
+    println!(
+        "device: cpu ({} threads){}; memory: {} weights+grads+optimizer, {} activations",
+        rayon::current_num_threads(),
+        if args.device == "auto" { ", chosen by --device auto: no CUDA backend in this build" } else { "" },
+        human_bytes(weight_bytes),
+        human_bytes(act_bytes)
+    );
+
+    let hp = AdamWConfig { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay };
+    let mut model = Gpt::<f32>::new(cfg, plan.params);
+    let (mut optimizer, mut state) = match resumed {
+        Some(ck) => (ck.optimizer, ck.state),
+        None => (
+            AdamW::new(layout.total),
+            TrainState { step: 0, walker: BatchWalker { position: 0 }, rng: Rng::new(args.seed) },
+        ),
+    };
+    if state.step >= plan.steps {
+        bail!("the run already completed {} of {} steps; pass a larger --steps to continue it", state.step, plan.steps);
+    }
+    if state.step > 0 {
+        println!("resuming after step {} (data position {})", state.step, state.walker.position);
+    }
+    let mut log = match &plan.log_path {
+        Some(path) if args.resume.is_some() => Some(JsonlLog::resume(path, state.step)?),
+        Some(path) => {
+            let mut log = JsonlLog::create(path)?;
+            log.write(&serde_json::json!({
+                "event": "start", "config": cfg, "params": real_params, "args": args,
+                "batch_size": b, "seq_len": t, "steps": plan.steps,
+            }))?;
+            Some(log)
+        }
+        None => None,
+    };
+
+    let console = Console::new(state.step, plan.steps);
+    let (mut buf, mut x, mut y) = (Vec::new(), vec![0u32; b * t], vec![0u32; b * t]);
+    while state.step < plan.steps {
+        let step = state.step + 1;
+        let started = Instant::now();
+        model.zero_grad();
+        let mut loss = 0.0;
+        for _ in 0..args.grad_accum {
+            state.walker.next_batch(&plan.train, &mut buf, &mut x, &mut y);
+            loss += model.forward(&x, Some(&y), b, t).expect("targets given") / args.grad_accum as f64;
+            model.backward(1.0 / args.grad_accum as f64);
+        }
+        let grad_norm = global_norm(&model.grads);
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            console.finish();
+            bail!(
+                "step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; stopping without \
+                 applying the update (the last checkpoint, if any, is intact); try a lower --lr"
+            );
+        }
+        clip_grad_norm(&mut model.grads, grad_norm, args.grad_clip);
+        let lr = learning_rate(args.lr_schedule, step, plan.steps, args.lr, args.min_lr, args.warmup_steps);
+        optimizer.update(&mut model.params, &model.grads, &layout, lr, &hp);
+        let seconds = started.elapsed().as_secs_f64();
+        state.step = step;
+
+        let val_due = args.val_every > 0 && step % args.val_every == 0 || step == plan.steps;
+        let val_loss = match &plan.val {
+            Some(val) if val_due => Some(mean_loss_over(&mut model, val, b, t, args.val_batches)),
+            _ => None,
+        };
+        let record = StepRecord {
+            step,
+            loss,
+            grad_norm,
+            lr,
+            ms: seconds * 1e3,
+            tok_per_s: tokens_per_step as f64 / seconds,
+            val_loss,
+        };
+        console.step(&record);
+        if let Some(log) = &mut log {
+            log.write(&record)?;
+        }
+        if let Some(dir) = &args.out {
+            if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 || step == plan.steps {
+                checkpoint::save(dir, &cfg, &model.params, &optimizer, &state)?;
+            }
+        }
+    }
+    console.finish();
+    if let Some(dir) = &args.out {
+        let model_dir = dir.join("model");
+        modelio::save_model(&model_dir, &cfg, &model.params, "--out")?;
+        println!("run directory: {} (log.jsonl, checkpoint, model/)", dir.display());
+    }
+    if let Some(dir) = &args.save {
+        modelio::save_model(dir, &cfg, &model.params, "--save")?;
+        println!("saved model to {}", dir.display());
+    }
+    Ok(())
+}
+
+/// Loads a model for inspection or sampling (used by tests and other subcommands).
+pub fn load_model(dir: &Path) -> Result<Gpt<f32>> {
+    let cfg = modelio::load_config(dir)?;
+    Ok(Gpt::new(cfg, modelio::load_params(dir, &cfg)?))
+}
