@@ -4,7 +4,7 @@ use std::process::ExitCode;
 /// finch trains GPT-2-style transformers: a plain CPU reference engine now, hand-written CUDA
 /// kernels checked against it.
 #[derive(Parser)]
-#[command(name = "finch", version, about)]
+#[command(name = "finch", version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

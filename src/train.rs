@@ -18,11 +18,14 @@ use std::time::Instant;
 
 /// The flags of `finch train`. Serialisable so a run directory remembers them for --resume.
 #[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
-#[command(after_help = "Examples:
+#[command(
+    allow_negative_numbers = true,
+    after_help = "Examples:
   finch train --data train.bin --model gpt2 --batch-size 4 --seq-len 64 --steps 100 --out runs/a
   finch train --data 'shards/train_*.bin' --val val.bin --init gpt2-dir --lr 3e-4 --save out-dir
   finch train --resume runs/a                  # continue an interrupted run bit for bit
-  finch train --resume runs/a --steps 2000     # ... or extend it")]
+  finch train --resume runs/a --steps 2000     # ... or extend it"
+)]
 pub struct TrainArgs {
     /// Token file(s): an llm.c .bin file, or a quoted glob such as 'dir/train_*.bin' (sorted)
     #[arg(long, value_name = "FILE|GLOB", required_unless_present = "resume")]

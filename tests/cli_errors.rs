@@ -1,0 +1,171 @@
+//! Every user mistake gets one line on stderr naming the file or flag, a non-zero exit, and no
+//! panic or backtrace.
+
+mod common;
+
+use common::{finch, text, tokens, TempDir, FIXTURE};
+use finch::data::write_llmc_u16;
+
+const TINY: [&str; 10] =
+    ["--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--vocab-size", "50", "--context-length", "8"];
+
+/// Runs `finch train` with a tiny model and asserts it fails with one line containing `wants`.
+fn fails_with(extra: &[&str], wants: &[&str]) {
+    let mut args = vec!["train", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--seq-len", "4"];
+    args.extend_from_slice(&TINY);
+    args.extend_from_slice(extra);
+    let out = finch(&args);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {args:?}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    for w in wants {
+        assert!(err.contains(w), "{err:?} lacks {w:?}");
+    }
+}
+
+fn write(dir: &TempDir, name: &str, bytes: &[u8]) -> String {
+    let path = dir.path(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn header(magic: i32, version: i32, count: i32) -> Vec<u8> {
+    let mut h = vec![0u8; 1024];
+    for (i, v) in [magic, version, count].iter().enumerate() {
+        h[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    h
+}
+
+#[test]
+fn token_file_errors_name_the_file_and_the_problem() {
+    let dir = TempDir::new("errors");
+    let empty = write(&dir, "empty.bin", b"");
+    fails_with(&["--data", &empty], &["empty.bin", "empty"]);
+
+    let raw = write(&dir, "train.bin", &[1, 0, 2, 0, 3, 0]);
+    fails_with(&["--data", &raw], &["train.bin", "not an llm.c token file", "--data-format raw-u16"]);
+    let odd = write(&dir, "odd.bin", &[1, 0, 2]);
+    fails_with(&["--data", &odd, "--data-format", "raw-u16"], &["odd.bin", "odd size"]);
+
+    let short_header = write(&dir, "short.bin", &header(20240520, 1, 10)[..100]);
+    fails_with(&["--data", &short_header], &["short.bin", "truncated", "header"]);
+
+    let mut truncated = header(20240520, 1, 100);
+    truncated.extend(vec![0u8; 50]);
+    let truncated = write(&dir, "trunc.bin", &truncated);
+    fails_with(&["--data", &truncated], &["trunc.bin", "truncated", "100 tokens"]);
+
+    let mut long = header(20240520, 1, 2);
+    long.extend(vec![0u8; 10]);
+    let long = write(&dir, "long.bin", &long);
+    fails_with(&["--data", &long], &["long.bin", "mismatch", "2 tokens"]);
+
+    let version = write(&dir, "v9.bin", &header(20240520, 9, 0));
+    fails_with(&["--data", &version], &["v9.bin", "version 9"]);
+
+    let few = dir.path("few.bin");
+    write_llmc_u16(&few, &[1, 2, 3, 4, 5]).unwrap();
+    fails_with(&["--data", few.to_str().unwrap()], &["few.bin", "5 tokens", "too few", "9 tokens"]);
+
+    let mut ids = tokens(100, 50, 1);
+    ids[37] = 50;
+    let big = dir.path("big.bin");
+    write_llmc_u16(&big, &ids).unwrap();
+    fails_with(
+        &["--data", big.to_str().unwrap()],
+        &["big.bin", "token 37", "byte offset 1098", "id 50", "vocab size is 50"],
+    );
+
+    let missing = dir.path("nope.bin");
+    fails_with(&["--data", missing.to_str().unwrap()], &["nope.bin", "cannot open"]);
+    let pattern = format!("{}/none_*.bin", dir.0.display());
+    fails_with(&["--data", &pattern], &["none_*.bin", "no file matches"]);
+}
+
+#[test]
+fn bad_flag_values_are_refused_by_name() {
+    let dir = TempDir::new("flags");
+    let data = dir.path("ok.bin");
+    write_llmc_u16(&data, &tokens(200, 50, 2)).unwrap();
+    let d = data.to_str().unwrap();
+    fails_with(&["--data", d, "--batch-size", "0"], &["--batch-size", "at least 1"]);
+    fails_with(&["--data", d, "--seq-len", "0"], &["--seq-len", "at least 1"]);
+    fails_with(&["--data", d, "--seq-len", "9"], &["--seq-len 9", "context length 8"]);
+    fails_with(&["--data", d, "--steps", "0"], &["--steps", "at least 1"]);
+    fails_with(&["--data", d, "--grad-accum", "0"], &["--grad-accum"]);
+    fails_with(&["--data", d, "--lr", "-1"], &["--lr"]);
+    fails_with(&["--data", d, "--lr", "nan"], &["--lr"]);
+    fails_with(&["--data", d, "--beta2", "1"], &["--beta2", "[0, 1)"]);
+    fails_with(&["--data", d, "--eps", "0"], &["--eps"]);
+    fails_with(&["--data", d, "--device", "tpu"], &["--device tpu", "unknown device"]);
+    fails_with(&["--data", d, "--device", "cuda"], &["--device cuda"]);
+    fails_with(&["--data", d, "--checkpoint-every", "5"], &["--checkpoint-every", "--out"]);
+    fails_with(&["--data", d, "--val-every", "5"], &["--val"]);
+    fails_with(&["--data", d, "--n-head", "3"], &["n_embd (8)", "multiple of n_head (3)"]);
+    fails_with(&["--data", d, "--init", &format!("{FIXTURE}/init")], &["--init", "--n-layer"]);
+    // clap's own messages for values that are not numbers are one line too (plus a usage hint).
+    let out = finch(&["train", "--data", d, "--batch-size", "-3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--batch-size"));
+}
+
+#[test]
+fn model_directory_errors_name_the_file() {
+    let dir = TempDir::new("init");
+    let data = dir.path("ok.bin");
+    write_llmc_u16(&data, &tokens(200, 97, 3)).unwrap();
+    let d = data.to_str().unwrap();
+    let run = |init: &std::path::Path, wants: &[&str]| {
+        let out = finch(&[
+            "train",
+            "--data",
+            d,
+            "--init",
+            init.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "4",
+        ]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        for w in wants {
+            assert!(err.contains(w), "{err:?} lacks {w:?}");
+        }
+    };
+    let init = dir.path("init");
+    std::fs::create_dir_all(&init).unwrap();
+    run(&init, &["config.json", "cannot read"]);
+    std::fs::write(init.join("config.json"), "{not json").unwrap();
+    run(&init, &["config.json", "not valid JSON"]);
+    std::fs::write(init.join("config.json"), r#"{"n_layer":2,"n_head":4,"n_embd":32,"vocab_size":97}"#).unwrap();
+    run(&init, &["config.json", "n_positions"]);
+    let good_config = std::fs::read(format!("{FIXTURE}/init/config.json")).unwrap();
+    std::fs::write(init.join("config.json"), &good_config).unwrap();
+    std::fs::write(init.join("model.safetensors"), b"garbage").unwrap();
+    run(&init, &["model.safetensors", "not a valid safetensors file"]);
+    // A model with one layer fewer than config.json says.
+    let weights = std::fs::read(format!("{FIXTURE}/init/model.safetensors")).unwrap();
+    std::fs::write(init.join("model.safetensors"), &weights).unwrap();
+    let three_layers = String::from_utf8(good_config)
+        .unwrap()
+        .replace("\"n_layer\": 2", "\"n_layer\": 3")
+        .replace("\"n_layer\":2", "\"n_layer\":3");
+    std::fs::write(init.join("config.json"), three_layers).unwrap();
+    run(&init, &["model.safetensors", "missing tensor \"h.2."]);
+    // Token ids must fit the model loaded from --init (vocab 97).
+    let small = dir.path("small");
+    std::fs::create_dir_all(&small).unwrap();
+    std::fs::write(
+        small.join("config.json"),
+        r#"{"n_layer":2,"n_head":4,"n_embd":32,"vocab_size":50,"n_positions":16}"#,
+    )
+    .unwrap();
+    std::fs::write(small.join("model.safetensors"), &weights).unwrap();
+    run(&small, &["model.safetensors", "wte.weight", "[97, 32]", "[50, 32]"]);
+}
