@@ -30,14 +30,18 @@ impl WeightLayout {
     }
 }
 
-/// Rows of the output each parallel task computes. Fixed, so results never depend on threads.
-const ROWS_PER_TASK: usize = 16;
+/// A GEMM is split into at most this many row blocks. Each block repacks the whole B operand,
+/// so few large blocks beat many small ones; the count depends on the shape alone, never on
+/// the thread count, so results are the same on any machine size.
+const MAX_TASKS: usize = 8;
+const MIN_ROWS_PER_TASK: usize = 16;
 
 /// out (m×n, row-major) = A (m×k) · B (k×n) + beta · out, split into row blocks run in parallel.
 fn par_gemm<F: Real>(out: &mut [F], m: usize, k: usize, n: usize, a: Mat<F>, b: Mat<F>, beta: F) {
-    out[..m * n].par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, block)| {
+    let rows_per_task = m.div_ceil(MAX_TASKS).max(MIN_ROWS_PER_TASK);
+    out[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, block)| {
         let rows = block.len() / n;
-        let a_block = Mat { data: &a.data[task * ROWS_PER_TASK * a.rs..], ..a };
+        let a_block = Mat { data: &a.data[task * rows_per_task * a.rs..], ..a };
         F::gemm(rows, k, n, F::one(), a_block, b, beta, block);
     });
 }
@@ -89,8 +93,9 @@ pub fn matmul_backward<F: Real>(
         WeightLayout::OutIn => par_gemm(dweight, oc, n, c, Mat { data: dout, rs: 1, cs: oc }, inp_mat, F::one()),
     }
     if let Some(dbias) = dbias {
-        dbias[..oc].par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, db)| {
-            let col0 = task * ROWS_PER_TASK;
+        const COLS_PER_TASK: usize = 64;
+        dbias[..oc].par_chunks_mut(COLS_PER_TASK).enumerate().for_each(|(task, db)| {
+            let col0 = task * COLS_PER_TASK;
             for row in dout[..n * oc].chunks_exact(oc) {
                 for (d, &g) in db.iter_mut().zip(&row[col0..]) {
                     *d += g;
