@@ -50,7 +50,6 @@ pub trait Real:
 
     /// # Safety
     /// Every element addressed by the shapes and strides must be inside the slices.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_raw(
         m: usize,
         k: usize,

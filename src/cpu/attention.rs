@@ -48,7 +48,6 @@ pub fn attention_forward<F: Real>(out: &mut [F], lse: &mut [F], qkv: &[F], b: us
 /// Accumulates dqkv (B, T, 3C) from dout (B, T, C), given the forward's qkv, out and lse.
 /// With P recomputed from lse, dP = dO·vᵀ, and D_i = Σ_j P_ij dP_ij = dO_i · O_i:
 /// dS = P ∘ (dP − D), dq = scale · dS · k, dk = scale · dSᵀ · q, dv = Pᵀ · dO.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Real>(
     dqkv: &mut [F],
     dout: &[F],

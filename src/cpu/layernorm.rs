@@ -5,7 +5,6 @@ use rayon::prelude::*;
 
 /// out (N,C) = (inp - mean) · rstd · weight + bias for each of the N rows, where
 /// rstd = 1/sqrt(var + eps) with the biased variance. Saves mean and rstd (N) for backward.
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward<F: Real>(
     out: &mut [F],
     mean: &mut [F],
@@ -36,7 +35,6 @@ pub fn layernorm_forward<F: Real>(
 /// Accumulates dinp (N,C), dweight (C), dbias (C) from dout (N,C).
 /// With xhat = (x - mean)·rstd and g = dout·weight:
 /// dinp = rstd · (g - mean(g) - xhat · mean(g · xhat)).
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward<F: Real>(
     dinp: &mut [F],
     dweight: &mut [F],

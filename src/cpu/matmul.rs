@@ -47,7 +47,6 @@ fn par_gemm<F: Real>(out: &mut [F], m: usize, k: usize, n: usize, a: Mat<F>, b: 
 }
 
 /// out (N, OC) = inp (N, C) · W + bias (OC). W is (C, OC) or (OC, C) as `layout` says.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_forward<F: Real>(
     out: &mut [F],
     inp: &[F],
@@ -70,7 +69,6 @@ pub fn matmul_forward<F: Real>(
 
 /// Accumulates dinp (N, C) += dout · Wᵀ, dweight += the weight gradient in W's own layout,
 /// and dbias (OC) += Σ_rows dout.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_backward<F: Real>(
     dinp: &mut [F],
     dweight: &mut [F],
