@@ -15,6 +15,13 @@ pub enum LrSchedule {
 
 /// The learning rate of step `step` (1-based) of `total`: linear warm-up from lr/warmup to lr
 /// over the first `warmup` steps, then the schedule's decay to `min_lr` at step `total`.
+///
+/// ```
+/// use finch::schedule::{learning_rate, LrSchedule};
+/// // 100 steps, peak 1e-3 after 10 warm-up steps, cosine down to 1e-4.
+/// assert_eq!(learning_rate(LrSchedule::Cosine, 5, 100, 1e-3, 1e-4, 10), 5e-4);
+/// assert_eq!(learning_rate(LrSchedule::Cosine, 100, 100, 1e-3, 1e-4, 10), 1e-4);
+/// ```
 pub fn learning_rate(schedule: LrSchedule, step: usize, total: usize, lr: f64, min_lr: f64, warmup: usize) -> f64 {
     if step <= warmup {
         return lr * step as f64 / warmup as f64;

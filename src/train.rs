@@ -244,17 +244,11 @@ fn open_stream(pattern: &str, flag: &str, a: &TrainArgs, cfg: &GptConfig, window
     Ok(stream)
 }
 
-fn plan(a: &TrainArgs, resumed: Option<&checkpoint::Checkpoint>) -> Result<Plan> {
-    let (config, params, init_source) = match (resumed, &a.init) {
-        (Some(ck), _) => (ck.config, ck.params.clone(), "the run's checkpoint".to_string()),
-        (None, Some(dir)) => {
-            let cfg = modelio::load_config(dir)?;
-            (cfg, modelio::load_params(dir, &cfg)?, dir.display().to_string())
-        }
-        (None, None) => {
-            let cfg = model_config(a)?;
-            (cfg, init_params(&cfg, a.seed), format!("random init, seed {}", a.seed))
-        }
+fn plan(a: &TrainArgs, resumed: Option<&mut checkpoint::Checkpoint>) -> Result<Plan> {
+    let config = match (&resumed, &a.init) {
+        (Some(ck), _) => ck.config,
+        (None, Some(dir)) => modelio::load_config(dir)?,
+        (None, None) => model_config(a)?,
     };
     let t = a.seq_len.unwrap_or(config.n_positions);
     if t > config.n_positions {
@@ -262,12 +256,41 @@ fn plan(a: &TrainArgs, resumed: Option<&checkpoint::Checkpoint>) -> Result<Plan>
     }
     let b = a.batch_size;
     let window = b.checked_mul(t).filter(|&w| w < usize::MAX / 4).context("--batch-size × --seq-len is too large")?;
+    check_memory(&config, b, t)?;
     let data = a.data.as_deref().context("--data is required")?;
     let train = open_stream(data, "--data", a, &config, window)?;
     let val = a.val.as_deref().map(|v| open_stream(v, "--val", a, &config, window)).transpose()?;
     let steps = a.steps.unwrap_or_else(|| (train.len() / (window * a.grad_accum)).max(1));
+    let (params, init_source) = match (resumed, &a.init) {
+        (Some(ck), _) => (std::mem::take(&mut ck.params), "the run's checkpoint".to_string()),
+        (None, Some(dir)) => (modelio::load_params(dir, &config)?, dir.display().to_string()),
+        (None, None) => (init_params(&config, a.seed), format!("random init, seed {}", a.seed)),
+    };
     let log_path = a.log.clone().or_else(|| a.out.as_ref().map(|d| d.join("log.jsonl")));
     Ok(Plan { config, init_source, params, b, t, steps, train, val, log_path })
+}
+
+/// Bytes of host memory a run needs: (params, grads and AdamW m and v; activations and their
+/// gradients), all f32.
+fn memory_needed(cfg: &GptConfig, b: usize, t: usize) -> (usize, usize) {
+    (4 * 4 * ParamLayout::new(cfg).total, 2 * 4 * activation_count(cfg, b, t))
+}
+
+/// Refuses a run that cannot fit before anything large is allocated.
+fn check_memory(cfg: &GptConfig, b: usize, t: usize) -> Result<()> {
+    let (weight_bytes, act_bytes) = memory_needed(cfg, b, t);
+    let needed = weight_bytes + act_bytes;
+    match available_memory() {
+        Some(available) if needed as u64 > available => bail!(
+            "not enough memory: training needs {} ({} weights+grads+optimizer, {} activations at B={b}, T={t}) but \
+             {} is available; lower --batch-size or --seq-len, or use a smaller model",
+            human_bytes(needed),
+            human_bytes(weight_bytes),
+            human_bytes(act_bytes),
+            human_bytes(available as usize)
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn mean_loss_over(model: &mut Gpt<f32>, stream: &TokenStream, b: usize, t: usize, batches: usize) -> f64 {
@@ -282,7 +305,18 @@ fn mean_loss_over(model: &mut Gpt<f32>, stream: &TokenStream, b: usize, t: usize
 }
 
 fn human_bytes(n: usize) -> String {
-    format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
+    match n as f64 / (1u64 << 20) as f64 {
+        mib if mib >= 1024.0 => format!("{:.1} GiB", mib / 1024.0),
+        mib => format!("{mib:.1} MiB"),
+    }
+}
+
+/// Memory the kernel says can be allocated without swapping (Linux; None elsewhere).
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Runs `finch train`. `is_explicit(id)` tells whether a flag was given on the command line.
@@ -298,7 +332,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
             .build_global()
             .context("--threads: cannot start the thread pool")?;
     }
-    let resumed = match &args.resume {
+    let mut resumed = match &args.resume {
         Some(dir) => checkpoint::load(dir)?,
         None => None,
     };
@@ -312,7 +346,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         create_dir(dir, "--out")?;
         write_atomically(&dir.join(ARGS_FILE), (serde_json::to_string_pretty(&args)? + "\n").as_bytes())?;
     }
-    let plan = plan(&args, resumed.as_ref())?;
+    let plan = plan(&args, resumed.as_mut())?;
     let cfg = plan.config;
     let layout = ParamLayout::new(&cfg);
     let (b, t) = (plan.b, plan.t);
@@ -337,8 +371,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         plan.steps,
         args.grad_accum
     );
-    let weight_bytes = 4 * layout.total * 4; // params, grads, AdamW m and v, all f32
-    let act_bytes = 2 * 4 * activation_count(&cfg, b, t); // activations and their gradients
+    let (weight_bytes, act_bytes) = memory_needed(&cfg, b, t);
     println!(
         "device: cpu ({} threads){}; memory: {} weights+grads+optimizer, {} activations",
         rayon::current_num_threads(),

@@ -115,7 +115,7 @@ fn bad_flag_values_are_refused_by_name() {
 fn model_directory_errors_name_the_file() {
     let dir = TempDir::new("init");
     let data = dir.path("ok.bin");
-    write_llmc_u16(&data, &tokens(200, 97, 3)).unwrap();
+    write_llmc_u16(&data, &tokens(200, 50, 3)).unwrap(); // ids fit both vocabularies used below
     let d = data.to_str().unwrap();
     let run = |init: &std::path::Path, wants: &[&str]| {
         let out = finch(&[
@@ -168,4 +168,35 @@ fn model_directory_errors_name_the_file() {
     .unwrap();
     std::fs::write(small.join("model.safetensors"), &weights).unwrap();
     run(&small, &["model.safetensors", "wte.weight", "[97, 32]", "[50, 32]"]);
+}
+
+#[test]
+fn a_run_that_cannot_fit_in_memory_is_refused_before_allocating() {
+    if !std::path::Path::new("/proc/meminfo").exists() {
+        eprintln!("skipped: no /proc/meminfo on this system");
+        return;
+    }
+    let dir = TempDir::new("memory");
+    let data = dir.path("big.bin");
+    // GPT-2 XL at B=4096, T=1024 needs ~40 TB of activations: more than any machine has.
+    write_llmc_u16(&data, &tokens(4096 * 1024 + 1, 50257, 5)).unwrap();
+    let out = finch(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        "gpt2-xl",
+        "--batch-size",
+        "4096",
+        "--seq-len",
+        "1024",
+        "--steps",
+        "1",
+    ]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("not enough memory") && err.contains("--batch-size") && err.contains("available"), "{err}");
 }
