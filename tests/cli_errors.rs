@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{finch, text, tokens, TempDir, FIXTURE};
+use common::{assert_one_line_error, finch, text, tokens, TempDir, FIXTURE};
 use finch::data::write_llmc_u16;
 
 const TINY: [&str; 10] =
@@ -14,14 +14,7 @@ fn fails_with(extra: &[&str], wants: &[&str]) {
     let mut args = vec!["train", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--seq-len", "4"];
     args.extend_from_slice(&TINY);
     args.extend_from_slice(extra);
-    let out = finch(&args);
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "succeeded: {args:?}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    for w in wants {
-        assert!(err.contains(w), "{err:?} lacks {w:?}");
-    }
+    assert_one_line_error(&finch(&args), wants);
 }
 
 fn write(dir: &TempDir, name: &str, bytes: &[u8]) -> String {
@@ -131,12 +124,7 @@ fn model_directory_errors_name_the_file() {
             "--seq-len",
             "4",
         ]);
-        let err = text(&out.stderr);
-        assert!(!out.status.success() && !err.contains("panicked"), "{err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-        for w in wants {
-            assert!(err.contains(w), "{err:?} lacks {w:?}");
-        }
+        assert_one_line_error(&out, wants);
     };
     let init = dir.path("init");
     std::fs::create_dir_all(&init).unwrap();
@@ -195,8 +183,5 @@ fn a_run_that_cannot_fit_in_memory_is_refused_before_allocating() {
         "--steps",
         "1",
     ]);
-    let err = text(&out.stderr);
-    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("not enough memory") && err.contains("--batch-size") && err.contains("available"), "{err}");
+    assert_one_line_error(&out, &["not enough memory", "--batch-size", "available"]);
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{finch, step_lines, text, tokens, TempDir};
+use common::{deterministic_step_lines, finch, step_lines, text, tokens, TempDir};
 use finch::data::write_llmc_u16;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -55,19 +55,6 @@ fn run_args(data: &str, val: &str, out: &str) -> Vec<String> {
     flags.iter().map(|s| s.to_string()).collect()
 }
 
-/// Step lines without the fields that measure time.
-fn deterministic_fields(path: &std::path::Path) -> Vec<serde_json::Value> {
-    step_lines(path)
-        .into_iter()
-        .map(|mut v| {
-            let o = v.as_object_mut().unwrap();
-            o.remove("ms");
-            o.remove("tok_per_s");
-            v
-        })
-        .collect()
-}
-
 fn complete_step_lines(path: &std::path::Path) -> usize {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.split_inclusive('\n').filter(|l| l.ends_with('\n') && l.contains("\"step\"")).count()
@@ -107,7 +94,7 @@ fn killed_and_resumed_run_equals_the_uninterrupted_run() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("resuming after step"), "{}", text(&out.stdout));
 
-    let (want, got) = (deterministic_fields(&whole.join("log.jsonl")), deterministic_fields(&log));
+    let (want, got) = (deterministic_step_lines(&whole.join("log.jsonl")), deterministic_step_lines(&log));
     assert_eq!(want.len(), 60);
     assert!(want.iter().any(|v| v.get("val_loss").is_some()));
     assert_eq!(got, want, "resumed log differs (killed after {killed_at} steps)");

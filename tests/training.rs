@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{finch, step_lines, text, tokens, TempDir};
+use common::{deterministic_step_lines, finch, text, tokens, TempDir};
 use finch::config::GptConfig;
 use finch::data::write_llmc_u16;
 use finch::model::{init_params, Gpt};
@@ -128,15 +128,7 @@ fn train_log(dir: &TempDir, name: &str, data: &str, extra: &[&str]) -> Vec<serde
     args.extend_from_slice(extra);
     let out = finch(&args);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    step_lines(&log)
-        .into_iter()
-        .map(|mut v| {
-            let o = v.as_object_mut().unwrap();
-            o.remove("ms");
-            o.remove("tok_per_s");
-            v
-        })
-        .collect()
+    deterministic_step_lines(&log)
 }
 
 #[test]

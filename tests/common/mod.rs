@@ -62,3 +62,27 @@ pub fn step_lines(path: &Path) -> Vec<serde_json::Value> {
         .filter(|v| v.get("step").is_some())
         .collect()
 }
+
+/// Step lines without the fields that measure time: what must be identical run to run.
+pub fn deterministic_step_lines(path: &Path) -> Vec<serde_json::Value> {
+    step_lines(path)
+        .into_iter()
+        .map(|mut v| {
+            let o = v.as_object_mut().unwrap();
+            o.remove("ms");
+            o.remove("tok_per_s");
+            v
+        })
+        .collect()
+}
+
+/// A user mistake: non-zero exit, exactly one line on stderr containing each of `wants`, no panic.
+pub fn assert_one_line_error(out: &Output, wants: &[&str]) {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "succeeded, stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    for w in wants {
+        assert!(err.contains(w), "{err:?} lacks {w:?}");
+    }
+}
