@@ -13,7 +13,7 @@ use crate::schedule::{learning_rate, LrSchedule};
 use crate::trainlog::{Console, JsonlLog, StepRecord};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// The flags of `finch train`. Serialisable so a run directory remembers them for --resume.
@@ -469,10 +469,4 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         println!("saved model to {}", dir.display());
     }
     Ok(())
-}
-
-/// Loads a model for inspection or sampling (used by tests and other subcommands).
-pub fn load_model(dir: &Path) -> Result<Gpt<f32>> {
-    let cfg = modelio::load_config(dir)?;
-    Ok(Gpt::new(cfg, modelio::load_params(dir, &cfg)?))
 }
