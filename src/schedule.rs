@@ -45,9 +45,9 @@ mod tests {
         let lr = |s, step| learning_rate(s, step, 110, 1.0, 0.1, 10);
         assert_eq!(lr(Cosine, 1), 0.1);
         assert_eq!(lr(Cosine, 10), 1.0);
-        assert!((lr(Cosine, 60) - 0.55).abs() < 1e-12); // halfway: the mean of peak and floor
-        assert!((lr(Cosine, 110) - 0.1).abs() < 1e-12);
-        assert!((lr(Linear, 35) - 0.775).abs() < 1e-12);
+        approx::assert_abs_diff_eq!(lr(Cosine, 60), 0.55, epsilon = 1e-12); // halfway: mean of peak and floor
+        approx::assert_abs_diff_eq!(lr(Cosine, 110), 0.1, epsilon = 1e-12);
+        approx::assert_abs_diff_eq!(lr(Linear, 35), 0.775, epsilon = 1e-12);
         assert_eq!(lr(Linear, 110), 0.1);
         assert_eq!(lr(Constant, 5), 0.5);
         assert_eq!(lr(Constant, 110), 1.0);

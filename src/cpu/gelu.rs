@@ -57,7 +57,7 @@ mod tests {
         gelu_forward(&mut o, &[0.0, 1.0, -3.0]);
         // torch.nn.functional.gelu(x, approximate="tanh") for 1.0 and -3.0.
         assert_eq!(o[0], 0.0);
-        assert!((o[1] - 0.8411919906082768).abs() < 1e-15, "{}", o[1]);
-        assert!((o[2] - -0.0036373920817729943).abs() < 1e-15, "{}", o[2]);
+        approx::assert_abs_diff_eq!(o[1], 0.8411919906082768, epsilon = 1e-15);
+        approx::assert_abs_diff_eq!(o[2], -0.0036373920817729943, epsilon = 1e-15);
     }
 }
