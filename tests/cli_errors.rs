@@ -3,16 +3,13 @@
 
 mod common;
 
-use common::{assert_one_line_error, finch, text, tokens, TempDir, FIXTURE};
+use common::{assert_one_line_error, finch, text, tokens, TempDir, FIXTURE, TINY_MODEL};
 use finch::data::write_llmc_u16;
-
-const TINY: [&str; 10] =
-    ["--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--vocab-size", "50", "--context-length", "8"];
 
 /// Runs `finch train` with a tiny model and asserts it fails with one line containing `wants`.
 fn fails_with(extra: &[&str], wants: &[&str]) {
     let mut args = vec!["train", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--seq-len", "4"];
-    args.extend_from_slice(&TINY);
+    args.extend_from_slice(&TINY_MODEL);
     args.extend_from_slice(extra);
     assert_one_line_error(&finch(&args), wants);
 }

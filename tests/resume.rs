@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{deterministic_step_lines, finch, step_lines, text, tokens, TempDir};
+use common::{deterministic_step_lines, finch, step_lines, text, tokens, TempDir, TINY_MODEL};
 use finch::data::write_llmc_u16;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -109,31 +109,9 @@ fn run_directories_are_not_overwritten_and_finished_runs_can_be_extended() {
     write_llmc_u16(&data, &tokens(2_000, 50, 13)).unwrap();
     let run = dir.path("run");
     let (d, r) = (data.to_str().unwrap(), run.to_str().unwrap());
-    let base = [
-        "train",
-        "--device",
-        "cpu",
-        "--data",
-        d,
-        "--n-layer",
-        "1",
-        "--n-head",
-        "2",
-        "--n-embd",
-        "8",
-        "--vocab-size",
-        "50",
-        "--context-length",
-        "8",
-        "--batch-size",
-        "2",
-        "--steps",
-        "4",
-        "--lr-schedule",
-        "constant",
-        "--out",
-        r,
-    ];
+    let mut base = vec!["train", "--device", "cpu", "--data", d, "--batch-size", "2", "--steps", "4"];
+    base.extend_from_slice(&TINY_MODEL);
+    base.extend_from_slice(&["--lr-schedule", "constant", "--out", r]);
     assert!(finch(&base).status.success());
 
     let again = finch(&base);

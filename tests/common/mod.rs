@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Flags for a tiny model (1 layer, 2 heads, 8 channels, vocab 50, context 8): fast to train.
+pub const TINY_MODEL: [&str; 10] =
+    ["--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--vocab-size", "50", "--context-length", "8"];
+
 pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_gpt2");
 
 /// A fresh directory under the system temp dir, removed when dropped.
