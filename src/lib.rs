@@ -4,7 +4,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
+pub mod engine;
 pub mod fsutil;
 pub mod layout;
 pub mod model;

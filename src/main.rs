@@ -1,8 +1,8 @@
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
-/// finch trains GPT-2-style transformers: a plain CPU reference engine now, hand-written CUDA
-/// kernels checked against it.
+/// finch trains GPT-2-style transformers on its own CUDA kernels, each checked against a plain
+/// CPU reference engine.
 #[derive(Parser)]
 #[command(name = "finch", version, about, args_override_self = true)]
 struct Cli {
@@ -13,7 +13,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a GPT-2 model on a token file
-    Train(finch::train::TrainArgs),
+    Train(Box<finch::train::TrainArgs>),
+    /// Check every GPU kernel against the CPU reference on this machine
+    Check(finch::cuda::check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,8 +28,9 @@ fn main() -> ExitCode {
         Command::Train(args) => {
             let sub = matches.subcommand_matches("train").expect("train was parsed");
             let is_explicit = |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
-            finch::train::run(args, &is_explicit)
+            finch::train::run(*args, &is_explicit)
         }
+        Command::Check(args) => finch::cuda::check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,11 +2,14 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{GptConfig, Preset};
-use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
+use crate::cpu::optimizer::AdamWConfig;
+use crate::cuda::model::memory_plan as gpu_memory_plan;
+use crate::cuda::{Gpu, Precision};
 use crate::data::{BatchWalker, DataFormat, TokenStream};
+use crate::engine::{Device, Engine};
 use crate::fsutil::{create_dir, write_atomically};
 use crate::layout::{activation_count, ParamLayout};
-use crate::model::{init_params, Gpt};
+use crate::model::init_params;
 use crate::modelio;
 use crate::rng::Rng;
 use crate::schedule::{learning_rate, LrSchedule};
@@ -100,9 +103,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     pub grad_clip: f64,
 
-    /// Where to train: cpu, cuda, or auto (CUDA when available, else CPU)
+    /// Where to train: cpu, cuda, or auto (CUDA when a GPU and kernels are usable, else CPU)
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// GPU storage type of weights and activations [default: bf16 on a GPU, f32 on the CPU]
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// CPU threads [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
@@ -207,8 +213,7 @@ fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> 
         }
     }
     match a.device.as_str() {
-        "cpu" | "auto" => Ok(()),
-        "cuda" => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
+        "cpu" | "cuda" | "auto" => Ok(()),
         other => bail!("--device {other}: unknown device (expected cpu, cuda or auto)"),
     }
 }
@@ -244,7 +249,7 @@ fn open_stream(pattern: &str, flag: &str, a: &TrainArgs, cfg: &GptConfig, window
     Ok(stream)
 }
 
-fn plan(a: &TrainArgs, resumed: Option<&mut checkpoint::Checkpoint>) -> Result<Plan> {
+fn plan(a: &TrainArgs, device: &Device, resumed: Option<&mut checkpoint::Checkpoint>) -> Result<Plan> {
     let config = match (&resumed, &a.init) {
         (Some(ck), _) => ck.config,
         (None, Some(dir)) => modelio::load_config(dir)?,
@@ -256,7 +261,10 @@ fn plan(a: &TrainArgs, resumed: Option<&mut checkpoint::Checkpoint>) -> Result<P
     }
     let b = a.batch_size;
     let window = b.checked_mul(t).filter(|&w| w < usize::MAX / 4).context("--batch-size × --seq-len is too large")?;
-    check_memory(&config, b, t)?;
+    match device {
+        Device::Cpu => check_memory(&config, b, t)?,
+        Device::Cuda(gpu, precision) => check_gpu_memory(gpu, &config, b, t, *precision)?,
+    }
     let data = a.data.as_deref().context("--data is required")?;
     let train = open_stream(data, "--data", a, &config, window)?;
     let val = a.val.as_deref().map(|v| open_stream(v, "--val", a, &config, window)).transpose()?;
@@ -293,18 +301,41 @@ fn check_memory(cfg: &GptConfig, b: usize, t: usize) -> Result<()> {
     }
 }
 
-fn mean_loss_over(model: &mut Gpt<f32>, stream: &TokenStream, b: usize, t: usize, batches: usize) -> f64 {
+/// Refuses a GPU run whose buffers cannot fit in the free device memory.
+fn check_gpu_memory(gpu: &Gpu, cfg: &GptConfig, b: usize, t: usize, precision: Precision) -> Result<()> {
+    let plan = gpu_memory_plan(cfg, b, t, precision);
+    let needed: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+    let (free, _) = gpu.memory()?;
+    if needed > free {
+        bail!(
+            "not enough GPU memory: training needs {} ({}) but {} is free on {}; lower --batch-size or --seq-len{}, \
+             or use a smaller model",
+            human_bytes(needed),
+            describe_plan(&plan),
+            human_bytes(free),
+            gpu.name,
+            if precision == Precision::F32 { ", use --precision bf16" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn describe_plan(plan: &[(&str, usize)]) -> String {
+    plan.iter().map(|(what, bytes)| format!("{} {what}", human_bytes(*bytes))).collect::<Vec<_>>().join(", ")
+}
+
+fn mean_loss_over(engine: &mut Engine, stream: &TokenStream, b: usize, t: usize, batches: usize) -> Result<f64> {
     let mut walker = BatchWalker { position: 0 };
     let (mut buf, mut x, mut y) = (Vec::new(), vec![0; b * t], vec![0; b * t]);
     let mut total = 0.0;
     for _ in 0..batches {
         walker.next_batch(stream, &mut buf, &mut x, &mut y);
-        total += model.forward(&x, Some(&y), b, t).expect("targets given");
+        total += engine.forward(&x, &y, b, t)?;
     }
-    total / batches as f64
+    Ok(total / batches as f64)
 }
 
-fn human_bytes(n: usize) -> String {
+pub fn human_bytes(n: usize) -> String {
     match n as f64 / (1u64 << 20) as f64 {
         mib if mib >= 1024.0 => format!("{:.1} GiB", mib / 1024.0),
         mib => format!("{mib:.1} MiB"),
@@ -346,7 +377,8 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         create_dir(dir, "--out")?;
         write_atomically(&dir.join(ARGS_FILE), (serde_json::to_string_pretty(&args)? + "\n").as_bytes())?;
     }
-    let plan = plan(&args, resumed.as_mut())?;
+    let (device, device_reason) = Device::choose(&args.device, args.precision)?;
+    let plan = plan(&args, &device, resumed.as_mut())?;
     let cfg = plan.config;
     let layout = ParamLayout::new(&cfg);
     let (b, t) = (plan.b, plan.t);
@@ -371,24 +403,34 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         plan.steps,
         args.grad_accum
     );
-    let (weight_bytes, act_bytes) = memory_needed(&cfg, b, t);
-    println!(
-        "device: cpu ({} threads){}; memory: {} weights+grads+optimizer, {} activations",
-        rayon::current_num_threads(),
-        if args.device == "auto" { ", chosen by --device auto: no CUDA backend in this build" } else { "" },
-        human_bytes(weight_bytes),
-        human_bytes(act_bytes)
-    );
+    let why = device_reason.map(|r| format!(" ({r})")).unwrap_or_default();
+    match &device {
+        Device::Cpu => {
+            let (weight_bytes, act_bytes) = memory_needed(&cfg, b, t);
+            println!(
+                "device: cpu, {} threads, f32{why}; memory: {} weights+grads+optimizer, {} activations",
+                rayon::current_num_threads(),
+                human_bytes(weight_bytes),
+                human_bytes(act_bytes)
+            );
+        }
+        Device::Cuda(gpu, precision) => {
+            let plan = gpu_memory_plan(&cfg, b, t, *precision);
+            let total: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+            println!(
+                "device: cuda, {} (compute {}.{}, {} kernels), {precision}{why}",
+                gpu.name, gpu.capability.0, gpu.capability.1, gpu.ptx_arch
+            );
+            println!("GPU memory: {} = {}", human_bytes(total), describe_plan(&plan));
+        }
+    }
 
     let hp = AdamWConfig { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay };
-    let mut model = Gpt::<f32>::new(cfg, plan.params);
-    let (mut optimizer, mut state) = match resumed {
-        Some(ck) => (ck.optimizer, ck.state),
-        None => (
-            AdamW::new(layout.total),
-            TrainState { step: 0, walker: BatchWalker { position: 0 }, rng: Rng::new(args.seed) },
-        ),
+    let (optimizer, mut state) = match resumed {
+        Some(ck) => (Some(ck.optimizer), ck.state),
+        None => (None, TrainState { step: 0, walker: BatchWalker { position: 0 }, rng: Rng::new(args.seed) }),
     };
+    let mut engine = Engine::new(&device, cfg, plan.params, optimizer)?;
     if state.step >= plan.steps {
         bail!("the run already completed {} of {} steps; pass a larger --steps to continue it", state.step, plan.steps);
     }
@@ -413,14 +455,14 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     while state.step < plan.steps {
         let step = state.step + 1;
         let started = Instant::now();
-        model.zero_grad();
+        engine.zero_grad()?;
         let mut loss = 0.0;
         for _ in 0..args.grad_accum {
             state.walker.next_batch(&plan.train, &mut buf, &mut x, &mut y);
-            loss += model.forward(&x, Some(&y), b, t).expect("targets given") / args.grad_accum as f64;
-            model.backward(1.0 / args.grad_accum as f64);
+            loss += engine.forward(&x, &y, b, t)? / args.grad_accum as f64;
+            engine.backward(1.0 / args.grad_accum as f64)?;
         }
-        let grad_norm = global_norm(&model.grads);
+        let grad_norm = engine.grad_norm()?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             console.finish();
             bail!(
@@ -428,15 +470,14 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
                  applying the update (the last checkpoint, if any, is intact); try a lower --lr"
             );
         }
-        clip_grad_norm(&mut model.grads, grad_norm, args.grad_clip);
         let lr = learning_rate(args.lr_schedule, step, plan.steps, args.lr, args.min_lr, args.warmup_steps);
-        optimizer.update(&mut model.params, &model.grads, &layout, lr, &hp);
+        engine.update(lr, &hp, grad_norm, args.grad_clip)?;
         let seconds = started.elapsed().as_secs_f64();
         state.step = step;
 
         let val_due = args.val_every > 0 && step % args.val_every == 0 || step == plan.steps;
         let val_loss = match &plan.val {
-            Some(val) if val_due => Some(mean_loss_over(&mut model, val, b, t, args.val_batches)),
+            Some(val) if val_due => Some(mean_loss_over(&mut engine, val, b, t, args.val_batches)?),
             _ => None,
         };
         let record = StepRecord {
@@ -454,19 +495,20 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         }
         if let Some(dir) = &args.out {
             if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 || step == plan.steps {
-                checkpoint::save(dir, &cfg, &model.params, &optimizer, &state)?;
+                engine.with_state(|params, optimizer| checkpoint::save(dir, &cfg, params, optimizer, &state))?;
             }
         }
     }
     console.finish();
-    if let Some(dir) = &args.out {
-        let model_dir = dir.join("model");
-        modelio::save_model(&model_dir, &cfg, &model.params, "--out")?;
-        println!("run directory: {} (log.jsonl, checkpoint, model/)", dir.display());
-    }
-    if let Some(dir) = &args.save {
-        modelio::save_model(dir, &cfg, &model.params, "--save")?;
-        println!("saved model to {}", dir.display());
-    }
-    Ok(())
+    engine.with_state(|params, _| {
+        if let Some(dir) = &args.out {
+            modelio::save_model(&dir.join("model"), &cfg, params, "--out")?;
+            println!("run directory: {} (log.jsonl, checkpoint, model/)", dir.display());
+        }
+        if let Some(dir) = &args.save {
+            modelio::save_model(dir, &cfg, params, "--save")?;
+            println!("saved model to {}", dir.display());
+        }
+        Ok(())
+    })
 }

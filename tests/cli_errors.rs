@@ -90,7 +90,12 @@ fn bad_flag_values_are_refused_by_name() {
     fails_with(&["--data", d, "--beta2", "1"], &["--beta2", "[0, 1)"]);
     fails_with(&["--data", d, "--eps", "0"], &["--eps"]);
     fails_with(&["--data", d, "--device", "tpu"], &["--device tpu", "unknown device"]);
-    fails_with(&["--data", d, "--device", "cuda"], &["--device cuda"]);
+    fails_with(&["--data", d, "--precision", "bf16"], &["--precision bf16", "--device cuda"]);
+    // Without a usable GPU, --device cuda says why in one line (with one, it trains).
+    if let Err(e) = finch::cuda::Gpu::open() {
+        let reason = format!("{e:#}");
+        fails_with(&["--data", d, "--device", "cuda"], &["--device cuda", &reason]);
+    }
     fails_with(&["--data", d, "--checkpoint-every", "5"], &["--checkpoint-every", "--out"]);
     fails_with(&["--data", d, "--val-every", "5"], &["--val"]);
     fails_with(&["--data", d, "--n-head", "3"], &["n_embd (8)", "multiple of n_head (3)"]);

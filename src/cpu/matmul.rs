@@ -13,20 +13,30 @@ pub enum WeightLayout {
 }
 
 impl WeightLayout {
-    /// W seen as a (C × OC) operand.
-    fn as_in_out<F>(self, w: &[F], c: usize, oc: usize) -> Mat<'_, F> {
+    /// (row, column) strides of W seen as a (C × OC) operand.
+    pub fn in_out_strides(self, c: usize, oc: usize) -> (usize, usize) {
         match self {
-            WeightLayout::InOut => Mat { data: w, rs: oc, cs: 1 },
-            WeightLayout::OutIn => Mat { data: w, rs: 1, cs: c },
+            WeightLayout::InOut => (oc, 1),
+            WeightLayout::OutIn => (1, c),
         }
     }
 
-    /// Wᵀ seen as an (OC × C) operand.
-    fn as_out_in<F>(self, w: &[F], c: usize, oc: usize) -> Mat<'_, F> {
+    /// (row, column) strides of Wᵀ seen as an (OC × C) operand.
+    pub fn out_in_strides(self, c: usize, oc: usize) -> (usize, usize) {
         match self {
-            WeightLayout::InOut => Mat { data: w, rs: 1, cs: oc },
-            WeightLayout::OutIn => Mat { data: w, rs: c, cs: 1 },
+            WeightLayout::InOut => (1, oc),
+            WeightLayout::OutIn => (c, 1),
         }
+    }
+
+    fn as_in_out<F>(self, w: &[F], c: usize, oc: usize) -> Mat<'_, F> {
+        let (rs, cs) = self.in_out_strides(c, oc);
+        Mat { data: w, rs, cs }
+    }
+
+    fn as_out_in<F>(self, w: &[F], c: usize, oc: usize) -> Mat<'_, F> {
+        let (rs, cs) = self.out_in_strides(c, oc);
+        Mat { data: w, rs, cs }
     }
 }
 

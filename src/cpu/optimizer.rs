@@ -15,15 +15,25 @@ pub fn global_norm<F: Real>(grads: &[F]) -> f64 {
     partials.iter().sum::<f64>().sqrt()
 }
 
-/// torch.nn.utils.clip_grad_norm_: scales by clip / (norm + 1e-6) when that is below 1.
-/// Returns the factor applied (1 when nothing was clipped). `max_norm` ≤ 0 disables clipping.
-pub fn clip_grad_norm<F: Real>(grads: &mut [F], norm: f64, max_norm: f64) -> f64 {
+/// torch.nn.utils.clip_grad_norm_'s factor: clip / (norm + 1e-6) when that is below 1, else 1.
+/// `max_norm` ≤ 0 disables clipping.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     let coef = max_norm / (norm + 1e-6);
     if max_norm <= 0.0 || coef >= 1.0 {
-        return 1.0;
+        1.0
+    } else {
+        coef
     }
-    let coef_f = F::from_f64(coef);
-    grads.par_chunks_mut(CHUNK).for_each(|ch| ch.iter_mut().for_each(|g| *g *= coef_f));
+}
+
+/// torch.nn.utils.clip_grad_norm_: scales `grads` by [`clip_coefficient`] when it is below 1.
+/// Returns the factor applied.
+pub fn clip_grad_norm<F: Real>(grads: &mut [F], norm: f64, max_norm: f64) -> f64 {
+    let coef = clip_coefficient(norm, max_norm);
+    if coef < 1.0 {
+        let coef_f = F::from_f64(coef);
+        grads.par_chunks_mut(CHUNK).for_each(|ch| ch.iter_mut().for_each(|g| *g *= coef_f));
+    }
     coef
 }
 
@@ -33,6 +43,34 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+}
+
+/// The scalars of AdamW update number `t`, formed in f64 and rounded once by each backend, as
+/// PyTorch does with Python floats. `decay` applies to 2-D tensors only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub step_size: f64,
+    pub bc2_sqrt: f64,
+    pub one_minus_beta1: f64,
+    pub beta2: f64,
+    pub one_minus_beta2: f64,
+    pub eps: f64,
+    pub decay: f64,
+}
+
+impl AdamWConfig {
+    pub fn step(&self, t: u64, lr: f64) -> AdamWStep {
+        let t = t as i32;
+        AdamWStep {
+            step_size: lr / (1.0 - self.beta1.powi(t)),
+            bc2_sqrt: (1.0 - self.beta2.powi(t)).sqrt(),
+            one_minus_beta1: 1.0 - self.beta1,
+            beta2: self.beta2,
+            one_minus_beta2: 1.0 - self.beta2,
+            eps: self.eps,
+            decay: 1.0 - lr * self.weight_decay,
+        }
+    }
 }
 
 /// AdamW state: first and second moments, and the number of updates taken.
@@ -54,14 +92,14 @@ impl<F: Real> AdamW<F> {
     /// Scalars are formed in f64 and rounded once, as PyTorch does with Python floats.
     pub fn update(&mut self, params: &mut [F], grads: &[F], layout: &ParamLayout, lr: f64, hp: &AdamWConfig) {
         self.t += 1;
-        let t = self.t as i32;
-        let step_size = F::from_f64(lr / (1.0 - hp.beta1.powi(t)));
-        let bc2_sqrt = F::from_f64((1.0 - hp.beta2.powi(t)).sqrt());
+        let s = hp.step(self.t, lr);
+        let step_size = F::from_f64(s.step_size);
+        let bc2_sqrt = F::from_f64(s.bc2_sqrt);
         let (one_minus_b1, b2, one_minus_b2) =
-            (F::from_f64(1.0 - hp.beta1), F::from_f64(hp.beta2), F::from_f64(1.0 - hp.beta2));
-        let eps = F::from_f64(hp.eps);
+            (F::from_f64(s.one_minus_beta1), F::from_f64(s.beta2), F::from_f64(s.one_minus_beta2));
+        let eps = F::from_f64(s.eps);
         for spec in &layout.specs {
-            let decay = if gets_weight_decay(spec) { F::from_f64(1.0 - lr * hp.weight_decay) } else { F::one() };
+            let decay = if gets_weight_decay(spec) { F::from_f64(s.decay) } else { F::one() };
             let r = spec.range();
             params[r.clone()]
                 .par_chunks_mut(CHUNK)

@@ -1,0 +1,248 @@
+//! The CUDA backend: our own kernels (kernels/*.cu, compiled to PTX by build.rs and embedded),
+//! loaded with cudarc at run time. Nothing here links against CUDA: with no driver or no GPU,
+//! [`Gpu::open`] returns a one-line error and the rest of finch works on the CPU.
+//!
+//! - [`ops`]: one host function per kernel launch, with the CPU reference's argument order.
+//! - [`model`]: the GPT-2 training step on the GPU, in the layout of `crate::layout`.
+//! - [`check`]: every kernel against the CPU reference (`finch check`, and the GPU tests).
+
+pub mod check;
+pub mod model;
+pub mod ops;
+pub mod ptx;
+
+use anyhow::{bail, Context, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Storage type of weights and activations on the GPU. Master weights, optimizer state,
+/// gradients of parameters and all accumulation are fp32 either way.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bfloat16 weights and activations (the default on a GPU)
+    Bf16,
+    /// float32 everywhere: slower, for tight checks against the CPU reference
+    F32,
+}
+
+impl Precision {
+    /// Bytes per stored weight or activation.
+    pub fn size(self) -> usize {
+        match self {
+            Precision::Bf16 => 2,
+            Precision::F32 => 4,
+        }
+    }
+
+    /// The suffix of this precision's kernel names (`matmul_bf16`, `matmul_f32`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
+
+    /// Rounds `x` to what this precision stores (round to nearest even, as the kernels do).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Precision::Bf16 => half::bf16::from_f32(x).to_f32(),
+            Precision::F32 => x,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.suffix())
+    }
+}
+
+/// A raw device address. Kernels take pointers as 64-bit integers; NULL means "absent".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DPtr(pub u64);
+
+impl DPtr {
+    pub const NULL: DPtr = DPtr(0);
+
+    /// The address `elems` elements of `elem_size` bytes further on.
+    pub fn add(self, elems: usize, elem_size: usize) -> DPtr {
+        assert!(self != DPtr::NULL, "offset from a NULL device pointer");
+        DPtr(self.0 + (elems * elem_size) as u64)
+    }
+
+    pub fn or_null(p: Option<DPtr>) -> DPtr {
+        p.unwrap_or(DPtr::NULL)
+    }
+}
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    Ptr(DPtr),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl From<DPtr> for Arg {
+    fn from(p: DPtr) -> Arg {
+        Arg::Ptr(p)
+    }
+}
+
+/// A device allocation, freed on drop.
+pub struct DeviceBuffer {
+    slice: CudaSlice<u8>,
+    pub ptr: DPtr,
+    pub bytes: usize,
+}
+
+/// The GPU: one context, one stream, and every kernel of every family loaded.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub capability: (i32, i32),
+    /// Which embedded PTX was loaded: "compute_90a" on Hopper (9.0), "compute_80" elsewhere.
+    pub ptx_arch: &'static str,
+    functions: HashMap<String, CudaFunction>,
+}
+
+pub const NO_KERNELS: &str =
+    "built without CUDA kernels: nvcc was not found at build time; install the CUDA toolkit, set CUDA_HOME and rebuild";
+
+impl Gpu {
+    /// Opens device 0 and loads the kernels, or says in one line why it cannot.
+    pub fn open() -> Result<Arc<Gpu>> {
+        if ptx::FAMILIES.is_empty() {
+            bail!("{NO_KERNELS}");
+        }
+        // cudarc loads libcuda lazily and panics if it is missing; ask first.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!("no NVIDIA driver: the CUDA driver library (libcuda.so) could not be loaded");
+        }
+        let count = CudaContext::device_count().context("cannot initialise the CUDA driver")?;
+        if count < 1 {
+            bail!("no CUDA device: the NVIDIA driver reports no GPU");
+        }
+        let ctx = CudaContext::new(0).context("cannot open CUDA device 0")?;
+        // One stream does everything in order, so cudarc's per-buffer event tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let capability = ctx.compute_capability().context("cannot query the GPU's compute capability")?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
+        if capability.0 < 8 {
+            bail!(
+                "{name} has compute capability {}.{}; finch's kernels need 8.0 or later (Ampere, Hopper or newer)",
+                capability.0,
+                capability.1
+            );
+        }
+        let hopper = capability == (9, 0);
+        let mut functions = HashMap::new();
+        for family in ptx::FAMILIES {
+            let text = if hopper { family.hopper } else { family.portable };
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(text))
+                .with_context(|| format!("cannot load the {} kernels on {name}", family.name))?;
+            for entry in ptx::entry_names(text) {
+                let f = module
+                    .load_function(entry)
+                    .with_context(|| format!("cannot load kernel {entry} from the {} family", family.name))?;
+                functions.insert(entry.to_string(), f);
+            }
+        }
+        let stream = ctx.default_stream();
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            name,
+            capability,
+            ptx_arch: if hopper { "compute_90a" } else { "compute_80" },
+            functions,
+        }))
+    }
+
+    /// Bytes of device memory (free, total).
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().context("cannot query GPU memory")
+    }
+
+    /// Allocates `bytes` of zeroed device memory; running out names the buffer and the numbers.
+    pub fn alloc(&self, bytes: usize, what: &str) -> Result<DeviceBuffer> {
+        let bytes = bytes.max(1);
+        let slice = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| {
+            let free = self.memory().map(|(f, _)| crate::train::human_bytes(f)).unwrap_or_else(|_| "unknown".into());
+            anyhow::anyhow!(
+                "out of GPU memory allocating {what} ({}; {free} free on {}): {e}",
+                crate::train::human_bytes(bytes),
+                self.name
+            )
+        })?;
+        let ptr = DPtr(slice.device_ptr(&self.stream).0);
+        Ok(DeviceBuffer { slice, ptr, bytes })
+    }
+
+    fn function(&self, name: &str) -> &CudaFunction {
+        self.functions.get(name).unwrap_or_else(|| panic!("kernel {name} is not in the embedded PTX"))
+    }
+
+    /// Launches kernel `name` on the stream.
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        assert!(grid.0 > 0 && grid.1 > 0 && grid.2 > 0, "{name}: empty grid {grid:?}");
+        let f = self.function(name);
+        let mut builder = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => builder.arg(&p.0),
+                Arg::I32(x) => builder.arg(x),
+                Arg::I64(x) => builder.arg(x),
+                Arg::F32(x) => builder.arg(x),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        // Safety: every kernel's argument list is matched by its wrapper in ops.rs, and every
+        // pointer comes from a live DeviceBuffer sized for the launch.
+        unsafe { builder.launch(cfg) }.with_context(|| format!("kernel {name} failed to launch"))?;
+        Ok(())
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().context("the GPU reported an error")
+    }
+
+    /// Copies host data to `dst`.
+    pub fn upload<T: Copy>(&self, dst: DPtr, src: &[T]) -> Result<()> {
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst.0, src, self.stream.cu_stream()) }
+            .context("copy to the GPU failed")?;
+        // Pageable host memory: wait, so the caller may reuse `src` at once.
+        self.synchronize()
+    }
+
+    /// Copies device data into `dst`.
+    pub fn download<T: Copy>(&self, dst: &mut [T], src: DPtr) -> Result<()> {
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src.0, self.stream.cu_stream()) }
+            .context("copy from the GPU failed")?;
+        self.synchronize()
+    }
+
+    /// Fills `bytes` bytes at `dst` with `byte` (0xFF poisons f32 and bf16 alike with NaN).
+    pub fn fill_bytes(&self, dst: DPtr, byte: u8, bytes: usize) -> Result<()> {
+        unsafe { cudarc::driver::result::memset_d8_async(dst.0, byte, bytes, self.stream.cu_stream()) }
+            .context("memset on the GPU failed")
+    }
+}
+
+impl DeviceBuffer {
+    /// Keeps the allocation alive; the raw pointer `ptr` is what kernels receive.
+    pub fn slice(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+}
+
+/// "cuda" when a GPU and kernels are usable, with the reason when not.
+pub fn availability() -> std::result::Result<Arc<Gpu>, String> {
+    Gpu::open().map_err(|e| format!("{e:#}"))
+}

@@ -1,0 +1,446 @@
+//! One host function per GPU operation: the launch configuration written at the top of each
+//! kernels/*.cu file, and the CPU reference's argument order and meaning (src/cpu), so a model
+//! step reads the same on both backends. Pointers are raw device addresses ([`DPtr`]); those
+//! marked floatX hold the precision's storage type, the others f32 (or i32 for tokens).
+//!
+//! Unlike the CPU ops, GPU activation gradients are written, not accumulated (each is produced
+//! once per backward); parameter gradients are fp32 and accumulated, as on the CPU.
+
+use super::{Arg, DPtr, Gpu, Precision};
+use crate::cpu::matmul::WeightLayout;
+use anyhow::Result;
+
+/// Workers of the layernorm backward: fixed (not derived from the device) so the order of the
+/// parameter-gradient sums, hence every bit of the result, is the same on any GPU.
+const LAYERNORM_BLOCKS: usize = 128;
+/// Blocks of the gradient-norm reduction, fixed for the same reason.
+pub const NORM_BLOCKS: usize = 1024;
+
+fn blocks(n: usize, per_block: usize) -> u32 {
+    u32::try_from(n.div_ceil(per_block).max(1)).expect("grid too large")
+}
+
+fn i32_of(n: usize) -> Arg {
+    Arg::I32(i32::try_from(n).expect("size exceeds i32"))
+}
+
+fn i64_of(n: usize) -> Arg {
+    Arg::I64(n as i64)
+}
+
+/// Floats of scratch the layernorm backward needs for N rows of C channels.
+pub fn layernorm_scratch_len(n: usize, c: usize) -> usize {
+    layernorm_workers(n) * 2 * c
+}
+
+fn layernorm_blocks(n: usize) -> usize {
+    n.div_ceil(8).clamp(1, LAYERNORM_BLOCKS)
+}
+
+fn layernorm_workers(n: usize) -> usize {
+    8 * layernorm_blocks(n)
+}
+
+/// Tokens grouped by value for the deterministic wte gradient: bucket u holds `tokens[u]` at
+/// the (sorted) positions `positions[starts[u]..starts[u+1]]`.
+#[derive(Debug, Default, PartialEq)]
+pub struct TokenBuckets {
+    pub tokens: Vec<i32>,
+    pub starts: Vec<i32>,
+    pub positions: Vec<i32>,
+}
+
+impl TokenBuckets {
+    pub fn new(inputs: &[u32]) -> Self {
+        let mut order: Vec<u32> = (0..inputs.len() as u32).collect();
+        order.sort_by_key(|&i| (inputs[i as usize], i));
+        let mut b = TokenBuckets::default();
+        for (k, &pos) in order.iter().enumerate() {
+            let token = inputs[pos as usize] as i32;
+            if b.tokens.last() != Some(&token) {
+                b.tokens.push(token);
+                b.starts.push(k as i32);
+            }
+            b.positions.push(pos as i32);
+        }
+        b.starts.push(inputs.len() as i32);
+        b
+    }
+}
+
+pub struct Ops<'a> {
+    pub gpu: &'a Gpu,
+    pub precision: Precision,
+}
+
+impl Ops<'_> {
+    fn launch(&self, family: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        self.gpu.launch(&format!("{family}_{}", self.precision.suffix()), grid, block, args)
+    }
+
+    /// out (B,T,C) floatX = wte[inp] + wpe[t]; inp (B·T) i32.
+    pub fn encoder_forward(
+        &self,
+        out: DPtr,
+        inp: DPtr,
+        wte: DPtr,
+        wpe: DPtr,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let args = [out.into(), inp.into(), wte.into(), wpe.into(), i32_of(b * t), i32_of(t), i32_of(c)];
+        self.launch("encoder_forward", (blocks(b * t * c, 256), 1, 1), 256, &args)
+    }
+
+    /// dwte (f32) and dwpe (f32) += the gradient from dout (B,T,C) floatX. `buckets` lives on
+    /// the device at (tokens, starts, positions) with `n_buckets` buckets.
+    pub fn encoder_backward(
+        &self,
+        dwte: DPtr,
+        dwpe: DPtr,
+        dout: DPtr,
+        buckets: (DPtr, DPtr, DPtr),
+        n_buckets: usize,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let args = [dwpe.into(), dout.into(), i32_of(b), i32_of(t), i32_of(c)];
+        self.launch("encoder_backward_wpe", (blocks(t * c, 256), 1, 1), 256, &args)?;
+        let (tokens, starts, positions) = buckets;
+        let args = [dwte.into(), dout.into(), tokens.into(), starts.into(), positions.into(), i32_of(c)];
+        self.launch("encoder_backward_wte", (blocks(n_buckets, 1), 1, 1), 256, &args)
+    }
+
+    /// out (N,C) floatX, mean and rstd (N) f32 = LayerNorm(inp).
+    pub fn layernorm_forward(
+        &self,
+        out: DPtr,
+        mean: DPtr,
+        rstd: DPtr,
+        inp: DPtr,
+        weight: DPtr,
+        bias: DPtr,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()> {
+        let args = [
+            out.into(),
+            mean.into(),
+            rstd.into(),
+            inp.into(),
+            weight.into(),
+            bias.into(),
+            i32_of(n),
+            i32_of(c),
+            Arg::F32(eps as f32),
+        ];
+        self.launch("layernorm_forward", (blocks(n, 8), 1, 1), 256, &args)
+    }
+
+    /// residual = inp1 + inp2, then out, mean, rstd = LayerNorm(residual): the residual add of
+    /// one block fused with the LayerNorm that follows it.
+    pub fn residual_layernorm_forward(
+        &self,
+        residual: DPtr,
+        out: DPtr,
+        mean: DPtr,
+        rstd: DPtr,
+        inp1: DPtr,
+        inp2: DPtr,
+        weight: DPtr,
+        bias: DPtr,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()> {
+        let args = [
+            residual.into(),
+            out.into(),
+            mean.into(),
+            rstd.into(),
+            inp1.into(),
+            inp2.into(),
+            weight.into(),
+            bias.into(),
+            i32_of(n),
+            i32_of(c),
+            Arg::F32(eps as f32),
+        ];
+        self.launch("residual_layernorm_forward", (blocks(n, 8), 1, 1), 256, &args)
+    }
+
+    /// dinp (N,C) floatX = dresidual (NULL: 0; may equal dinp) + the LayerNorm input gradient;
+    /// (dweight, dbias) (C) f32 += their gradients. `scratch` holds [`layernorm_scratch_len`] f32.
+    pub fn layernorm_backward(
+        &self,
+        dinp: DPtr,
+        dresidual: DPtr,
+        (dweight, dbias): (DPtr, DPtr),
+        dout: DPtr,
+        inp: DPtr,
+        mean: DPtr,
+        rstd: DPtr,
+        weight: DPtr,
+        scratch: DPtr,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let args = [
+            dinp.into(),
+            dresidual.into(),
+            scratch.into(),
+            dout.into(),
+            inp.into(),
+            mean.into(),
+            rstd.into(),
+            weight.into(),
+            i32_of(n),
+            i32_of(c),
+        ];
+        self.launch("layernorm_backward", (layernorm_blocks(n) as u32, 1, 1), 256, &args)?;
+        let args = [dweight.into(), dbias.into(), scratch.into(), i32_of(layernorm_workers(n)), i32_of(c)];
+        self.gpu.launch("layernorm_param_grads_reduce", (blocks(2 * c, 256), 1, 1), 256, &args)
+    }
+
+    /// The general product: out (M,N) = A·B with A[m,k] = a[m·a_rs + k·a_cs] and
+    /// B[k,n] = b[k·b_rs + n·b_cs], then the epilogue of kernels/matmul.cu (bias, GELU, GELU',
+    /// accumulate). `out_f32` picks an f32 output (parameter gradients) over floatX.
+    pub fn matmul(
+        &self,
+        out: DPtr,
+        out_f32: bool,
+        a: (DPtr, usize, usize),
+        b: (DPtr, usize, usize),
+        epilogue: Epilogue,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let args = [
+            out.into(),
+            a.0.into(),
+            b.0.into(),
+            epilogue.bias.into(),
+            epilogue.pre_gelu.into(),
+            epilogue.gelu_input.into(),
+            i32_of(m),
+            i32_of(n),
+            i32_of(k),
+            i64_of(a.1),
+            i64_of(a.2),
+            i64_of(b.1),
+            i64_of(b.2),
+            Arg::I32(epilogue.accumulate as i32),
+        ];
+        let family = if out_f32 { "matmul_f32out" } else { "matmul" };
+        self.launch(family, (blocks(n, 64), blocks(m, 64), 1), 128, &args)
+    }
+
+    /// out (N, OC) floatX = inp (N, C) · W + bias, W stored as `layout` says. With `pre_gelu`,
+    /// the sum goes to pre_gelu and GELU of it to out (the MLP's first layer in one pass).
+    pub fn matmul_forward(
+        &self,
+        out: DPtr,
+        pre_gelu: Option<DPtr>,
+        inp: DPtr,
+        weight: DPtr,
+        bias: Option<DPtr>,
+        n: usize,
+        c: usize,
+        oc: usize,
+        layout: WeightLayout,
+    ) -> Result<()> {
+        let (w_rs, w_cs) = layout.in_out_strides(c, oc);
+        let epilogue = Epilogue { bias: DPtr::or_null(bias), pre_gelu: DPtr::or_null(pre_gelu), ..Epilogue::default() };
+        self.matmul(out, false, (inp, c, 1), (weight, w_rs, w_cs), epilogue, n, oc, c)
+    }
+
+    /// dinp (N, C) floatX = dout · Wᵀ (times GELU'(gelu_input) when given: the gradient through
+    /// a GELU whose output was this layer's input); dweight f32 += its gradient in W's layout;
+    /// dbias (OC) f32 += Σ_rows dout.
+    pub fn matmul_backward(
+        &self,
+        dinp: DPtr,
+        dweight: DPtr,
+        dbias: Option<DPtr>,
+        dout: DPtr,
+        inp: DPtr,
+        weight: DPtr,
+        gelu_input: Option<DPtr>,
+        n: usize,
+        c: usize,
+        oc: usize,
+        layout: WeightLayout,
+    ) -> Result<()> {
+        let (wt_rs, wt_cs) = layout.out_in_strides(c, oc);
+        let dx_epilogue = Epilogue { gelu_input: DPtr::or_null(gelu_input), ..Epilogue::default() };
+        self.matmul(dinp, false, (dout, oc, 1), (weight, wt_rs, wt_cs), dx_epilogue, n, c, oc)?;
+        let accumulate = Epilogue { accumulate: true, ..Epilogue::default() };
+        match layout {
+            // dW (C × OC) += inpᵀ · dout
+            WeightLayout::InOut => self.matmul(dweight, true, (inp, 1, c), (dout, oc, 1), accumulate, c, oc, n)?,
+            // dW (OC × C) += doutᵀ · inp
+            WeightLayout::OutIn => self.matmul(dweight, true, (dout, 1, oc), (inp, c, 1), accumulate, oc, c, n)?,
+        }
+        if let Some(dbias) = dbias {
+            let args = [dbias.into(), dout.into(), i32_of(n), i32_of(oc)];
+            self.launch("bias_grad", (blocks(oc, 32), 1, 1), 256, &args)?;
+        }
+        Ok(())
+    }
+
+    /// out (B,T,C) floatX and lse (B,NH,T) f32 from qkv (B,T,3C) floatX.
+    pub fn attention_forward(
+        &self,
+        out: DPtr,
+        lse: DPtr,
+        qkv: DPtr,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let args = [out.into(), lse.into(), qkv.into(), i32_of(b), i32_of(t), i32_of(c), i32_of(nh)];
+        self.launch("attention_forward", attention_grid(b, t, nh), ATTENTION_THREADS, &args)
+    }
+
+    /// dqkv (B,T,3C) floatX, written, from dout (B,T,C) and the forward's qkv, out and lse.
+    pub fn attention_backward(
+        &self,
+        dqkv: DPtr,
+        dout: DPtr,
+        qkv: DPtr,
+        out: DPtr,
+        lse: DPtr,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Result<()> {
+        let args =
+            [dqkv.into(), dout.into(), qkv.into(), out.into(), lse.into(), i32_of(b), i32_of(t), i32_of(c), i32_of(nh)];
+        self.launch("attention_backward_dkdv", attention_grid(b, t, nh), ATTENTION_THREADS, &args)?;
+        self.launch("attention_backward_dq", attention_grid(b, t, nh), ATTENTION_THREADS, &args)
+    }
+
+    /// losses (N) f32 = cross-entropy of logits (N, Vp) floatX over the first V columns. With
+    /// `dlogits` (may equal `logits`), also writes (softmax − onehot)·dloss there.
+    pub fn crossentropy(
+        &self,
+        losses: DPtr,
+        dlogits: Option<DPtr>,
+        logits: DPtr,
+        targets: DPtr,
+        n: usize,
+        v: usize,
+        vp: usize,
+        dloss: f32,
+    ) -> Result<()> {
+        let args = [
+            losses.into(),
+            DPtr::or_null(dlogits).into(),
+            logits.into(),
+            targets.into(),
+            i32_of(v),
+            i32_of(vp),
+            Arg::F32(dloss),
+        ];
+        self.launch("crossentropy_forward", (blocks(n, 1), 1, 1), 256, &args)
+    }
+
+    /// The squared L2 norm of `n` f32 at `grads`, via `scratch` (NORM_BLOCKS + 1 f64), read back.
+    pub fn grad_norm_squared(&self, grads: DPtr, n: usize, scratch: DPtr) -> Result<f64> {
+        let args = [scratch.into(), grads.into(), i64_of(n)];
+        self.gpu.launch("grad_norm_squares", (NORM_BLOCKS as u32, 1, 1), 256, &args)?;
+        let total = scratch.add(NORM_BLOCKS, 8);
+        self.gpu.launch("grad_norm_finish", (1, 1, 1), 256, &[total.into(), scratch.into(), i32_of(NORM_BLOCKS)])?;
+        let mut out = [0f64];
+        self.gpu.download(&mut out, total)?;
+        Ok(out[0])
+    }
+
+    /// One AdamW step over `n` elements (see kernels/optimizer.cu for the formula).
+    pub fn adamw(
+        &self,
+        params: DPtr,
+        master: DPtr,
+        grads: DPtr,
+        m: DPtr,
+        v: DPtr,
+        n: usize,
+        s: &AdamWScalars,
+    ) -> Result<()> {
+        let args = [
+            params.into(),
+            master.into(),
+            grads.into(),
+            m.into(),
+            v.into(),
+            i64_of(n),
+            Arg::F32(s.grad_scale),
+            Arg::F32(s.step_size),
+            Arg::F32(s.bc2_sqrt),
+            Arg::F32(s.one_minus_beta1),
+            Arg::F32(s.beta2),
+            Arg::F32(s.one_minus_beta2),
+            Arg::F32(s.eps),
+            Arg::F32(s.decay),
+        ];
+        self.launch("adamw", (blocks(n, 256), 1, 1), 256, &args)
+    }
+
+    /// out (n) floatX = round(inp (n) f32).
+    pub fn f32_to_floatx(&self, out: DPtr, inp: DPtr, n: usize) -> Result<()> {
+        self.launch("f32_to_floatx", (blocks(n, 256), 1, 1), 256, &[out.into(), inp.into(), i64_of(n)])
+    }
+
+    /// out (n) f32 = inp (n) floatX.
+    pub fn floatx_to_f32(&self, out: DPtr, inp: DPtr, n: usize) -> Result<()> {
+        self.launch("floatx_to_f32", (blocks(n, 256), 1, 1), 256, &[out.into(), inp.into(), i64_of(n)])
+    }
+}
+
+/// What the matmul kernel does to each sum before storing it (NULL pointers: nothing).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue {
+    pub bias: DPtr,
+    pub pre_gelu: DPtr,
+    pub gelu_input: DPtr,
+    pub accumulate: bool,
+}
+
+/// The AdamW scalars, formed in f64 and rounded once, exactly as the CPU optimizer does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    pub grad_scale: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    pub decay: f32,
+}
+
+/// Threads per block of the attention kernels.
+const ATTENTION_THREADS: u32 = 128;
+
+fn attention_grid(b: usize, t: usize, nh: usize) -> (u32, u32, u32) {
+    (blocks(t, 16), nh as u32, b as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_buckets_group_positions_in_order() {
+        let b = TokenBuckets::new(&[5, 2, 5, 7, 2, 5]);
+        assert_eq!(b.tokens, [2, 5, 7]);
+        assert_eq!(b.starts, [0, 2, 5, 6]);
+        assert_eq!(b.positions, [1, 4, 0, 2, 5, 3]);
+    }
+}
