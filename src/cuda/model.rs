@@ -119,7 +119,7 @@ pub fn memory_plan(cfg: &GptConfig, b: usize, t: usize, precision: Precision) ->
     let n = ParamLayout::new(cfg).total;
     let acts = ActPlan::new(cfg, b, t, precision);
     let bt = b * t;
-    let scratch = 8 * (NORM_BLOCKS + 1) + 4 * layernorm_scratch_len(bt, cfg.n_embd) + 4 * (4 * bt + 1);
+    let scratch = 8 * (NORM_BLOCKS + 1) + 4 * layernorm_scratch_len(bt, cfg.n_embd) + 4 * token_buffer_len(bt);
     vec![
         ("weights", precision.size() * n),
         ("master weights", 4 * n),
@@ -129,6 +129,11 @@ pub fn memory_plan(cfg: &GptConfig, b: usize, t: usize, precision: Precision) ->
         ("activation gradients", acts.grad_bytes),
         ("scratch", scratch),
     ]
+}
+
+/// i32 elements of the token buffer: inputs, targets, and the token buckets (see BatchBuffers).
+fn token_buffer_len(bt: usize) -> usize {
+    5 * bt + 1
 }
 
 /// Buffers that depend on the batch shape.
@@ -322,7 +327,7 @@ impl GpuGpt {
             storage: gpu.alloc(plan.storage_bytes, "activations")?,
             stats: gpu.alloc(plan.stats_bytes, "activations")?,
             grads: gpu.alloc(plan.grad_bytes, "activation gradients")?,
-            tokens: gpu.alloc(4 * (4 * bt + 1), "token buffers")?,
+            tokens: gpu.alloc(4 * token_buffer_len(bt), "token buffers")?,
             layernorm_scratch: gpu.alloc(4 * layernorm_scratch_len(bt, self.config.n_embd), "scratch")?,
             plan,
             b,
@@ -557,6 +562,7 @@ impl GpuGpt {
         let tokens = bb.targets().add(n, 4);
         let starts = tokens.add(n, 4);
         let positions = starts.add(n + 1, 4);
+        assert!(4 * (4 * n + 1) + 4 * n <= bb.tokens.bytes, "token buckets overflow their buffer");
         self.gpu.upload(tokens, &buckets.tokens)?;
         self.gpu.upload(starts, &buckets.starts)?;
         self.gpu.upload(positions, &buckets.positions)?;
