@@ -12,8 +12,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Turn text (files, directories, JSONL, stdin) into token shards
+    Tokenize(finch::tokenize::TokenizeArgs),
     /// Train a GPT-2 model on a token file
     Train(Box<finch::train::TrainArgs>),
+    /// Plot loss curves from training logs to SVG or PNG
+    Plot(finch::plot::PlotArgs),
     /// Check every GPU kernel against the CPU reference on this machine
     Check(finch::cuda::check::CheckArgs),
 }
@@ -30,6 +34,8 @@ fn main() -> ExitCode {
             let is_explicit = |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
             finch::train::run(*args, &is_explicit)
         }
+        Command::Tokenize(args) => finch::tokenize::run(args),
+        Command::Plot(args) => finch::plot::run(args),
         Command::Check(args) => finch::cuda::check::run(args),
     };
     match result {

@@ -503,7 +503,18 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     engine.with_state(|params, _| {
         if let Some(dir) = &args.out {
             modelio::save_model(&dir.join("model"), &cfg, params, "--out")?;
-            println!("run directory: {} (log.jsonl, checkpoint, model/)", dir.display());
+            // The plot is a convenience: a failure to draw it must not fail a finished run.
+            let plotted = match &plan.log_path {
+                Some(log) => match crate::plot::plot_logs(std::slice::from_ref(log), &dir.join("loss.svg"), None) {
+                    Ok(()) => ", loss.svg",
+                    Err(e) => {
+                        eprintln!("warning: could not plot the loss: {e:#}");
+                        ""
+                    }
+                },
+                None => "",
+            };
+            println!("run directory: {} (log.jsonl, checkpoint, model/{plotted})", dir.display());
         }
         if let Some(dir) = &args.save {
             modelio::save_model(dir, &cfg, params, "--save")?;
