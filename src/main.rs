@@ -12,10 +12,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Zero setup: generate a small corpus, train a small GPT on it and sample from it
+    Quickstart(finch::quickstart::QuickstartArgs),
     /// Turn text (files, directories, JSONL, stdin) into token shards
     Tokenize(finch::tokenize::TokenizeArgs),
     /// Train a GPT-2 model on a token file
     Train(Box<finch::train::TrainArgs>),
+    /// Generate text from a saved model
+    Sample(finch::sample::SampleArgs),
     /// Plot loss curves from training logs to SVG or PNG
     Plot(finch::plot::PlotArgs),
     /// Check every GPU kernel against the CPU reference on this machine
@@ -34,7 +38,9 @@ fn main() -> ExitCode {
             let is_explicit = |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
             finch::train::run(*args, &is_explicit)
         }
+        Command::Quickstart(args) => finch::quickstart::run(args),
         Command::Tokenize(args) => finch::tokenize::run(args),
+        Command::Sample(args) => finch::sample::run(args),
         Command::Plot(args) => finch::plot::run(args),
         Command::Check(args) => finch::cuda::check::run(args),
     };
