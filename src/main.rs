@@ -22,6 +22,8 @@ enum Command {
     Sample(finch::sample::SampleArgs),
     /// Plot loss curves from training logs to SVG or PNG
     Plot(finch::plot::PlotArgs),
+    /// Benchmark GPU kernels against cuBLAS (needs a GPU)
+    Bench(finch::cuda::bench::BenchArgs),
     /// Check every GPU kernel against the CPU reference on this machine
     Check(finch::cuda::check::CheckArgs),
 }
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => finch::tokenize::run(args),
         Command::Sample(args) => finch::sample::run(args),
         Command::Plot(args) => finch::plot::run(args),
+        Command::Bench(args) => finch::cuda::bench::run(args),
         Command::Check(args) => finch::cuda::check::run(args),
     };
     match result {

@@ -6,6 +6,7 @@
 //! - [`model`]: the GPT-2 training step on the GPU, in the layout of `crate::layout`.
 //! - [`check`]: every kernel against the CPU reference (`finch check`, and the GPU tests).
 
+pub mod bench;
 pub mod check;
 pub mod model;
 pub mod ops;

@@ -1,0 +1,384 @@
+//! `finch bench matmul`: our matmul kernel against cuBLAS on the same data, in the same run.
+//!
+//! For each shape: random normal bf16 inputs (two sets, alternated so caches do not flatter),
+//! a correctness check of both against an f64 CPU dot product at sampled outputs, then timing
+//! with CUDA events after warm-up, median of the repeats. cuBLAS runs bf16 in, bf16 out, fp32
+//! compute (cublasGemmEx). TFLOP/s = 2·M·N·K / time; "% peak" is relative to the best cuBLAS
+//! figure measured in the same run (the achievable peak on this device, not the datasheet's).
+
+use super::ops::{Epilogue, Ops};
+use super::{DPtr, Gpu, Precision};
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::bf16;
+use serde::Serialize;
+use std::sync::Arc;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchKind {
+    /// The three training products at GPT-2 124M shapes, and square 4096³ and 8192³
+    Matmul,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "Examples:
+  finch bench matmul                     # table: ours vs cuBLAS, TFLOP/s, ratio, % of peak
+  finch bench matmul --json > mm.jsonl   # one JSON object per shape
+  finch bench matmul --shapes square --repeats 100")]
+pub struct BenchArgs {
+    pub kind: BenchKind,
+    /// Which shapes: gpt2 (forward, dX and dW of GPT-2 124M at B·T = 8192 and 16384), square, or all
+    #[arg(long, default_value = "all")]
+    pub shapes: String,
+    /// Timed runs per kernel and shape (the median is reported)
+    #[arg(long, default_value_t = 30)]
+    pub repeats: usize,
+    /// Untimed runs before timing
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// One JSON object per shape instead of the table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which operand is transposed, as the training products need: forward Y = X·W (NN),
+/// dX = dY·Wᵀ (NT), dW = Xᵀ·dY (TN). All matrices are row-major.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Op {
+    NN,
+    NT,
+    TN,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Shape {
+    pub name: String,
+    pub op: Op,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// GPT-2 124M's products at B·T rows: for each layer (C, OC) the forward, dX and dW shapes.
+pub fn shapes(which: &str) -> Result<Vec<Shape>> {
+    let mut out = Vec::new();
+    let gpt2 = which == "gpt2" || which == "all";
+    let square = which == "square" || which == "all";
+    if !gpt2 && !square {
+        bail!("--shapes {which}: expected gpt2, square or all");
+    }
+    if gpt2 {
+        let layers = [
+            ("qkv", 768, 2304),
+            ("attn_proj", 768, 768),
+            ("fc", 768, 3072),
+            ("mlp_proj", 3072, 768),
+            ("logits", 768, 50304),
+        ];
+        for rows in [8192, 16384] {
+            for (name, c, oc) in layers {
+                out.push(Shape { name: format!("{name} fwd"), op: Op::NN, m: rows, n: oc, k: c });
+                out.push(Shape { name: format!("{name} dX"), op: Op::NT, m: rows, n: c, k: oc });
+                out.push(Shape { name: format!("{name} dW"), op: Op::TN, m: c, n: oc, k: rows });
+            }
+        }
+    }
+    if square {
+        for s in [4096, 8192] {
+            out.push(Shape { name: "square".into(), op: Op::NN, m: s, n: s, k: s });
+        }
+    }
+    Ok(out)
+}
+
+impl Shape {
+    /// Elements of the stored A and B.
+    fn sizes(&self) -> (usize, usize) {
+        (self.m * self.k, self.k * self.n)
+    }
+
+    /// A[m,k] and B[k,n] as (row stride, column stride) into their storage.
+    fn strides(&self) -> ((usize, usize), (usize, usize)) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        match self.op {
+            Op::NN => ((k, 1), (n, 1)),
+            Op::NT => ((k, 1), (1, k)), // B stored (N, K)
+            Op::TN => ((1, m), (n, 1)), // A stored (K, M)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MatmulResult {
+    pub shape: Shape,
+    pub ours_ms: f64,
+    pub ours_tflops: f64,
+    pub cublas_ms: f64,
+    pub cublas_tflops: f64,
+    /// ours / cuBLAS throughput.
+    pub ratio: f64,
+    pub ours_error: f64,
+    pub cublas_error: f64,
+    pub device: String,
+}
+
+/// Median of the per-run times of `f`, in ms, with CUDA events.
+fn time_ms(gpu: &Gpu, warmup: usize, repeats: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    for i in 0..warmup {
+        f(i)?;
+    }
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (gpu.ctx.new_event(flags)?, gpu.ctx.new_event(flags)?);
+    let mut times = Vec::with_capacity(repeats);
+    for i in 0..repeats {
+        start.record(&gpu.stream)?;
+        f(i)?;
+        end.record(&gpu.stream)?;
+        times.push(start.elapsed_ms(&end)? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn random_bf16(n: usize, rng: &mut Rng) -> Vec<bf16> {
+    let mut x = vec![0f32; n];
+    rng.fill_normal(&mut x, 0.0, 1.0);
+    x.into_iter().map(bf16::from_f32).collect()
+}
+
+fn ptr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> DPtr {
+    DPtr(s.device_ptr(&gpu.stream).0)
+}
+
+/// max |got − ref| / max |ref| over sampled outputs, ref in f64 from the host inputs.
+fn sampled_error(shape: &Shape, a: &[bf16], b: &[bf16], c: &[bf16], rng: &mut Rng) -> f64 {
+    let ((a_rs, a_cs), (b_rs, b_cs)) = shape.strides();
+    let (mut worst, mut scale) = (0f64, f64::MIN_POSITIVE);
+    for _ in 0..256 {
+        let (i, j) = ((rng.next_u64() % shape.m as u64) as usize, (rng.next_u64() % shape.n as u64) as usize);
+        let want: f64 = (0..shape.k).map(|k| a[i * a_rs + k * a_cs].to_f64() * b[k * b_rs + j * b_cs].to_f64()).sum();
+        let got = c[i * shape.n + j].to_f64();
+        if got.is_nan() {
+            return f64::NAN;
+        }
+        worst = worst.max((got - want).abs());
+        scale = scale.max(want.abs());
+    }
+    worst / scale
+}
+
+/// One shape: correctness, then timing of ours and cuBLAS.
+fn bench_shape(
+    gpu: &Arc<Gpu>,
+    blas: &CudaBlas,
+    shape: &Shape,
+    args: &BenchArgs,
+    rng: &mut Rng,
+) -> Result<MatmulResult> {
+    let (a_len, b_len) = shape.sizes();
+    let host: Vec<(Vec<bf16>, Vec<bf16>)> =
+        (0..2).map(|_| (random_bf16(a_len, rng), random_bf16(b_len, rng))).collect();
+    let dev: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)> = host
+        .iter()
+        .map(|(a, b)| Ok((gpu.stream.clone_htod(a)?, gpu.stream.clone_htod(b)?)))
+        .collect::<Result<_>>()
+        .context("cannot upload the benchmark inputs")?;
+    let mut c: CudaSlice<bf16> = gpu.stream.alloc_zeros(shape.m * shape.n)?;
+    let ops = Ops { gpu, precision: Precision::Bf16 };
+    let ((a_rs, a_cs), (b_rs, b_cs)) = shape.strides();
+    let c_ptr = ptr(gpu, &c);
+    let ours = |set: usize| {
+        let (a, b) = &dev[set % 2];
+        ops.matmul(
+            c_ptr,
+            false,
+            (ptr(gpu, a), a_rs, a_cs),
+            (ptr(gpu, b), b_rs, b_cs),
+            Epilogue::default(),
+            shape.m,
+            shape.n,
+            shape.k,
+        )
+    };
+    // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
+    let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
+    let cfg = match shape.op {
+        Op::NN => GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_N,
+            m: n,
+            n: m,
+            k,
+            alpha: bf16::ONE,
+            lda: n,
+            ldb: k,
+            beta: bf16::ZERO,
+            ldc: n,
+        },
+        Op::NT => GemmConfig {
+            transa: CUBLAS_OP_T,
+            transb: CUBLAS_OP_N,
+            m: n,
+            n: m,
+            k,
+            alpha: bf16::ONE,
+            lda: k,
+            ldb: k,
+            beta: bf16::ZERO,
+            ldc: n,
+        },
+        Op::TN => GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_T,
+            m: n,
+            n: m,
+            k,
+            alpha: bf16::ONE,
+            lda: n,
+            ldb: m,
+            beta: bf16::ZERO,
+            ldc: n,
+        },
+    };
+    let cublas = |set: usize, c: &mut CudaSlice<bf16>| -> Result<()> {
+        let (a, b) = &dev[set % 2];
+        // Safety: the sizes in `cfg` match the allocations above.
+        unsafe { blas.gemm(cfg, b, a, c) }.context("cuBLAS gemm failed")
+    };
+
+    // Correctness first, on input set 0, with the output poisoned beforehand.
+    gpu.fill_bytes(c_ptr, 0xFF, 2 * shape.m * shape.n)?;
+    ours(0)?;
+    let got = gpu.stream.clone_dtoh(&c)?;
+    let ours_error = sampled_error(shape, &host[0].0, &host[0].1, &got, rng);
+    gpu.fill_bytes(c_ptr, 0xFF, 2 * shape.m * shape.n)?;
+    cublas(0, &mut c)?;
+    let got = gpu.stream.clone_dtoh(&c)?;
+    let cublas_error = sampled_error(shape, &host[0].0, &host[0].1, &got, rng);
+
+    let ours_ms = time_ms(gpu, args.warmup, args.repeats, ours)?;
+    let cublas_ms = time_ms(gpu, args.warmup, args.repeats, |set| cublas(set, &mut c))?;
+    let flops = 2.0 * shape.m as f64 * shape.n as f64 * shape.k as f64;
+    let tflops = |ms: f64| flops / (ms * 1e-3) / 1e12;
+    Ok(MatmulResult {
+        shape: shape.clone(),
+        ours_ms,
+        ours_tflops: tflops(ours_ms),
+        cublas_ms,
+        cublas_tflops: tflops(cublas_ms),
+        ratio: cublas_ms / ours_ms,
+        ours_error,
+        cublas_error,
+        device: gpu.name.clone(),
+    })
+}
+
+/// Correctness bound of the sampled check: bf16 output rounding (2⁻⁸ relative) plus fp32
+/// accumulation, as in `finch check`.
+const TOLERANCE: f64 = 1.6e-2;
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let BenchKind::Matmul = args.kind;
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let shapes = shapes(&args.shapes)?;
+    let gpu = Gpu::open()?;
+    // cudarc loads libcublas lazily and panics if it is missing; ask first.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        bail!(
+            "cuBLAS (libcublas.so) could not be loaded; install the CUDA toolkit's cuBLAS or add it to LD_LIBRARY_PATH"
+        );
+    }
+    let blas = CudaBlas::new(gpu.stream.clone()).context("cannot start cuBLAS (is libcublas installed?)")?;
+    let mut rng = Rng::new(1);
+    let mut results = Vec::new();
+    if !args.json {
+        println!(
+            "device: {} ({} kernels); bf16 in and out, fp32 accumulate; median of {} runs",
+            gpu.name, gpu.ptx_arch, args.repeats
+        );
+    }
+    for shape in &shapes {
+        let r = bench_shape(&gpu, &blas, shape, &args, &mut rng)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        results.push(r);
+    }
+    let peak = results.iter().map(|r| r.cublas_tflops).fold(0.0, f64::max);
+    if !args.json {
+        println!(
+            "{:<16} {:>2} {:>6} {:>6} {:>6} {:>9} {:>8} {:>9} {:>8} {:>6} {:>6} {:>9} {:>9}",
+            "shape",
+            "op",
+            "M",
+            "N",
+            "K",
+            "ours ms",
+            "TF/s",
+            "cuBLAS ms",
+            "TF/s",
+            "ratio",
+            "%peak",
+            "err ours",
+            "err cuBLAS"
+        );
+        for r in &results {
+            let s = &r.shape;
+            println!(
+                "{:<16} {:>2?} {:>6} {:>6} {:>6} {:>9.3} {:>8.1} {:>9.3} {:>8.1} {:>6.2} {:>5.0}% {:>9.1e} {:>9.1e}",
+                s.name,
+                s.op,
+                s.m,
+                s.n,
+                s.k,
+                r.ours_ms,
+                r.ours_tflops,
+                r.cublas_ms,
+                r.cublas_tflops,
+                r.ratio,
+                100.0 * r.ours_tflops / peak,
+                r.ours_error,
+                r.cublas_error
+            );
+        }
+        println!("peak = the best cuBLAS result of this run: {peak:.1} TFLOP/s");
+    }
+    let wrong: Vec<&MatmulResult> =
+        results.iter().filter(|r| r.ours_error.is_nan() || r.ours_error > TOLERANCE).collect();
+    if !wrong.is_empty() {
+        bail!("{} shapes gave wrong results (sampled error above {TOLERANCE})", wrong.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_cover_the_three_products() {
+        let all = shapes("all").unwrap();
+        assert_eq!(all.len(), 2 * 5 * 3 + 2);
+        let logits_dw = all.iter().find(|s| s.name == "logits dW" && s.k == 16384).unwrap();
+        assert_eq!((logits_dw.op, logits_dw.m, logits_dw.n), (Op::TN, 768, 50304));
+        assert!(shapes("bogus").is_err());
+    }
+
+    #[test]
+    fn sampled_error_uses_the_op_strides() {
+        // C = Aᵀ·B with A stored (K, M): check against a hand computation.
+        let shape = Shape { name: "t".into(), op: Op::TN, m: 2, n: 1, k: 2 };
+        let a: Vec<bf16> = [1.0, 2.0, 3.0, 4.0].map(bf16::from_f32).to_vec(); // A stored (K=2, M=2)
+        let b: Vec<bf16> = [5.0, 6.0].map(bf16::from_f32).to_vec(); // (K=2, N=1)
+                                                                    // C[0] = 1·5 + 3·6 = 23, C[1] = 2·5 + 4·6 = 34.
+        let c: Vec<bf16> = [23.0, 34.0].map(bf16::from_f32).to_vec();
+        assert_eq!(sampled_error(&shape, &a, &b, &c, &mut Rng::new(3)), 0.0);
+        let wrong: Vec<bf16> = [23.0, 35.0].map(bf16::from_f32).to_vec();
+        assert!(sampled_error(&shape, &a, &b, &wrong, &mut Rng::new(3)) > 0.0);
+    }
+}
