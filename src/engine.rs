@@ -44,6 +44,43 @@ impl Device {
     }
 }
 
+/// A non-finite value found in a parameter-shaped buffer: which tensor, where, what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NonFinite {
+    pub tensor: String,
+    /// The element's index in each dimension of the tensor.
+    pub index: Vec<usize>,
+    pub value: f32,
+    /// How many elements of the buffer are not finite.
+    pub count: usize,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let index: Vec<String> = self.index.iter().map(|i| i.to_string()).collect();
+        write!(f, "{}[{}] = {}", self.tensor, index.join(", "), self.value)?;
+        if self.count > 1 {
+            write!(f, ", and {} more non-finite values", self.count - 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// The first non-finite element of `values` (a buffer in `layout`), in layout order, named by
+/// its tensor; None if every element is finite.
+pub fn first_nonfinite(layout: &ParamLayout, values: &[f32]) -> Option<NonFinite> {
+    let first = values.iter().position(|v| !v.is_finite())?;
+    let count = values[first..].iter().filter(|v| !v.is_finite()).count();
+    let spec = layout.specs.iter().find(|s| s.range().contains(&first)).expect("the layout covers the buffer");
+    let mut rest = first - spec.offset;
+    let mut index = vec![0; spec.shape.len()];
+    for (i, dim) in index.iter_mut().zip(&spec.shape).rev() {
+        *i = rest % dim;
+        rest /= dim;
+    }
+    Some(NonFinite { tensor: spec.name.clone(), index, value: values[first], count })
+}
+
 /// A model and its optimizer on one device.
 pub enum Engine {
     Cpu { model: Box<Gpt<f32>>, optimizer: AdamW<f32> },
@@ -100,6 +137,15 @@ impl Engine {
         }
     }
 
+    /// The first non-finite parameter gradient, named (downloaded from the GPU when training
+    /// there); None if all are finite.
+    pub fn first_nonfinite_grad(&self, layout: &ParamLayout) -> Result<Option<NonFinite>> {
+        Ok(match self {
+            Engine::Cpu { model, .. } => first_nonfinite(layout, &model.grads),
+            Engine::Gpu(m) => first_nonfinite(layout, &m.grads()?),
+        })
+    }
+
     /// Clips the gradients given their norm (torch's rule), then one AdamW step.
     pub fn update(&mut self, lr: f64, hp: &AdamWConfig, grad_norm: f64, grad_clip: f64) -> Result<()> {
         match self {
@@ -119,5 +165,29 @@ impl Engine {
             Engine::Cpu { model, optimizer } => f(&model.params, optimizer),
             Engine::Gpu(m) => f(&m.master_params()?, &m.optimizer()?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_nonfinite_value_is_named_by_tensor_and_index() {
+        let cfg =
+            GptConfig { n_layer: 2, n_head: 2, n_embd: 8, vocab_size: 50, n_positions: 8, layer_norm_epsilon: 1e-5 };
+        let layout = ParamLayout::new(&cfg);
+        let mut values = vec![0.5f32; layout.total];
+        assert_eq!(first_nonfinite(&layout, &values), None);
+        let spec = layout.get("h.1.attn.c_attn.weight").unwrap().clone();
+        assert_eq!(spec.shape, [8, 24]);
+        values[spec.offset + 3 * 24 + 17] = f32::NAN;
+        values[layout.total - 1] = f32::INFINITY;
+        let found = first_nonfinite(&layout, &values).unwrap();
+        assert_eq!(found.to_string(), "h.1.attn.c_attn.weight[3, 17] = NaN, and 1 more non-finite values");
+        values[spec.offset + 3 * 24 + 17] = 0.0;
+        let last = layout.specs.last().unwrap();
+        let found = first_nonfinite(&layout, &values).unwrap();
+        assert_eq!((found.tensor.as_str(), found.value, found.count), (last.name.as_str(), f32::INFINITY, 1));
     }
 }

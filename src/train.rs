@@ -6,8 +6,10 @@ use crate::cpu::optimizer::AdamWConfig;
 use crate::cuda::model::memory_plan as gpu_memory_plan;
 use crate::cuda::{Gpu, Precision};
 use crate::data::{BatchWalker, DataFormat, TokenStream};
-use crate::engine::{Device, Engine};
-use crate::fsutil::{create_dir, write_atomically};
+use crate::engine::{first_nonfinite, Device, Engine};
+use crate::fsutil::{
+    check_free_space, create_dir, explain_write_error, lock_run_dir, remove_stale_temp_files, write_atomically,
+};
 use crate::layout::{activation_count, ParamLayout};
 use crate::model::init_params;
 use crate::modelio;
@@ -16,7 +18,7 @@ use crate::schedule::{learning_rate, LrSchedule};
 use crate::trainlog::{Console, JsonlLog, StepRecord};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The flags of `finch train`. Serialisable so a run directory remembers them for --resume.
@@ -129,6 +131,10 @@ pub struct TrainArgs {
     /// flags given now override them
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    /// When a step's loss or gradient norm is not finite, skip its update (the data position
+    /// still advances) instead of stopping the run; skipped steps are logged and counted
+    #[arg(long)]
+    pub skip_nonfinite: bool,
 }
 
 const ARGS_FILE: &str = "train_args.json";
@@ -363,6 +369,19 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
             .build_global()
             .context("--threads: cannot start the thread pool")?;
     }
+    let out_flag = if args.resume.is_some() { "--resume" } else { "--out" };
+    // The run directory is locked for the whole run (the lock goes when `_lock` is dropped, or
+    // when the process dies), then cleared of what interrupted writes left behind.
+    let _lock = match &args.out {
+        Some(dir) => {
+            create_dir(dir, out_flag)?;
+            let lock = lock_run_dir(dir, out_flag)?;
+            remove_stale_temp_files(dir);
+            remove_stale_temp_files(&dir.join("model"));
+            Some(lock)
+        }
+        None => None,
+    };
     let mut resumed = match &args.resume {
         Some(dir) => checkpoint::load(dir)?,
         None => None,
@@ -374,8 +393,8 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
                 dir.display()
             );
         }
-        create_dir(dir, "--out")?;
-        write_atomically(&dir.join(ARGS_FILE), (serde_json::to_string_pretty(&args)? + "\n").as_bytes())?;
+        write_atomically(&dir.join(ARGS_FILE), (serde_json::to_string_pretty(&args)? + "\n").as_bytes())
+            .map_err(|e| explain_write_error(e, out_flag, dir, None))?;
     }
     let (device, device_reason) = Device::choose(&args.device, args.precision)?;
     let plan = plan(&args, &device, resumed.as_mut())?;
@@ -430,15 +449,37 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         Some(ck) => (Some(ck.optimizer), ck.state),
         None => (None, TrainState { step: 0, walker: BatchWalker { position: 0 }, rng: Rng::new(args.seed) }),
     };
-    let mut engine = Engine::new(&device, cfg, plan.params, optimizer)?;
     if state.step >= plan.steps {
-        bail!("the run already completed {} of {} steps; pass a larger --steps to continue it", state.step, plan.steps);
+        // A run killed after its last checkpoint but before its final outputs were complete is
+        // finished now; one whose outputs are all there has nothing left to do.
+        if state.step > plan.steps || final_outputs_are_current(&args, &cfg, &plan.params) {
+            bail!(
+                "the run already completed {} of {} steps; pass a larger --steps to continue it",
+                state.step,
+                plan.steps
+            );
+        }
+        println!("the run completed its {} steps before it was interrupted; writing its final outputs", state.step);
+        return write_final_outputs(&args, &cfg, &plan.params, plan.log_path.as_deref(), real_params);
     }
+    // Fail now, not after hours of training, when the checkpoint and the model cannot fit.
+    let checkpoint_bytes = 3 * 4 * layout.total as u64 + HEADER_ALLOWANCE;
+    let model_bytes = 4 * real_params as u64 + HEADER_ALLOWANCE;
+    if let Some(dir) = &args.out {
+        check_free_space(dir, out_flag, checkpoint_bytes + model_bytes, "the checkpoint and the final model")?;
+    }
+    if let Some(dir) = &args.save {
+        check_writable(dir, "--save")?;
+        check_free_space(dir, "--save", model_bytes, "the model")?;
+    }
+    let mut last_checkpoint = (state.step > 0).then_some(state.step);
+    let mut engine = Engine::new(&device, cfg, plan.params, optimizer)?;
     if state.step > 0 {
         println!("resuming after step {} (data position {})", state.step, state.walker.position);
     }
     let mut log = match &plan.log_path {
-        Some(path) if args.resume.is_some() => Some(JsonlLog::resume(path, state.step)?),
+        // A resumed run without a checkpoint (killed before its first) starts its log afresh.
+        Some(path) if args.resume.is_some() && state.step > 0 => Some(JsonlLog::resume(path, state.step)?),
         Some(path) => {
             let mut log = JsonlLog::create(path)?;
             log.write(&serde_json::json!({
@@ -449,6 +490,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         }
         None => None,
     };
+    let mut skipped: Vec<usize> = log.as_ref().map(|l| l.skipped_before.clone()).unwrap_or_default();
 
     let console = Console::new(state.step, plan.steps);
     let (mut buf, mut x, mut y) = (Vec::new(), vec![0u32; b * t], vec![0u32; b * t]);
@@ -463,15 +505,32 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
             engine.backward(1.0 / args.grad_accum as f64)?;
         }
         let grad_norm = engine.grad_norm()?;
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            console.finish();
-            bail!(
-                "step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; stopping without \
-                 applying the update (the last checkpoint, if any, is intact); try a lower --lr"
-            );
-        }
         let lr = learning_rate(args.lr_schedule, step, plan.steps, args.lr, args.min_lr, args.warmup_steps);
-        engine.update(lr, &hp, grad_norm, args.grad_clip)?;
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        if finite {
+            engine.update(lr, &hp, grad_norm, args.grad_clip)?;
+        } else {
+            let culprit = match engine.first_nonfinite_grad(&layout)? {
+                Some(bad) => format!("first non-finite gradient: {bad}"),
+                None => "every parameter gradient is finite".to_string(),
+            };
+            let what = format!("the loss is {loss} and the gradient norm is {grad_norm} ({culprit})");
+            if !args.skip_nonfinite {
+                console.finish();
+                let kept = match (&args.out, last_checkpoint) {
+                    (Some(dir), Some(s)) => format!(" (the checkpoint of step {s} in {} is intact)", dir.display()),
+                    (Some(_), None) => " (no checkpoint had been written yet)".to_string(),
+                    (None, _) => String::new(),
+                };
+                bail!(
+                    "step {step}: {what}; stopped before applying its update{kept}; lower --lr, or pass \
+                     --skip-nonfinite to skip such steps"
+                );
+            }
+            // The data position has advanced; the weights and optimizer state have not.
+            console.println(&format!("step {step}: {what}; skipped its update (--skip-nonfinite)"));
+            skipped.push(step);
+        }
         let seconds = started.elapsed().as_secs_f64();
         state.step = step;
 
@@ -488,38 +547,138 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
             ms: seconds * 1e3,
             tok_per_s: tokens_per_step as f64 / seconds,
             val_loss,
+            skipped: !finite,
         };
         console.step(&record);
         if let Some(log) = &mut log {
-            log.write(&record)?;
+            log.write(&record).map_err(|e| mid_run(e, args.out.as_deref(), last_checkpoint))?;
         }
         if let Some(dir) = &args.out {
             if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 || step == plan.steps {
-                engine.with_state(|params, optimizer| checkpoint::save(dir, &cfg, params, optimizer, &state))?;
+                save_checkpoint(dir, &engine, &layout, &cfg, &state, log.as_ref(), checkpoint_bytes)
+                    .map_err(|e| mid_run(e, Some(dir), last_checkpoint))?;
+                last_checkpoint = Some(step);
             }
         }
     }
     console.finish();
-    engine.with_state(|params, _| {
-        if let Some(dir) = &args.out {
-            modelio::save_model(&dir.join("model"), &cfg, params, "--out")?;
-            // The plot is a convenience: a failure to draw it must not fail a finished run.
-            let plotted = match &plan.log_path {
-                Some(log) => match crate::plot::plot_logs(std::slice::from_ref(log), &dir.join("loss.svg"), None) {
-                    Ok(()) => ", loss.svg",
-                    Err(e) => {
-                        eprintln!("warning: could not plot the loss: {e:#}");
-                        ""
-                    }
-                },
-                None => "",
-            };
-            println!("run directory: {} (log.jsonl, checkpoint, model/{plotted})", dir.display());
+    engine.with_state(|params, _| write_final_outputs(&args, &cfg, params, plan.log_path.as_deref(), real_params))?;
+    if !skipped.is_empty() {
+        let mut list: Vec<String> = skipped.iter().take(10).map(|s| s.to_string()).collect();
+        if skipped.len() > 10 {
+            list.push("…".into());
         }
-        if let Some(dir) = &args.save {
-            modelio::save_model(dir, &cfg, params, "--save")?;
-            println!("saved model to {}", dir.display());
+        println!(
+            "skipped {} of {} updates whose loss or gradient norm was not finite (--skip-nonfinite): steps {}",
+            skipped.len(),
+            plan.steps,
+            list.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Room for a safetensors header and metadata on top of the tensors, in the space checks.
+const HEADER_ALLOWANCE: u64 = 64 << 10;
+
+/// Writes the checkpoint of the step just finished, after syncing the log (so a power cut never
+/// leaves a checkpoint ahead of its log) and checking the disk has room. Weights that are not
+/// finite are never written over the last good checkpoint.
+fn save_checkpoint(
+    dir: &Path,
+    engine: &Engine,
+    layout: &ParamLayout,
+    cfg: &GptConfig,
+    state: &TrainState,
+    log: Option<&JsonlLog>,
+    bytes: u64,
+) -> Result<()> {
+    if let Some(log) = log {
+        log.sync()?;
+    }
+    check_free_space(dir, "--out", bytes, "the checkpoint")?;
+    engine.with_state(|params, optimizer| {
+        if let Some(bad) = first_nonfinite(layout, params) {
+            bail!("step {}: the weights are not finite ({bad}); not saving them as the checkpoint", state.step);
         }
-        Ok(())
+        checkpoint::save(dir, cfg, params, optimizer, state)
+            .map_err(|e| explain_write_error(e, "--out", dir, Some((bytes, "the checkpoint"))))
     })
+}
+
+/// Adds, to a failure in the middle of a run, what is left and how to go on.
+fn mid_run(e: anyhow::Error, out: Option<&Path>, last_checkpoint: Option<usize>) -> anyhow::Error {
+    match (out, last_checkpoint) {
+        (Some(dir), Some(s)) => anyhow::anyhow!(
+            "{e:#}; the checkpoint of step {s} is intact: fix this, then continue with --resume {}",
+            dir.display()
+        ),
+        (Some(_), None) => anyhow::anyhow!("{e:#}; no checkpoint had been written yet"),
+        (None, _) => e,
+    }
+}
+
+/// Creates `dir` and checks a file can be created in it, so an unwritable --save fails at the
+/// start of a run rather than at its end.
+fn check_writable(dir: &Path, flag: &str) -> Result<()> {
+    create_dir(dir, flag)?;
+    let probe = dir.join(".finch-write-test.tmp");
+    std::fs::File::create(&probe).map_err(|e| {
+        let e = anyhow::Error::new(e).context(format!("{flag} {}: cannot write", dir.display()));
+        explain_write_error(e, flag, dir, None)
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Whether the model directories a finished run writes (`RUN_DIR/model`, and --save) hold
+/// exactly `params` and the config.
+fn final_outputs_are_current(args: &TrainArgs, cfg: &GptConfig, params: &[f32]) -> bool {
+    let current = |dir: &Path| {
+        let config = std::fs::read_to_string(dir.join(modelio::CONFIG_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        config == Some(modelio::config_json(cfg))
+            && modelio::load_params(dir, cfg).is_ok_and(|saved| {
+                saved.len() == params.len()
+                    && saved.iter().zip(params).all(|(a, b)| a.to_bits() == b.to_bits() || *a == 0.0 && *b == 0.0)
+            })
+    };
+    args.out.as_ref().is_none_or(|d| current(&d.join("model"))) && args.save.as_deref().is_none_or(current)
+}
+
+/// What a finished run writes: `RUN_DIR/model` first, then the loss plot, then --save.
+fn write_final_outputs(
+    args: &TrainArgs,
+    cfg: &GptConfig,
+    params: &[f32],
+    log_path: Option<&Path>,
+    real_params: usize,
+) -> Result<()> {
+    if let Some(bad) = first_nonfinite(&ParamLayout::new(cfg), params) {
+        bail!("the final weights are not finite ({bad}); not saving them as the model");
+    }
+    let model_bytes = 4 * real_params as u64 + HEADER_ALLOWANCE;
+    if let Some(dir) = &args.out {
+        modelio::save_model(&dir.join("model"), cfg, params, "--out")
+            .map_err(|e| explain_write_error(e, "--out", dir, Some((model_bytes, "the model"))))?;
+        // The plot is a convenience: a failure to draw it must not fail a finished run.
+        let plotted = match log_path {
+            Some(log) => match crate::plot::plot_logs(&[log.to_path_buf()], &dir.join("loss.svg"), None) {
+                Ok(()) => ", loss.svg",
+                Err(e) => {
+                    eprintln!("warning: could not plot the loss: {e:#}");
+                    ""
+                }
+            },
+            None => "",
+        };
+        println!("run directory: {} (log.jsonl, checkpoint, model/{plotted})", dir.display());
+    }
+    if let Some(dir) = &args.save {
+        modelio::save_model(dir, cfg, params, "--save")
+            .map_err(|e| explain_write_error(e, "--save", dir, Some((model_bytes, "the model"))))?;
+        println!("saved model to {}", dir.display());
+    }
+    Ok(())
 }

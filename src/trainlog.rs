@@ -19,18 +19,32 @@ pub struct StepRecord {
     pub tok_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// With --skip-nonfinite: the loss or gradient norm was not finite and the update was skipped
+    /// (written as `"skipped":true`; absent otherwise).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 pub struct JsonlLog {
     path: PathBuf,
     file: File,
+    /// The steps logged as skipped (`"skipped":true`) that a resumed log kept.
+    pub skipped_before: Vec<usize>,
+}
+
+/// Names the log and the problem, in one line (`…: cannot write (no space left on device)`).
+fn log_error(e: std::io::Error, path: &Path, what: &str) -> anyhow::Error {
+    match crate::fsutil::os_problem(&e) {
+        Some(problem) => anyhow::anyhow!("{}: cannot {what} ({problem})", path.display()),
+        None => anyhow::Error::new(e).context(format!("{}: cannot {what}", path.display())),
+    }
 }
 
 impl JsonlLog {
     /// Starts a fresh log, replacing any file at `path`.
     pub fn create(path: &Path) -> Result<JsonlLog> {
-        let file = File::create(path).with_context(|| format!("--log {}: cannot create", path.display()))?;
-        Ok(JsonlLog { path: path.to_owned(), file })
+        let file = File::create(path).map_err(|e| log_error(e, path, "create"))?;
+        Ok(JsonlLog { path: path.to_owned(), file, skipped_before: Vec::new() })
     }
 
     /// Continues the log of a resumed run: step lines after `step` (written after the checkpoint
@@ -38,6 +52,7 @@ impl JsonlLog {
     pub fn resume(path: &Path, step: usize) -> Result<JsonlLog> {
         let name = path.display();
         let mut kept = String::new();
+        let mut skipped_before = Vec::new();
         if path.exists() {
             let reader = BufReader::new(File::open(path).with_context(|| format!("{name}: cannot read"))?);
             for line in reader.lines() {
@@ -45,19 +60,36 @@ impl JsonlLog {
                 let parsed: Option<serde_json::Value> = serde_json::from_str(&line).ok();
                 let line_step = parsed.as_ref().and_then(|v| v.get("step")).and_then(|s| s.as_u64());
                 if parsed.is_some() && line_step.is_none_or(|s| s as usize <= step) {
+                    let skipped = parsed.as_ref().and_then(|v| v.get("skipped")).and_then(|s| s.as_bool());
+                    if let (Some(s), Some(true)) = (line_step, skipped) {
+                        skipped_before.push(s as usize);
+                    }
                     kept.push_str(&line);
                     kept.push('\n');
                 }
             }
         }
-        crate::fsutil::write_atomically(path, kept.as_bytes())?;
-        let file = OpenOptions::new().append(true).open(path).with_context(|| format!("{name}: cannot append"))?;
-        Ok(JsonlLog { path: path.to_owned(), file })
+        crate::fsutil::write_atomically(path, kept.as_bytes()).map_err(|e| {
+            match crate::fsutil::io_cause(&e).and_then(crate::fsutil::os_problem) {
+                Some(problem) => anyhow::anyhow!("{name}: cannot rewrite ({problem})"),
+                None => e,
+            }
+        })?;
+        let file = OpenOptions::new().append(true).open(path).map_err(|e| log_error(e, path, "append"))?;
+        Ok(JsonlLog { path: path.to_owned(), file, skipped_before })
     }
 
+    /// Appends one line. A line is one `write` call, so a killed process leaves at most a
+    /// partial last line, which `resume` drops.
     pub fn write(&mut self, record: &impl Serialize) -> Result<()> {
         let line = serde_json::to_string(record)? + "\n";
-        self.file.write_all(line.as_bytes()).with_context(|| format!("{}: cannot write", self.path.display()))
+        self.file.write_all(line.as_bytes()).map_err(|e| log_error(e, &self.path, "write"))
+    }
+
+    /// Makes the lines so far durable; called before each checkpoint, so a power cut never
+    /// leaves a checkpoint newer than its log.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| log_error(e, &self.path, "sync"))
     }
 }
 
@@ -92,8 +124,13 @@ impl Console {
     pub fn step(&self, r: &StepRecord) {
         let val = r.val_loss.map(|v| format!(" | val {v:.4}")).unwrap_or_default();
         let text = format!(
-            "loss {:.4}{val} | norm {:.3} | lr {:.2e} | {:.0} ms | {:.0} tok/s",
-            r.loss, r.grad_norm, r.lr, r.ms, r.tok_per_s
+            "loss {:.4}{val} | norm {:.3} | lr {:.2e} | {:.0} ms | {:.0} tok/s{}",
+            r.loss,
+            r.grad_norm,
+            r.lr,
+            r.ms,
+            r.tok_per_s,
+            if r.skipped { " | update skipped" } else { "" }
         );
         match self {
             Console::Bar(bar) => {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{deterministic_step_lines, finch, step_lines, text, tokens, TempDir, TINY_MODEL};
+use common::{complete_step_lines, deterministic_step_lines, finch, step_lines, text, tokens, TempDir, TINY_MODEL};
 use finch::data::write_llmc_u16;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -53,11 +53,6 @@ fn run_args(data: &str, val: &str, out: &str) -> Vec<String> {
         out,
     ];
     flags.iter().map(|s| s.to_string()).collect()
-}
-
-fn complete_step_lines(path: &std::path::Path) -> usize {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.split_inclusive('\n').filter(|l| l.ends_with('\n') && l.contains("\"step\"")).count()
 }
 
 #[test]
@@ -121,6 +116,13 @@ fn run_directories_are_not_overwritten_and_finished_runs_can_be_extended() {
     let done = finch(&["train", "--resume", r]);
     assert!(!done.status.success());
     assert!(text(&done.stderr).contains("already completed 4 of 4 steps"), "{}", text(&done.stderr));
+
+    // A finished run whose model is missing (killed while writing it, or deleted) gets it back.
+    std::fs::remove_file(run.join("model/model.safetensors")).unwrap();
+    let finish = finch(&["train", "--resume", r]);
+    assert!(finish.status.success(), "{}", text(&finish.stderr));
+    assert!(text(&finish.stdout).contains("writing its final outputs"), "{}", text(&finish.stdout));
+    assert!(run.join("model/model.safetensors").exists());
 
     let more = finch(&["train", "--resume", r, "--steps", "7"]);
     assert!(more.status.success(), "{}", text(&more.stderr));

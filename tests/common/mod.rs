@@ -67,6 +67,12 @@ pub fn step_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The step lines of a log that are complete (end in a newline): what a killed run finished.
+pub fn complete_step_lines(path: &Path) -> usize {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split_inclusive('\n').filter(|l| l.ends_with('\n') && l.contains("\"step\"")).count()
+}
+
 /// Step lines without the fields that measure time: what must be identical run to run.
 pub fn deterministic_step_lines(path: &Path) -> Vec<serde_json::Value> {
     step_lines(path)
