@@ -57,10 +57,15 @@ pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
     if !path.exists() {
         return Ok(None);
     }
+    let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    parse(&bytes, &path).map(Some)
+}
+
+/// Parses the bytes of a checkpoint file as [`load`] does; `path` only names the file in errors.
+pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
     let name = path.display();
-    let bytes = std::fs::read(&path).with_context(|| format!("{name}: cannot read"))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{name}: not a valid checkpoint: {e}"))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow::anyhow!("{name}: not a valid checkpoint: {e}"))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     let meta = header.metadata().as_ref().with_context(|| format!("{name}: not a finch checkpoint (no metadata)"))?;
     let get = |key: &str| meta.get(key).with_context(|| format!("{name}: checkpoint metadata lacks \"{key}\""));
     if get("format")? != FORMAT {
@@ -79,5 +84,5 @@ pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
         Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
     };
     let optimizer = AdamW { m: tensor("adam.m")?, v: tensor("adam.v")?, t: adam_t };
-    Ok(Some(Checkpoint { config, params: tensor("params")?, optimizer, state }))
+    Ok(Checkpoint { config, params: tensor("params")?, optimizer, state })
 }

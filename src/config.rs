@@ -38,6 +38,9 @@ pub enum Preset {
 /// (50257 -> 50304). The padded rows of `wte` stay zero and are never part of a softmax.
 pub const VOCAB_PAD_MULTIPLE: usize = 128;
 
+/// The most transformer blocks a config may have: far more than any model finch can train.
+pub const MAX_LAYERS: usize = 10_000;
+
 impl GptConfig {
     pub fn preset(preset: Preset) -> Self {
         let (n_layer, n_head, n_embd) = match preset {
@@ -79,6 +82,12 @@ impl GptConfig {
                 bail!("{source}: {name} must be at least 1, got 0");
             }
         }
+        // A config.json or checkpoint is read before the weights it describes: without a bound,
+        // a file claiming billions of layers would make every per-layer list (the parameter
+        // specs, the activation layout) exhaust memory long before the weights are checked.
+        if self.n_layer > MAX_LAYERS {
+            bail!("{source}: n_layer must be at most {MAX_LAYERS}, got {}", self.n_layer);
+        }
         if self.n_embd % self.n_head != 0 {
             bail!("{source}: n_embd ({}) must be a multiple of n_head ({})", self.n_embd, self.n_head);
         }
@@ -88,14 +97,22 @@ impl GptConfig {
         if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
             bail!("{source}: layer_norm_epsilon must be a positive number, got {}", self.layer_norm_epsilon);
         }
-        // Guard the size arithmetic everything else does unchecked.
+        // Guard the size arithmetic everything else does unchecked; checked itself, since any
+        // field may be near u64::MAX (and 12·C² then overflows even u128).
         let c = self.n_embd as u128;
-        let params = (self.padded_vocab_size() as u128 + self.n_positions as u128) * c
-            + self.n_layer as u128 * (12 * c * c + 13 * c)
-            + 2 * c;
-        if params > (1u128 << 40) {
-            bail!("{source}: the model would have {params} parameters, which is beyond anything finch can hold");
+        let params = (|| {
+            let embeddings = (self.padded_vocab_size() as u128 + self.n_positions as u128).checked_mul(c)?;
+            let per_layer = c.checked_mul(c)?.checked_mul(12)?.checked_add(13 * c)?;
+            embeddings.checked_add((self.n_layer as u128).checked_mul(per_layer)?)?.checked_add(2 * c)
+        })();
+        match params {
+            Some(params) if params <= 1 << 40 => Ok(()),
+            Some(params) => {
+                bail!("{source}: the model would have {params} parameters, which is beyond anything finch can hold")
+            }
+            None => bail!(
+                "{source}: the model would have more than 2^128 parameters, which is beyond anything finch can hold"
+            ),
         }
-        Ok(())
     }
 }

@@ -32,25 +32,17 @@ struct Shard {
 }
 
 impl Shard {
-    fn open(path: &Path, format: DataFormat) -> Result<Shard> {
+    fn open(path: &Path, format: DataFormat, vocab_size: usize) -> Result<Shard> {
         let name = path.display();
         let file = File::open(path).with_context(|| format!("{name}: cannot open"))?;
-        let size = file.metadata().with_context(|| format!("{name}: cannot read its size"))?.len() as usize;
+        let size = file.metadata().with_context(|| format!("{name}: cannot read its size"))?.len();
         if size == 0 {
             bail!("{name}: the file is empty");
         }
         // SAFETY: the map is read-only; like every mmap-based reader we rely on the file not being
         // truncated underneath us while training runs.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map"))?;
-        let (start, width, len) = match format {
-            DataFormat::RawU16 => {
-                if size % 2 != 0 {
-                    bail!("{name}: raw uint16 token file has an odd size ({size} bytes); is it truncated?");
-                }
-                (0, 2, size / 2)
-            }
-            DataFormat::Llmc => parse_llmc_header(&map, path)?,
-        };
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map its {size} bytes"))?;
+        let TokenLayout { start, width, len } = parse_token_file(&map, path, format, vocab_size)?;
         Ok(Shard { path: path.to_owned(), map, start, width, len })
     }
 
@@ -59,24 +51,66 @@ impl Shard {
     }
 
     fn token(&self, i: usize) -> u32 {
-        let b = &self.bytes()[i * self.width..];
-        match self.width {
-            2 => u16::from_le_bytes([b[0], b[1]]) as u32,
-            _ => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        }
+        token_at(self.bytes(), self.width, i)
     }
+}
 
-    /// The first token ≥ `vocab_size`, as (index, id).
-    fn first_out_of_vocab(&self, vocab_size: usize) -> Option<(usize, u32)> {
-        let bytes = self.bytes();
-        let index = match self.width {
-            2 => bytes.par_chunks_exact(2).position_first(|b| u16::from_le_bytes([b[0], b[1]]) as usize >= vocab_size),
-            _ => bytes
-                .par_chunks_exact(4)
-                .position_first(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize >= vocab_size),
-        }?;
-        Some((index, self.token(index)))
+/// Token `i` of little-endian tokens `width` (2 or 4) bytes wide.
+fn token_at(bytes: &[u8], width: usize, i: usize) -> u32 {
+    let b = &bytes[i * width..];
+    match width {
+        2 => u16::from_le_bytes([b[0], b[1]]) as u32,
+        _ => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
     }
+}
+
+/// The first token ≥ `vocab_size` of `bytes`, as (index, id).
+fn first_out_of_vocab(bytes: &[u8], width: usize, vocab_size: usize) -> Option<(usize, u32)> {
+    let index = match width {
+        2 => bytes.par_chunks_exact(2).position_first(|b| u16::from_le_bytes([b[0], b[1]]) as usize >= vocab_size),
+        _ => bytes
+            .par_chunks_exact(4)
+            .position_first(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize >= vocab_size),
+    }?;
+    Some((index, token_at(bytes, width, index)))
+}
+
+/// Where the tokens of a token file lie in its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenLayout {
+    /// Byte offset of the first token.
+    pub start: usize,
+    /// Bytes per token: 2 or 4.
+    pub width: usize,
+    /// Number of tokens.
+    pub len: usize,
+}
+
+/// Checks the bytes of one token file as [`TokenStream::open`] does: the llm.c header (or, for
+/// raw uint16, the size) and that every token id is below `vocab_size`. `path` only names the
+/// file in errors.
+pub fn parse_token_file(bytes: &[u8], path: &Path, format: DataFormat, vocab_size: usize) -> Result<TokenLayout> {
+    let name = path.display();
+    let size = bytes.len();
+    if size == 0 {
+        bail!("{name}: the file is empty");
+    }
+    let (start, width, len) = match format {
+        DataFormat::RawU16 => {
+            if size % 2 != 0 {
+                bail!("{name}: raw uint16 token file has an odd size ({size} bytes); is it truncated?");
+            }
+            (0, 2, size / 2)
+        }
+        DataFormat::Llmc => parse_llmc_header(bytes, path)?,
+    };
+    if let Some((index, id)) = first_out_of_vocab(&bytes[start..start + len * width], width, vocab_size) {
+        bail!(
+            "{name}: token {index} (byte offset {}) has id {id}, but the model's vocab size is {vocab_size}",
+            start + index * width
+        );
+    }
+    Ok(TokenLayout { start, width, len })
 }
 
 /// Validates an llm.c header; returns (first token byte, bytes per token, token count).
@@ -150,15 +184,7 @@ impl TokenStream {
     pub fn open(pattern: &str, flag: &str, format: DataFormat, vocab_size: usize) -> Result<TokenStream> {
         let mut shards = Vec::new();
         for path in expand_paths(pattern, flag)? {
-            let shard = Shard::open(&path, format)?;
-            if let Some((index, id)) = shard.first_out_of_vocab(vocab_size) {
-                bail!(
-                    "{}: token {index} (byte offset {}) has id {id}, but the model's vocab size is {vocab_size}",
-                    path.display(),
-                    shard.start + index * shard.width
-                );
-            }
-            shards.push(shard);
+            shards.push(Shard::open(&path, format, vocab_size)?);
         }
         Ok(Self::from_shards(shards))
     }

@@ -18,9 +18,14 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Reads `dir/config.json`. `layer_norm_epsilon` defaults to GPT-2's 1e-5 when absent.
 pub fn load_config(dir: &Path) -> Result<GptConfig> {
     let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    parse_config(&text, &path)
+}
+
+/// Parses the text of a `config.json` as [`load_config`] does; `path` only names it in errors.
+pub fn parse_config(text: &str, path: &Path) -> Result<GptConfig> {
     let name = path.display();
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{name}: cannot read"))?;
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{name}: not valid JSON"))?;
+    let json: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{name}: not valid JSON"))?;
     let field = |key: &str| -> Result<usize> {
         match json.get(key) {
             Some(v) => v
@@ -85,12 +90,22 @@ pub fn load_params(dir: &Path, cfg: &GptConfig) -> Result<Vec<f32>> {
     let path = dir.join(WEIGHTS_FILE);
     let name = path.display();
     let file = std::fs::File::open(&path).with_context(|| format!("{name}: cannot open"))?;
+    let size = file.metadata().with_context(|| format!("{name}: cannot read its size"))?.len();
     // SAFETY: read-only map of a file we only read during this call.
-    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map"))?;
+    let map =
+        unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map its {size} bytes"))?;
+    parse_params(&map, &path, cfg)
+}
+
+/// Reads the bytes of a `model.safetensors` as [`load_params`] does; `path` only names the file
+/// in errors. Every tensor is checked against `cfg` before the parameter buffer is allocated, so
+/// a `config.json` describing a model far larger than the file costs nothing.
+pub fn parse_params(bytes: &[u8], path: &Path, cfg: &GptConfig) -> Result<Vec<f32>> {
+    let name = path.display();
     let st =
-        SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{name}: not a valid safetensors file: {e}"))?;
+        SafeTensors::deserialize(bytes).map_err(|e| anyhow::anyhow!("{name}: not a valid safetensors file: {e}"))?;
     let layout = ParamLayout::new(cfg);
-    let mut params = vec![0f32; layout.total];
+    let mut found = Vec::new();
     let mut seen = vec![false; layout.specs.len()];
     let index: HashMap<&str, usize> = layout.specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     for (full_name, view) in st.iter() {
@@ -101,22 +116,35 @@ pub fn load_params(dir: &Path, cfg: &GptConfig) -> Result<Vec<f32>> {
         let Some(&i) = index.get(tname) else {
             bail!("{name}: unexpected tensor \"{full_name}\" (not part of a GPT-2 model with {} layers)", cfg.n_layer);
         };
-        let spec = &layout.specs[i];
-        let want = disk_shape(&spec.shape, tname, cfg);
+        let want = disk_shape(&layout.specs[i].shape, tname, cfg);
         if view.shape() != want.as_slice() {
             bail!("{name}: tensor \"{full_name}\" has shape {:?}, expected {want:?} from {CONFIG_FILE}", view.shape());
         }
-        let dst = &mut params[spec.offset..spec.offset + want.iter().product::<usize>()];
-        convert_to_f32(&view, dst).with_context(|| format!("{name}: tensor \"{full_name}\""))?;
+        check_dtype(view.dtype()).with_context(|| format!("{name}: tensor \"{full_name}\""))?;
         seen[i] = true;
+        found.push((i, view));
     }
     if let Some(missing) = layout.specs.iter().zip(&seen).find(|(_, &s)| !s) {
         bail!("{name}: missing tensor \"{}\"", missing.0.name);
     }
+    let mut params = vec![0f32; layout.total];
+    for (i, view) in &found {
+        let spec = &layout.specs[*i];
+        let numel = view.shape().iter().product::<usize>();
+        convert_to_f32(view, &mut params[spec.offset..spec.offset + numel]);
+    }
     Ok(params)
 }
 
-fn convert_to_f32(view: &TensorView, dst: &mut [f32]) -> Result<()> {
+fn check_dtype(dtype: Dtype) -> Result<()> {
+    match dtype {
+        Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(()),
+        other => bail!("dtype {other:?} is not supported (expected F32, BF16 or F16)"),
+    }
+}
+
+/// Converts a tensor whose dtype passed [`check_dtype`].
+fn convert_to_f32(view: &TensorView, dst: &mut [f32]) {
     let bytes = view.data();
     match view.dtype() {
         Dtype::F32 => {
@@ -130,9 +158,8 @@ fn convert_to_f32(view: &TensorView, dst: &mut [f32]) -> Result<()> {
             .iter_mut()
             .zip(bytes.chunks_exact(2))
             .for_each(|(d, b)| *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        other => bail!("dtype {other:?} is not supported (expected F32, BF16 or F16)"),
+        other => unreachable!("check_dtype refuses {other:?}"),
     }
-    Ok(())
 }
 
 /// Writes `dir/config.json` and `dir/model.safetensors` (f32, without wte's padding rows),

@@ -69,15 +69,29 @@ pub fn plot_logs_with(logs: &[PathBuf], out: &Path, options: &PlotOptions) -> Re
         bail!("no log to plot");
     }
     let runs = logs.iter().map(|p| read_log(&log_path(p))).collect::<Result<Vec<_>>>()?;
+    let bytes = render(&runs, format, options)?;
+    write_atomically(out, &bytes).with_context(|| format!("{}: cannot write", out.display()))
+}
+
+/// Parses logs given as (path, text) and draws them as [`plot_logs_with`] does, into the bytes
+/// of an image: PNG if `png`, SVG otherwise. The paths only name the runs and the errors.
+pub fn plot_log_texts(logs: &[(&Path, &str)], png: bool, options: &PlotOptions) -> Result<Vec<u8>> {
+    if logs.is_empty() {
+        bail!("no log to plot");
+    }
+    let runs = logs.iter().map(|(path, text)| parse_log(text, path)).collect::<Result<Vec<_>>>()?;
+    render(&runs, if png { ImageFormat::Png } else { ImageFormat::Svg }, options)
+}
+
+fn render(runs: &[Run], format: ImageFormat, options: &PlotOptions) -> Result<Vec<u8>> {
     if runs.iter().all(|r| r.train.is_empty() && r.val.is_empty()) {
         bail!("{}: no steps to plot", runs[0].path.display());
     }
-    let chart = Chart::new(&runs, options)?;
-    let bytes = match format {
+    let chart = Chart::new(runs, options)?;
+    Ok(match format {
         ImageFormat::Svg => render_svg(&chart)?.into_bytes(),
         ImageFormat::Png => render_png(&chart)?,
-    };
-    write_atomically(out, &bytes).with_context(|| format!("{}: cannot write", out.display()))
+    })
 }
 
 /// A run directory means its log.jsonl.
@@ -118,8 +132,13 @@ struct Run {
 }
 
 fn read_log(path: &Path) -> Result<Run> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    parse_log(&text, path)
+}
+
+/// Parses the text of a training log; `path` names the run and the errors.
+fn parse_log(text: &str, path: &Path) -> Result<Run> {
     let name = path.display();
-    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
     // By step, the last line wins: a log never repeats a step, but a hand-joined one might.
     let mut steps: BTreeMap<u64, (Option<f64>, Option<f64>)> = BTreeMap::new();
     let mut settings = Vec::new();

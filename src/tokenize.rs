@@ -435,23 +435,26 @@ fn prepare(raw: RawDoc, source: &Source, tokenizer: Tokenizer, field: &str) -> R
         },
         Format::Jsonl => {
             let at = format!("{}:{}", source.name(), raw.line);
-            let value: serde_json::Value = serde_json::from_slice(&raw.bytes)
-                .map_err(|e| Refused::BadLine(format!("{at}: not valid JSON ({e})")))?;
-            let serde_json::Value::Object(mut object) = value else {
-                return Err(Refused::BadLine(format!("{at}: expected a JSON object with a \"{field}\" field")));
-            };
-            match object.remove(field) {
-                Some(serde_json::Value::String(s)) => Ok(match tokenizer {
-                    Tokenizer::Gpt2 => DocText::Utf8(s),
-                    Tokenizer::Bytes => DocText::Bytes(s.into_bytes()),
-                }),
-                Some(other) => Err(Refused::BadLine(format!(
-                    "{at}: field \"{field}\" is {}, expected a string",
-                    json_kind(&other)
-                ))),
-                None => Err(Refused::BadLine(format!("{at}: no \"{field}\" field (choose another with --field)"))),
-            }
+            let text = parse_jsonl_line(&raw.bytes, &at, field).map_err(Refused::BadLine)?;
+            Ok(match tokenizer {
+                Tokenizer::Gpt2 => DocText::Utf8(text),
+                Tokenizer::Bytes => DocText::Bytes(text.into_bytes()),
+            })
         }
+    }
+}
+
+/// The document of one JSONL line: the string at `field`, or why the line is refused (a
+/// message that starts with `at`, "file:line").
+pub fn parse_jsonl_line(line: &[u8], at: &str, field: &str) -> Result<String, String> {
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| format!("{at}: not valid JSON ({e})"))?;
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(format!("{at}: expected a JSON object with a \"{field}\" field"));
+    };
+    match object.remove(field) {
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(other) => Err(format!("{at}: field \"{field}\" is {}, expected a string", json_kind(&other))),
+        None => Err(format!("{at}: no \"{field}\" field (choose another with --field)")),
     }
 }
 
