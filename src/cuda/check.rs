@@ -446,16 +446,7 @@ fn check_optimizer(h: &mut Harness, n: usize) -> Result<()> {
     let hp = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let (t, lr) = (3u64, 1e-3);
     let s = hp.step(t, lr);
-    let scalars = AdamWScalars {
-        grad_scale: 0.5,
-        step_size: s.step_size as f32,
-        bc2_sqrt: s.bc2_sqrt as f32,
-        one_minus_beta1: s.one_minus_beta1 as f32,
-        beta2: s.beta2 as f32,
-        one_minus_beta2: s.one_minus_beta2 as f32,
-        eps: s.eps as f32,
-        decay: s.decay as f32,
-    };
+    let scalars = AdamWScalars::new(&s, 0.5, true);
     let (master_d, m_d, v_d) = (h.f32s(&master)?, h.f32s(&m0)?, h.f32s(&v0)?);
     let params_d = h.poisoned(n, false)?;
     h.ops().adamw(params_d, master_d, grads_d, m_d, v_d, n, &scalars)?;

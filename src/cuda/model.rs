@@ -580,20 +580,11 @@ impl GpuGpt {
     pub fn update(&mut self, lr: f64, hp: &AdamWConfig, grad_norm: f64, grad_clip: f64) -> Result<()> {
         self.adam_t += 1;
         let s = hp.step(self.adam_t, lr);
-        let mut scalars = AdamWScalars {
-            grad_scale: clip_coefficient(grad_norm, grad_clip) as f32,
-            step_size: s.step_size as f32,
-            bc2_sqrt: s.bc2_sqrt as f32,
-            one_minus_beta1: s.one_minus_beta1 as f32,
-            beta2: s.beta2 as f32,
-            one_minus_beta2: s.one_minus_beta2 as f32,
-            eps: s.eps as f32,
-            decay: 1.0,
-        };
+        let grad_scale = clip_coefficient(grad_norm, grad_clip);
         let ops = self.ops();
         let x = self.precision.size();
         for spec in &self.layout.specs {
-            scalars.decay = if gets_weight_decay(spec) { s.decay as f32 } else { 1.0 };
+            let scalars = AdamWScalars::new(&s, grad_scale, gets_weight_decay(spec));
             let at = |buf: &DeviceBuffer, elem| buf.ptr.add(spec.offset, elem);
             ops.adamw(
                 at(&self.params, x),

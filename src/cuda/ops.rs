@@ -425,6 +425,22 @@ pub struct AdamWScalars {
     pub decay: f32,
 }
 
+impl AdamWScalars {
+    /// One step's scalars, rounded to f32; `decay` applies `s.decay` (2-D tensors) or not.
+    pub fn new(s: &crate::cpu::optimizer::AdamWStep, grad_scale: f64, decay: bool) -> Self {
+        AdamWScalars {
+            grad_scale: grad_scale as f32,
+            step_size: s.step_size as f32,
+            bc2_sqrt: s.bc2_sqrt as f32,
+            one_minus_beta1: s.one_minus_beta1 as f32,
+            beta2: s.beta2 as f32,
+            one_minus_beta2: s.one_minus_beta2 as f32,
+            eps: s.eps as f32,
+            decay: if decay { s.decay as f32 } else { 1.0 },
+        }
+    }
+}
+
 /// Threads per block of the attention kernels.
 const ATTENTION_THREADS: u32 = 128;
 
