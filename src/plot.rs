@@ -348,12 +348,16 @@ impl Chart {
         let y0 = points().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let y1 = points().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         // One step (or a flat loss) would give an empty range.
-        let x = if x1 > x0 { x0..x1 } else { x0.saturating_sub(1)..x1 + 1 };
+        let x = if x1 > x0 { x0..x1 } else { x0.saturating_sub(1)..x1.saturating_add(1) };
+        // The losses are finite, but padding ones near ±f64::MAX would overflow the range's ends
+        // or its width, and then the tick search never ends (plotters' linear one, or ours
+        // through 2^31 decades): keep both finite.
+        let finite = |v: f64| v.clamp(-f64::MAX / 4.0, f64::MAX / 4.0);
         let y = if options.log_y {
-            y0 / 1.1..y1 * 1.1
+            finite(y0 / 1.1)..finite(y1 * 1.1)
         } else {
-            let pad = if y1 > y0 { 0.05 * (y1 - y0) } else { 0.05 * y0.abs().max(1.0) };
-            y0 - pad..y1 + pad
+            let pad = if y1 > y0 { 0.05 * y1 - 0.05 * y0 } else { 0.05 * y0.abs().max(1.0) };
+            finite(y0 - pad)..finite(y1 + pad)
         };
         let y_desc = match options.smooth {
             0 | 1 => "loss".to_owned(),
@@ -599,5 +603,30 @@ mod tests {
         assert!(kept.len() <= 2 * SIZE.0 as usize);
         assert!(kept.contains(&(5_000, -1.0)));
         assert!(kept.windows(2).all(|w| w[0].0 <= w[1].0));
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/train_log.rs): finite losses near ±f64::MAX made the
+    /// padded axis range infinite, and the tick search never ended. Each case must finish.
+    #[test]
+    fn losses_near_the_largest_double_plot_in_bounded_time() {
+        let max = f64::MAX;
+        let cases = [
+            (format!("{{\"step\":1,\"loss\":{max:e}}}\n{{\"step\":2,\"loss\":{:e}}}\n", -max), false),
+            (format!("{{\"step\":1,\"loss\":{max:e}}}\n{{\"step\":2,\"loss\":{:e}}}\n", max / 2.0), true),
+            (format!("{{\"step\":1,\"loss\":{max:e}}}\n"), false),
+            (format!("{{\"step\":{},\"loss\":{max:e}}}\n", u64::MAX), true),
+        ];
+        for (log, log_y) in cases {
+            let (done, finished) = std::sync::mpsc::channel();
+            let text = log.clone();
+            std::thread::spawn(move || {
+                let options = PlotOptions { log_y, ..PlotOptions::default() };
+                let _ = done.send(plot_log_texts(&[(Path::new("log.jsonl"), &text)], false, &options).map(|b| b.len()));
+            });
+            match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(image) => assert!(image.expect("plots") > 0, "{log}"),
+                Err(_) => panic!("plotting {log:?} (log_y {log_y}) did not finish in 60 s"),
+            }
+        }
     }
 }

@@ -18,7 +18,11 @@ fuzz_target!(|input: &[u8]| {
         match parse_jsonl_line(line, &at, field) {
             Ok(text) => {
                 let tokens = Gpt2::get().encode(&text);
-                assert_eq!(tokens, tiktoken_rs::r50k_base_singleton().encode_ordinary(&text), "{text:?}");
+                // tiktoken-rs itself panics (fancy-regex's backtracking stack) on long whitespace
+                // runs before other text, which finch's own splitting never hands it.
+                if text.len() <= 10_000 {
+                    assert_eq!(tokens, tiktoken_rs::r50k_base_singleton().encode_ordinary(&text), "{text:?}");
+                }
                 let target = (knobs & 0x3f) as usize;
                 let chunked: Vec<u32> = gpt2_chunks(&text, target).iter().flat_map(|c| Gpt2::get().encode(c)).collect();
                 assert_eq!(chunked, tokens, "{text:?} in chunks of {target}");

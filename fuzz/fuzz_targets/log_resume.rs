@@ -17,9 +17,14 @@ fuzz_target!(|input: &[u8]| {
     if JsonlLog::resume(&path, step as usize).is_ok() {
         let kept = std::fs::read_to_string(&path).unwrap();
         let input = String::from_utf8_lossy(text);
-        let mut lines = input.lines();
-        for line in kept.lines() {
-            assert!(lines.any(|l| l == line), "kept a line that is not in the input: {line:?}");
+        // The input's lines as BufRead::lines reads them: "\n" or "\r\n" ends one; the kept
+        // file holds each kept line followed by "\n".
+        let mut from = input.split_inclusive('\n').map(|l| match l.strip_suffix('\n') {
+            Some(l) => l.strip_suffix('\r').unwrap_or(l),
+            None => l,
+        });
+        for line in kept.split_terminator('\n') {
+            assert!(from.any(|l| l == line), "kept a line that is not in the input: {line:?}");
             serde_json::from_str::<serde_json::Value>(line).expect("kept lines are JSON");
         }
     }
