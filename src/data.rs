@@ -1,12 +1,18 @@
 //! Token files, memory-mapped: llm.c's format (a 256 × int32 header, then uint16 or uint32
 //! tokens) or raw little-endian uint16 (nanoGPT's train.bin). Several shards read as one stream.
 
-use anyhow::{bail, Context, Result};
+use crate::resources::{address_space_limit, human_bytes};
+use crate::sigbus;
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
+use std::io::IsTerminal;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 pub const LLMC_MAGIC: i32 = 20240520;
 pub const LLMC_HEADER_BYTES: usize = 256 * 4;
@@ -23,6 +29,9 @@ pub enum DataFormat {
 /// One memory-mapped shard.
 struct Shard {
     path: PathBuf,
+    /// Turns a failed read of the map (SIGBUS) into an error naming the file; declared before
+    /// `map` so the watch ends before the map is unmapped.
+    _watch: Option<sigbus::Watch>,
     map: Mmap,
     /// Byte offset of the first token.
     start: usize,
@@ -34,16 +43,35 @@ struct Shard {
 impl Shard {
     fn open(path: &Path, format: DataFormat, vocab_size: usize) -> Result<Shard> {
         let name = path.display();
+        // Before opening: opening a named pipe would wait for a writer.
+        let metadata = std::fs::metadata(path).with_context(|| format!("{name}: cannot open"))?;
+        if !metadata.is_file() {
+            let on_disk = "token files are memory-mapped, so they must be files on disk";
+            match metadata.file_type() {
+                t if t.is_dir() => {
+                    bail!(
+                        "{name}: is a directory; name the token files in it, e.g. '{}'",
+                        path.join("train_*.bin").display()
+                    )
+                }
+                t if t.is_fifo() => bail!("{name}: is a pipe; {on_disk}"),
+                _ => bail!("{name}: is not a regular file; {on_disk}"),
+            }
+        }
         let file = File::open(path).with_context(|| format!("{name}: cannot open"))?;
         let size = file.metadata().with_context(|| format!("{name}: cannot read its size"))?.len();
         if size == 0 {
             bail!("{name}: the file is empty");
         }
-        // SAFETY: the map is read-only; like every mmap-based reader we rely on the file not being
-        // truncated underneath us while training runs.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map its {size} bytes"))?;
-        let TokenLayout { start, width, len } = parse_token_file(&map, path, format, vocab_size)?;
-        Ok(Shard { path: path.to_owned(), map, start, width, len })
+        // SAFETY: the map is read-only. The file may still be truncated or fail underneath us;
+        // such a read raises SIGBUS, which the watch below turns into an error naming the file.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| map_error(e, path, size))?;
+        let watch = sigbus::watch(&map, path);
+        let mut report = ScanReport::new(path, map.len());
+        let layout = parse_token_layout(&map, path, format)?;
+        check_token_ids(&map, path, layout, vocab_size, &mut report)?;
+        let TokenLayout { start, width, len } = layout;
+        Ok(Shard { path: path.to_owned(), _watch: Some(watch), map, start, width, len })
     }
 
     fn bytes(&self) -> &[u8] {
@@ -75,6 +103,150 @@ fn first_out_of_vocab(bytes: &[u8], width: usize, vocab_size: usize) -> Option<(
     Some((index, token_at(bytes, width, index)))
 }
 
+/// Checks that every token id of `bytes`, a file laid out as `layout`, is below `vocab_size`, in
+/// slices so that `report` (over the whole file) can show the progress of a long check.
+fn check_token_ids(
+    bytes: &[u8],
+    path: &Path,
+    layout: TokenLayout,
+    vocab_size: usize,
+    report: &mut ScanReport,
+) -> Result<()> {
+    let TokenLayout { start, width, len } = layout;
+    let tokens = &bytes[start..start + len * width];
+    // About a hundred slices, each a whole number of tokens: fine-grained progress on a slow disk,
+    // and large enough that the parallel scan of each costs little to start.
+    let slice = (tokens.len() / 100).clamp(1 << 20, 64 << 20) / 4 * 4;
+    for (i, part) in tokens.chunks(slice).enumerate() {
+        if let Some((index, id)) = first_out_of_vocab(part, width, vocab_size) {
+            report.finish(false);
+            let index = i * slice / width + index;
+            bail!(
+                "{}: token {index} (byte offset {}) has id {id}, but the model's vocab size is {vocab_size}",
+                path.display(),
+                start + index * width
+            );
+        }
+        report.progress(start + i * slice + part.len());
+    }
+    report.finish(true);
+    Ok(())
+}
+
+/// What a mapping failure means, with the numbers: mostly an address-space limit.
+fn map_error(e: std::io::Error, path: &Path, size: u64) -> anyhow::Error {
+    let name = path.display();
+    let file = human_bytes(size as usize);
+    match (e.raw_os_error(), address_space_limit()) {
+        (Some(libc::ENOMEM), Some(limit)) => anyhow!(
+            "{name}: cannot memory-map its {file}: this process may use at most {} of address space \
+             (ulimit -v {}), too little for the data and the model together; raise the limit (ulimit -v unlimited)",
+            human_bytes(limit as usize),
+            limit / 1024
+        ),
+        (Some(libc::ENOMEM), None) => anyhow!(
+            "{name}: cannot memory-map its {file}: the system refused the address space ({e}); check \
+             vm.overcommit_memory and vm.max_map_count"
+        ),
+        _ => anyhow!("{name}: cannot memory-map its {file} ({e})"),
+    }
+}
+
+/// Shows a long check of a token file: nothing for the first seconds (most files take less),
+/// then a bar on a terminal or a line every 10 s in a log; at the end the read rate, with a
+/// warning if it is slow.
+struct ScanReport {
+    name: String,
+    total: usize,
+    started: Instant,
+    bar: Option<ProgressBar>,
+    last_line: Option<Instant>,
+    terminal: bool,
+}
+
+/// Checks shorter than this print nothing.
+const QUIET_SECONDS: f64 = 2.0;
+/// Seconds between progress lines when the output is not a terminal.
+const LINE_SECONDS: f64 = 10.0;
+/// Reads slower than this (MB/s) get a warning: a network file system or a disk that is failing
+/// or shared with heavy work. Local disks, even spinning ones, read well above it.
+const SLOW_MB_PER_S: f64 = 50.0;
+
+impl ScanReport {
+    fn new(path: &Path, total: usize) -> ScanReport {
+        ScanReport {
+            name: path.display().to_string(),
+            total,
+            started: Instant::now(),
+            bar: None,
+            last_line: None,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn progress(&mut self, done: usize) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        if seconds < QUIET_SECONDS || done >= self.total {
+            return;
+        }
+        if self.terminal {
+            let bar = self.bar.get_or_insert_with(|| {
+                let bar = ProgressBar::new(self.total as u64);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{bar:30} {decimal_bytes}/{decimal_total_bytes}  {decimal_bytes_per_sec}  {msg}  [{elapsed_precise} < {eta_precise}]",
+                    )
+                    .expect("valid template"),
+                );
+                bar.set_message(format!("checking {}", self.name));
+                bar
+            });
+            bar.set_position(done as u64);
+        } else if self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= LINE_SECONDS) {
+            self.last_line = Some(Instant::now());
+            let rate = done as f64 / seconds;
+            println!(
+                "checking {}: {:.1} of {:.1} MB ({:.0}%), {:.1} MB/s, about {} left",
+                self.name,
+                done as f64 / 1e6,
+                self.total as f64 / 1e6,
+                100.0 * done as f64 / self.total as f64,
+                rate / 1e6,
+                human_duration((self.total - done) as f64 / rate)
+            );
+        }
+    }
+
+    /// Ends the report; `complete` if every token was read.
+    fn finish(&mut self, complete: bool) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        if !complete || seconds < QUIET_SECONDS {
+            return;
+        }
+        let rate = self.total as f64 / seconds / 1e6;
+        println!("checked {}: {:.1} MB in {seconds:.1} s, {rate:.1} MB/s", self.name, self.total as f64 / 1e6);
+        if rate < SLOW_MB_PER_S {
+            eprintln!(
+                "warning: {} reads at only {rate:.1} MB/s (a network file system, or a slow or busy disk?); \
+                 every start pays this, and training reads it again wherever it is not cached in memory: \
+                 a copy on a local disk would be faster",
+                self.name
+            );
+        }
+    }
+}
+
+fn human_duration(seconds: f64) -> String {
+    match seconds {
+        s if s < 90.0 => format!("{s:.0} s"),
+        s if s < 5400.0 => format!("{:.0} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
+    }
+}
+
 /// Where the tokens of a token file lie in its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenLayout {
@@ -90,6 +262,14 @@ pub struct TokenLayout {
 /// raw uint16, the size) and that every token id is below `vocab_size`. `path` only names the
 /// file in errors.
 pub fn parse_token_file(bytes: &[u8], path: &Path, format: DataFormat, vocab_size: usize) -> Result<TokenLayout> {
+    let mut report = ScanReport::new(path, bytes.len());
+    let layout = parse_token_layout(bytes, path, format)?;
+    check_token_ids(bytes, path, layout, vocab_size, &mut report)?;
+    Ok(layout)
+}
+
+/// Where the tokens lie in the bytes of a token file: its llm.c header, or for raw uint16 its size.
+fn parse_token_layout(bytes: &[u8], path: &Path, format: DataFormat) -> Result<TokenLayout> {
     let name = path.display();
     let size = bytes.len();
     if size == 0 {
@@ -104,12 +284,6 @@ pub fn parse_token_file(bytes: &[u8], path: &Path, format: DataFormat, vocab_siz
         }
         DataFormat::Llmc => parse_llmc_header(bytes, path)?,
     };
-    if let Some((index, id)) = first_out_of_vocab(&bytes[start..start + len * width], width, vocab_size) {
-        bail!(
-            "{name}: token {index} (byte offset {}) has id {id}, but the model's vocab size is {vocab_size}",
-            start + index * width
-        );
-    }
     Ok(TokenLayout { start, width, len })
 }
 
@@ -206,6 +380,7 @@ impl TokenStream {
         map[..bytes.len()].copy_from_slice(&bytes);
         let shard = Shard {
             path: PathBuf::from("<memory>"),
+            _watch: None,
             map: map.make_read_only().expect("read-only map"),
             start: 0,
             width: 4,
@@ -299,6 +474,28 @@ mod tests {
         }
         // 0..17 and 16..33 fit in 41 tokens; 32..49 would not, so the walk wraps.
         assert_eq!(starts, [0, 16, 0, 16, 0]);
+    }
+
+    #[test]
+    fn an_id_beyond_the_vocabulary_is_found_at_its_index_in_any_slice_of_the_check() {
+        // 3 MB of tokens: the check reads it in 1 MiB slices.
+        for (width, bad) in [(2, 1_000_000), (2, 1_499_999), (4, 300_000), (4, 0)] {
+            let n = 1_500_000 / (width / 2);
+            let mut bytes = vec![0u8; LLMC_HEADER_BYTES];
+            for (i, v) in [LLMC_MAGIC, width as i32 / 2, n as i32].iter().enumerate() {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            for i in 0..n {
+                let id: u32 = if i == bad { 60 } else { 7 };
+                bytes.extend_from_slice(&id.to_le_bytes()[..width]);
+            }
+            let e = parse_token_file(&bytes, Path::new("t.bin"), DataFormat::Llmc, 50).unwrap_err().to_string();
+            let offset = LLMC_HEADER_BYTES + bad * width;
+            assert_eq!(
+                e,
+                format!("t.bin: token {bad} (byte offset {offset}) has id 60, but the model's vocab size is 50")
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::fsutil::{
 use crate::layout::{activation_count, ParamLayout};
 use crate::model::init_params;
 use crate::modelio;
+use crate::resources::{available_memory, human_bytes};
 use crate::rng::Rng;
 use crate::schedule::{learning_rate, LrSchedule};
 use crate::trainlog::{Console, JsonlLog, StepRecord};
@@ -295,13 +296,14 @@ fn check_memory(cfg: &GptConfig, b: usize, t: usize) -> Result<()> {
     let (weight_bytes, act_bytes) = memory_needed(cfg, b, t);
     let needed = weight_bytes + act_bytes;
     match available_memory() {
-        Some(available) if needed as u64 > available => bail!(
+        Some(available) if needed as u64 > available.bytes => bail!(
             "not enough memory: training needs {} ({} weights+grads+optimizer, {} activations at B={b}, T={t}) but \
-             {} is available; lower --batch-size or --seq-len, or use a smaller model",
+             {} is available{}; lower --batch-size or --seq-len, or use a smaller model",
             human_bytes(needed),
             human_bytes(weight_bytes),
             human_bytes(act_bytes),
-            human_bytes(available as usize)
+            human_bytes(available.bytes as usize),
+            available.limited_by.map(|why| format!(" under {why}")).unwrap_or_default()
         ),
         _ => Ok(()),
     }
@@ -339,21 +341,6 @@ fn mean_loss_over(engine: &mut Engine, stream: &TokenStream, b: usize, t: usize,
         total += engine.forward(&x, &y, b, t)?;
     }
     Ok(total / batches as f64)
-}
-
-pub fn human_bytes(n: usize) -> String {
-    match n as f64 / (1u64 << 20) as f64 {
-        mib if mib >= 1024.0 => format!("{:.1} GiB", mib / 1024.0),
-        mib => format!("{mib:.1} MiB"),
-    }
-}
-
-/// Memory the kernel says can be allocated without swapping (Linux; None elsewhere).
-fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Runs `finch train`. `is_explicit(id)` tells whether a flag was given on the command line.
@@ -396,6 +383,11 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         write_atomically(&dir.join(ARGS_FILE), (serde_json::to_string_pretty(&args)? + "\n").as_bytes())
             .map_err(|e| explain_write_error(e, out_flag, dir, None))?;
     }
+    // A token file that shrinks or fails mid-run stops it (see sigbus); say how to go on.
+    crate::sigbus::set_advice(match &args.out {
+        Some(dir) => format!("; restore it, then continue with --resume {}", dir.display()),
+        None => "; restore it and start again".to_string(),
+    });
     let (device, device_reason) = Device::choose(&args.device, args.precision)?;
     let plan = plan(&args, &device, resumed.as_mut())?;
     let cfg = plan.config;

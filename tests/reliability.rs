@@ -9,7 +9,8 @@
 
 mod common;
 
-use common::{assert_one_line_error, complete_step_lines, deterministic_step_lines, finch, step_lines, text, tokens};
+use common::tokens;
+use common::{assert_one_line_error, complete_step_lines, deterministic_step_lines, finch, report, step_lines, text};
 use common::{TempDir, TINY_MODEL};
 use finch::checkpoint::{self, Checkpoint};
 use finch::data::write_llmc_u16;
@@ -31,11 +32,6 @@ fn spawn(args: &[String], pause_ms: u64) -> Child {
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
-}
-
-/// Prints past the test harness's capture, so the line is always visible.
-fn report(line: &str) {
-    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 fn load_checkpoint(dir: &Path) -> Checkpoint {

@@ -175,10 +175,11 @@ impl Gpu {
     pub fn alloc(&self, bytes: usize, what: &str) -> Result<DeviceBuffer> {
         let bytes = bytes.max(1);
         let slice = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| {
-            let free = self.memory().map(|(f, _)| crate::train::human_bytes(f)).unwrap_or_else(|_| "unknown".into());
+            let free =
+                self.memory().map(|(f, _)| crate::resources::human_bytes(f)).unwrap_or_else(|_| "unknown".into());
             anyhow::anyhow!(
                 "out of GPU memory allocating {what} ({}; {free} free on {}): {e}",
-                crate::train::human_bytes(bytes),
+                crate::resources::human_bytes(bytes),
                 self.name
             )
         })?;

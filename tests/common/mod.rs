@@ -42,6 +42,12 @@ pub fn finch(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_finch")).args(args).output().expect("run finch")
 }
 
+/// Prints past the test harness's capture, so the line is always visible (a skipped test says so).
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
