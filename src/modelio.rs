@@ -91,9 +91,11 @@ pub fn load_params(dir: &Path, cfg: &GptConfig) -> Result<Vec<f32>> {
     let name = path.display();
     let file = std::fs::File::open(&path).with_context(|| format!("{name}: cannot open"))?;
     let size = file.metadata().with_context(|| format!("{name}: cannot read its size"))?.len();
-    // SAFETY: read-only map of a file we only read during this call.
+    // SAFETY: read-only map of a file we only read during this call; if it shrinks or its disk
+    // fails meanwhile, the watch turns the SIGBUS into an error naming it.
     let map =
         unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map its {size} bytes"))?;
+    let _watch = crate::sigbus::watch(&map, &path);
     parse_params(&map, &path, cfg)
 }
 

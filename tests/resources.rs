@@ -198,10 +198,9 @@ impl Drop for Cgroup {
     }
 }
 
-/// Writes `bytes` to `path` and drops them from the page cache, so that the next reader reads
-/// (and is charged for) them afresh.
-fn write_uncached(path: &Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).unwrap();
+/// Drops the file at `path` from the page cache, so that the next reader reads (and is charged
+/// for) it afresh.
+fn drop_from_page_cache(path: &Path) {
     let file = std::fs::File::open(path).unwrap();
     file.sync_all().unwrap();
     // SAFETY: advice on a file descriptor that is open.
@@ -240,13 +239,8 @@ fn a_memory_limit_below_the_run_is_refused_in_one_line_and_data_larger_than_it_s
 
     // 96 MiB of tokens, uncached, in 64 MiB: the memory map pages them in and out as it goes.
     let big = dir.path("big.bin");
-    let count = 48 << 20;
-    let mut bytes = vec![0u8; finch::data::LLMC_HEADER_BYTES + 2 * count];
-    for (i, v) in [finch::data::LLMC_MAGIC, 1, count as i32].iter().enumerate() {
-        bytes[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-    }
-    write_uncached(&big, &bytes);
-    drop(bytes);
+    write_llmc_u16(&big, &vec![0u16; 48 << 20]).unwrap();
+    drop_from_page_cache(&big);
     let out = cgroup.finch(&train_args(big.to_str().unwrap(), "3", &[]));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("step 3/3"));
