@@ -11,6 +11,22 @@ pub fn human_bytes(n: usize) -> String {
     }
 }
 
+/// `--threads` above this is a mistake (and would spend minutes starting threads): no machine
+/// finch runs on has as many cores.
+pub const MAX_THREADS: usize = 1024;
+
+/// Checks a `--threads` value: at least 1, at most [`MAX_THREADS`].
+pub fn check_threads(n: usize) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match n {
+        0 => anyhow::bail!("--threads must be at least 1"),
+        n if n > MAX_THREADS => {
+            anyhow::bail!("--threads must be at most {MAX_THREADS}, got {n} (this machine has {cores} cores)")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Host memory this process can still take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AvailableMemory {

@@ -310,8 +310,8 @@ fn check_flags(args: &TokenizeArgs) -> Result<()> {
     if !(0.0..1.0).contains(&args.val_fraction) {
         bail!("--val-fraction must be in [0, 1), got {}", args.val_fraction);
     }
-    if args.threads == Some(0) {
-        bail!("--threads must be at least 1");
+    if let Some(n) = args.threads {
+        crate::resources::check_threads(n)?;
     }
     if args.field.is_empty() {
         bail!("--field must name a JSON field");

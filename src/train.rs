@@ -185,7 +185,10 @@ fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> 
             bail!("{flag} must be at least 1");
         }
     }
-    for (flag, v) in [("--seq-len", a.seq_len), ("--steps", a.steps), ("--threads", a.threads)] {
+    if let Some(n) = a.threads {
+        crate::resources::check_threads(n)?;
+    }
+    for (flag, v) in [("--seq-len", a.seq_len), ("--steps", a.steps)] {
         if v == Some(0) {
             bail!("{flag} must be at least 1");
         }
@@ -268,6 +271,11 @@ fn plan(a: &TrainArgs, device: &Device, resumed: Option<&mut checkpoint::Checkpo
     }
     let b = a.batch_size;
     let window = b.checked_mul(t).filter(|&w| w < usize::MAX / 4).context("--batch-size × --seq-len is too large")?;
+    // The tokens of one step; bounded, so that later products cannot overflow.
+    let step_tokens = window
+        .checked_mul(a.grad_accum)
+        .filter(|&w| w < usize::MAX / 4)
+        .context("--batch-size × --seq-len × --grad-accum is too large")?;
     match device {
         Device::Cpu => check_memory(&config, b, t)?,
         Device::Cuda(gpu, precision) => check_gpu_memory(gpu, &config, b, t, *precision)?,
@@ -275,7 +283,7 @@ fn plan(a: &TrainArgs, device: &Device, resumed: Option<&mut checkpoint::Checkpo
     let data = a.data.as_deref().context("--data is required")?;
     let train = open_stream(data, "--data", a, &config, window)?;
     let val = a.val.as_deref().map(|v| open_stream(v, "--val", a, &config, window)).transpose()?;
-    let steps = a.steps.unwrap_or_else(|| (train.len() / (window * a.grad_accum)).max(1));
+    let steps = a.steps.unwrap_or_else(|| (train.len() / step_tokens).max(1));
     let (params, init_source) = match (resumed, &a.init) {
         (Some(ck), _) => (std::mem::take(&mut ck.params), "the run's checkpoint".to_string()),
         (None, Some(dir)) => (modelio::load_params(dir, &config)?, dir.display().to_string()),

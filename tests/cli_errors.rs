@@ -85,6 +85,11 @@ fn bad_flag_values_are_refused_by_name() {
     fails_with(&["--data", d, "--seq-len", "9"], &["--seq-len 9", "context length 8"]);
     fails_with(&["--data", d, "--steps", "0"], &["--steps", "at least 1"]);
     fails_with(&["--data", d, "--grad-accum", "0"], &["--grad-accum"]);
+    // Values no one means: refused at once, not an overflow panic or minutes starting threads.
+    let huge = u64::MAX.to_string();
+    fails_with(&["--data", d, "--grad-accum", &huge], &["--batch-size × --seq-len × --grad-accum is too large"]);
+    fails_with(&["--data", d, "--threads", "100000000"], &["--threads must be at most 1024, got 100000000"]);
+    fails_with(&["--data", d, "--threads", "0"], &["--threads", "at least 1"]);
     fails_with(&["--data", d, "--lr", "-1"], &["--lr"]);
     fails_with(&["--data", d, "--lr", "nan"], &["--lr"]);
     fails_with(&["--data", d, "--beta2", "1"], &["--beta2", "[0, 1)"]);

@@ -264,6 +264,7 @@ fn every_error_is_one_line_naming_the_file_or_flag() {
 
     fails_with(&[&good, "--out", &good], &["--out", "good.txt", "is a file"]);
     fails_with(&[&good, "--out", out, "--shard-tokens", "0"], &["--shard-tokens"]);
+    fails_with(&[&good, "--out", out, "--threads", "100000000"], &["--threads must be at most 1024"]);
     for f in ["1", "1.5", "-0.1", "NaN"] {
         fails_with(&[&good, "--out", out, "--force", &format!("--val-fraction={f}")], &["--val-fraction", "[0, 1)"]);
     }
