@@ -305,7 +305,7 @@ impl Chart {
                 n => format!("{n} runs · {shared}"),
             }
         });
-        let keep = |p: &(u64, f64)| !options.log_y || p.1 > 0.0;
+        let keep = |p: &(u64, f64)| p.1.is_finite() && (!options.log_y || p.1 > 0.0);
         let mut series = Vec::new();
         for (i, run) in runs.iter().enumerate() {
             let (r, g, b) = PALETTE[i % PALETTE.len()];
@@ -322,7 +322,8 @@ impl Chart {
             let dots = if train.len() == 1 { 3 } else { 0 };
             if options.smooth > 1 && train.len() > 1 {
                 series.push(Series { label: None, points: decimate(&train), color: color.mix(0.25), width: 1, dots });
-                let smooth = moving_average(&train, options.smooth);
+                // Means of finite losses can still overflow to infinity.
+                let smooth: Vec<_> = moving_average(&train, options.smooth).into_iter().filter(keep).collect();
                 series.push(Series {
                     label: Some(name.clone()),
                     points: decimate(&smooth),
@@ -368,19 +369,34 @@ impl Chart {
 }
 
 /// Trailing moving average: point i is the mean of points i+1-n..=i (fewer at the start).
+///
+/// The window's sum is never updated by subtraction: after a huge loss (a divergence, say) left a
+/// running sum, the rest would be lost to cancellation, and the mean of positive losses could come
+/// out zero or negative. The window is a queue of two stacks instead: new values go on the back
+/// (with their running sum), and the front holds the older values as suffix sums, so removing the
+/// oldest is a pop. Every sum is of values in the window only.
 fn moving_average(points: &[(u64, f64)], n: usize) -> Vec<(u64, f64)> {
-    let mut sum = 0.0;
-    points
-        .iter()
-        .enumerate()
-        .map(|(i, &(x, y))| {
-            sum += y;
-            if i >= n {
-                sum -= points[i - n].1;
+    let mut front: Vec<f64> = Vec::new(); // front[j]: the sum of front values j.. (the top is the oldest)
+    let (mut back, mut back_sum) = (Vec::new(), 0.0);
+    let mut out = Vec::with_capacity(points.len());
+    for (i, &(x, y)) in points.iter().enumerate() {
+        back.push(y);
+        back_sum += y;
+        if i >= n {
+            if front.is_empty() {
+                let mut suffix = 0.0;
+                for v in back.drain(..).rev() {
+                    suffix += v;
+                    front.push(suffix);
+                }
+                back_sum = 0.0;
             }
-            (x, sum / (i + 1).min(n) as f64)
-        })
-        .collect()
+            front.pop();
+        }
+        let sum = front.last().copied().unwrap_or(0.0) + back_sum;
+        out.push((x, sum / (i + 1).min(n) as f64));
+    }
+    out
 }
 
 /// Long runs have more steps than the chart has pixels: keep each bucket's lowest and highest
@@ -515,6 +531,11 @@ impl Ranged for LogAxis {
     fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
         let max = hint.max_num_points();
         let (lo, hi) = (self.0.start, self.0.end);
+        // The chart keeps the range positive and finite, so at most ~630 decades; anything else
+        // would make the decade range below unbounded.
+        if !(lo > 0.0 && hi.is_finite() && lo < hi) {
+            return plotters::coord::types::RangedCoordf64::from(lo..hi).key_points(hint);
+        }
         let mantissas: [&[f64]; 4] = [&[1., 1.5, 2., 3., 4., 5., 6., 8.], &[1., 2., 3., 5.], &[1., 2., 5.], &[1.]];
         let decades = lo.log10().floor() as i32..=hi.log10().ceil() as i32;
         for set in mantissas {
@@ -617,16 +638,37 @@ mod tests {
             (format!("{{\"step\":{},\"loss\":{max:e}}}\n", u64::MAX), true),
         ];
         for (log, log_y) in cases {
-            let (done, finished) = std::sync::mpsc::channel();
-            let text = log.clone();
-            std::thread::spawn(move || {
-                let options = PlotOptions { log_y, ..PlotOptions::default() };
-                let _ = done.send(plot_log_texts(&[(Path::new("log.jsonl"), &text)], false, &options).map(|b| b.len()));
-            });
-            match finished.recv_timeout(std::time::Duration::from_secs(60)) {
-                Ok(image) => assert!(image.expect("plots") > 0, "{log}"),
-                Err(_) => panic!("plotting {log:?} (log_y {log_y}) did not finish in 60 s"),
-            }
+            plots_within_a_minute(&log, PlotOptions { log_y, ..PlotOptions::default() });
+        }
+    }
+
+    /// Draws `log` as an SVG in another thread; fails if that panics, errs or takes a minute.
+    fn plots_within_a_minute(log: &str, options: PlotOptions) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let text = log.to_owned();
+        let what = format!("plotting {log:?} with {options:?}");
+        std::thread::spawn(move || {
+            let _ = done.send(plot_log_texts(&[(Path::new("log.jsonl"), &text)], false, &options).map(|b| b.len()));
+        });
+        match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(image) => assert!(image.expect(&what) > 0, "{what}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not finish in 60 s"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+        }
+    }
+
+    /// Found by fuzzing: a running sum lost everything but the huge first loss to cancellation, so
+    /// the smoothed loss came out 0 after it, and a log axis down to 0 panicked (or, in release,
+    /// tried to allocate ticks for 2^31 decades).
+    #[test]
+    fn a_huge_loss_does_not_swamp_the_moving_average() {
+        let points = [(1, 5.9e22), (2, 2.0), (3, 1.0), (4, 0.5), (5, 0.25)];
+        let smooth = moving_average(&points, 2);
+        assert_eq!(smooth[2..], [(3, 1.5), (4, 0.75), (5, 0.375)]);
+        let log: String =
+            points.iter().map(|(step, loss)| format!("{{\"step\":{step},\"loss\":{loss:e}}}\n")).collect();
+        for smooth in [2, 3] {
+            plots_within_a_minute(&log, PlotOptions { log_y: true, smooth, title: None });
         }
     }
 }
