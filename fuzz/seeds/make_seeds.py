@@ -2,7 +2,9 @@
 """Writes the seed inputs of the fuzz targets into fuzz/seeds/<target>/ (run from anywhere).
 
 Each seed starts with the target's mode byte, as its fuzz_targets/<target>.rs reads it. The
-files are small and committed; rerun this after changing a target's input format."""
+files are small and committed; rerun this after changing a target's input format. Seeds this
+script does not write are inputs that fuzzing found to crash finch, kept so that the bug stays
+fixed (.ci/run runs every target over every seed)."""
 import json
 import struct
 from pathlib import Path
