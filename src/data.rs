@@ -67,10 +67,7 @@ impl Shard {
         // such a read raises SIGBUS, which the watch below turns into an error naming the file.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| map_error(e, path, size))?;
         let watch = sigbus::watch(&map, path);
-        let mut report = ScanReport::new(path, map.len());
-        let layout = parse_token_layout(&map, path, format)?;
-        check_token_ids(&map, path, layout, vocab_size, &mut report)?;
-        let TokenLayout { start, width, len } = layout;
+        let TokenLayout { start, width, len } = parse_token_file(&map, path, format, vocab_size)?;
         Ok(Shard { path: path.to_owned(), _watch: Some(watch), map, start, width, len })
     }
 
@@ -446,12 +443,18 @@ impl BatchWalker {
     }
 }
 
-/// Writes an llm.c token file (version 1, uint16) — for tests and tools.
-pub fn write_llmc_u16(path: &Path, tokens: &[u16]) -> Result<()> {
+/// The 1024-byte header of an llm.c token file of `count` tokens; `version` 1 is uint16, 2 uint32.
+pub fn llmc_header(version: i32, count: i32) -> Vec<u8> {
     let mut bytes = vec![0u8; LLMC_HEADER_BYTES];
-    for (i, v) in [LLMC_MAGIC, 1, tokens.len() as i32].iter().enumerate() {
+    for (i, v) in [LLMC_MAGIC, version, count].iter().enumerate() {
         bytes[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
     }
+    bytes
+}
+
+/// Writes an llm.c token file (version 1, uint16) — for tests and tools.
+pub fn write_llmc_u16(path: &Path, tokens: &[u16]) -> Result<()> {
+    let mut bytes = llmc_header(1, tokens.len() as i32);
     bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
     crate::fsutil::write_atomically(path, &bytes)
 }
@@ -481,10 +484,7 @@ mod tests {
         // 3 MB of tokens: the check reads it in 1 MiB slices.
         for (width, bad) in [(2, 1_000_000), (2, 1_499_999), (4, 300_000), (4, 0)] {
             let n = 1_500_000 / (width / 2);
-            let mut bytes = vec![0u8; LLMC_HEADER_BYTES];
-            for (i, v) in [LLMC_MAGIC, width as i32 / 2, n as i32].iter().enumerate() {
-                bytes[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-            }
+            let mut bytes = llmc_header(width as i32 / 2, n as i32);
             for i in 0..n {
                 let id: u32 = if i == bad { 60 } else { 7 };
                 bytes.extend_from_slice(&id.to_le_bytes()[..width]);

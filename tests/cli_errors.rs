@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_one_line_error, finch, text, tokens, TempDir, FIXTURE, TINY_MODEL};
-use finch::data::write_llmc_u16;
+use finch::data::{llmc_header, write_llmc_u16};
 
 /// Runs `finch train` with a tiny model and asserts it fails with one line containing `wants`.
 fn fails_with(extra: &[&str], wants: &[&str]) {
@@ -20,14 +20,6 @@ fn write(dir: &TempDir, name: &str, bytes: &[u8]) -> String {
     path.to_str().unwrap().to_string()
 }
 
-fn header(magic: i32, version: i32, count: i32) -> Vec<u8> {
-    let mut h = vec![0u8; 1024];
-    for (i, v) in [magic, version, count].iter().enumerate() {
-        h[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-    }
-    h
-}
-
 #[test]
 fn token_file_errors_name_the_file_and_the_problem() {
     let dir = TempDir::new("errors");
@@ -39,20 +31,20 @@ fn token_file_errors_name_the_file_and_the_problem() {
     let odd = write(&dir, "odd.bin", &[1, 0, 2]);
     fails_with(&["--data", &odd, "--data-format", "raw-u16"], &["odd.bin", "odd size"]);
 
-    let short_header = write(&dir, "short.bin", &header(20240520, 1, 10)[..100]);
+    let short_header = write(&dir, "short.bin", &llmc_header(1, 10)[..100]);
     fails_with(&["--data", &short_header], &["short.bin", "truncated", "header"]);
 
-    let mut truncated = header(20240520, 1, 100);
+    let mut truncated = llmc_header(1, 100);
     truncated.extend(vec![0u8; 50]);
     let truncated = write(&dir, "trunc.bin", &truncated);
     fails_with(&["--data", &truncated], &["trunc.bin", "truncated", "100 tokens"]);
 
-    let mut long = header(20240520, 1, 2);
+    let mut long = llmc_header(1, 2);
     long.extend(vec![0u8; 10]);
     let long = write(&dir, "long.bin", &long);
     fails_with(&["--data", &long], &["long.bin", "mismatch", "2 tokens"]);
 
-    let version = write(&dir, "v9.bin", &header(20240520, 9, 0));
+    let version = write(&dir, "v9.bin", &llmc_header(9, 0));
     fails_with(&["--data", &version], &["v9.bin", "version 9"]);
 
     let few = dir.path("few.bin");

@@ -7,21 +7,19 @@
 
 mod common;
 
-use common::{deterministic_step_lines, finch, text, tokens, TempDir};
+use common::{deterministic_step_lines, finch, report, text, tokens, TempDir};
 use finch::cuda::check::{kernel_checks, print_table, small_model, training_check, CheckRow};
 use finch::cuda::model::GpuGpt;
 use finch::cuda::{Gpu, Precision};
 use finch::data::write_llmc_u16;
 use finch::model::init_params;
-use std::io::Write;
 use std::sync::Arc;
 
 fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {
     match Gpu::open() {
         Ok(gpu) => Some(gpu),
         Err(e) => {
-            let line = format!("test {test} ... skipped: no CUDA device ({e:#})\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
+            report(&format!("test {test} ... skipped: no CUDA device ({e:#})"));
             None
         }
     }

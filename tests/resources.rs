@@ -66,10 +66,7 @@ fn finch_within(args: &[&str], limit: Duration) -> Output {
 /// An llm.c header claiming `count` uint16 tokens, in a sparse file of the matching size: gigabytes
 /// that take no disk space.
 fn sparse_token_file(path: &Path, count: i32) {
-    let mut header = vec![0u8; finch::data::LLMC_HEADER_BYTES];
-    for (i, v) in [finch::data::LLMC_MAGIC, 1, count].iter().enumerate() {
-        header[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-    }
+    let header = finch::data::llmc_header(1, count);
     std::fs::write(path, &header).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.set_len(header.len() as u64 + 2 * count as u64).unwrap();
