@@ -57,22 +57,54 @@ pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
     if !path.exists() {
         return Ok(None);
     }
-    let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = crate::mapfile::MappedFile::open(&path, "")?;
     parse(&bytes, &path).map(Some)
+}
+
+/// The model of `dir`'s checkpoint, read from its header alone, so that a resumed run can check
+/// it fits in memory before its tensors are loaded; `Ok(None)` when there is no checkpoint.
+pub fn peek_config(dir: &Path) -> Result<Option<GptConfig>> {
+    let path = dir.join(CHECKPOINT_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = crate::mapfile::MappedFile::open(&path, "")?;
+    let meta = metadata(&bytes, &path)?;
+    config_of(&meta, &path).map(Some)
+}
+
+/// The checked metadata of a checkpoint file's header.
+fn metadata(bytes: &[u8], path: &Path) -> Result<HashMap<String, String>> {
+    let name = path.display();
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("{name}: not a valid checkpoint: {e}"))?;
+    let meta = header.metadata().clone().with_context(|| format!("{name}: not a finch checkpoint (no metadata)"))?;
+    let format = get(&meta, "format", path)?;
+    if format != FORMAT {
+        bail!("{name}: unsupported checkpoint format {format:?} (expected {FORMAT})");
+    }
+    Ok(meta)
+}
+
+fn get<'a>(meta: &'a HashMap<String, String>, key: &str, path: &Path) -> Result<&'a String> {
+    meta.get(key).with_context(|| format!("{}: checkpoint metadata lacks \"{key}\"", path.display()))
+}
+
+fn config_of(meta: &HashMap<String, String>, path: &Path) -> Result<GptConfig> {
+    let name = path.display();
+    let config: GptConfig =
+        serde_json::from_str(get(meta, "config", path)?).with_context(|| format!("{name}: bad \"config\""))?;
+    config.validate(&name.to_string())?;
+    Ok(config)
 }
 
 /// Parses the bytes of a checkpoint file as [`load`] does; `path` only names the file in errors.
 pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
     let name = path.display();
+    let meta = metadata(bytes, path)?;
+    let config = config_of(&meta, path)?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow::anyhow!("{name}: not a valid checkpoint: {e}"))?;
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    let meta = header.metadata().as_ref().with_context(|| format!("{name}: not a finch checkpoint (no metadata)"))?;
-    let get = |key: &str| meta.get(key).with_context(|| format!("{name}: checkpoint metadata lacks \"{key}\""));
-    if get("format")? != FORMAT {
-        bail!("{name}: unsupported checkpoint format {:?} (expected {FORMAT})", get("format")?);
-    }
-    let config: GptConfig = serde_json::from_str(get("config")?).with_context(|| format!("{name}: bad \"config\""))?;
-    config.validate(&name.to_string())?;
+    let get = |key: &str| get(&meta, key, path);
     let state: TrainState = serde_json::from_str(get("state")?).with_context(|| format!("{name}: bad \"state\""))?;
     let adam_t: u64 = get("adam_t")?.parse().with_context(|| format!("{name}: bad \"adam_t\""))?;
     let n = ParamLayout::new(&config).total;

@@ -1,16 +1,12 @@
 //! Token files, memory-mapped: llm.c's format (a 256 × int32 header, then uint16 or uint32
 //! tokens) or raw little-endian uint16 (nanoGPT's train.bin). Several shards read as one stream.
 
-use crate::resources::{address_space_limit, human_bytes};
-use crate::sigbus;
-use anyhow::{anyhow, bail, Context, Result};
+use crate::mapfile::MappedFile;
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
 use std::io::IsTerminal;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -29,10 +25,7 @@ pub enum DataFormat {
 /// One memory-mapped shard.
 struct Shard {
     path: PathBuf,
-    /// Turns a failed read of the map (SIGBUS) into an error naming the file; declared before
-    /// `map` so the watch ends before the map is unmapped.
-    _watch: Option<sigbus::Watch>,
-    map: Mmap,
+    file: MappedFile,
     /// Byte offset of the first token.
     start: usize,
     /// Bytes per token: 2 or 4.
@@ -42,37 +35,17 @@ struct Shard {
 
 impl Shard {
     fn open(path: &Path, format: DataFormat, vocab_size: usize) -> Result<Shard> {
-        let name = path.display();
-        // Before opening: opening a named pipe would wait for a writer.
-        let metadata = std::fs::metadata(path).with_context(|| format!("{name}: cannot open"))?;
-        if !metadata.is_file() {
-            let on_disk = "token files are memory-mapped, so they must be files on disk";
-            match metadata.file_type() {
-                t if t.is_dir() => {
-                    bail!(
-                        "{name}: is a directory; name the token files in it, e.g. '{}'",
-                        path.join("train_*.bin").display()
-                    )
-                }
-                t if t.is_fifo() => bail!("{name}: is a pipe; {on_disk}"),
-                _ => bail!("{name}: is not a regular file; {on_disk}"),
-            }
+        let hint = format!("; name the token files in it, e.g. '{}'", path.join("train_*.bin").display());
+        let file = MappedFile::open(path, &hint)?;
+        if file.is_empty() {
+            bail!("{}: the file is empty", path.display());
         }
-        let file = File::open(path).with_context(|| format!("{name}: cannot open"))?;
-        let size = file.metadata().with_context(|| format!("{name}: cannot read its size"))?.len();
-        if size == 0 {
-            bail!("{name}: the file is empty");
-        }
-        // SAFETY: the map is read-only. The file may still be truncated or fail underneath us;
-        // such a read raises SIGBUS, which the watch below turns into an error naming the file.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| map_error(e, path, size))?;
-        let watch = sigbus::watch(&map, path);
-        let TokenLayout { start, width, len } = parse_token_file(&map, path, format, vocab_size)?;
-        Ok(Shard { path: path.to_owned(), _watch: Some(watch), map, start, width, len })
+        let TokenLayout { start, width, len } = parse_token_file(&file, path, format, vocab_size)?;
+        Ok(Shard { path: path.to_owned(), file, start, width, len })
     }
 
     fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len * self.width]
+        &self.file[self.start..self.start + self.len * self.width]
     }
 
     fn token(&self, i: usize) -> u32 {
@@ -128,25 +101,6 @@ fn check_token_ids(
     }
     report.finish(true);
     Ok(())
-}
-
-/// What a mapping failure means, with the numbers: mostly an address-space limit.
-fn map_error(e: std::io::Error, path: &Path, size: u64) -> anyhow::Error {
-    let name = path.display();
-    let file = human_bytes(size as usize);
-    match (e.raw_os_error(), address_space_limit()) {
-        (Some(libc::ENOMEM), Some(limit)) => anyhow!(
-            "{name}: cannot memory-map its {file}: this process may use at most {} of address space \
-             (ulimit -v {}), too little for the data and the model together; raise the limit (ulimit -v unlimited)",
-            human_bytes(limit as usize),
-            limit / 1024
-        ),
-        (Some(libc::ENOMEM), None) => anyhow!(
-            "{name}: cannot memory-map its {file}: the system refused the address space ({e}); check \
-             vm.overcommit_memory and vm.max_map_count"
-        ),
-        _ => anyhow!("{name}: cannot memory-map its {file} ({e})"),
-    }
 }
 
 /// Shows a long check of a token file: nothing for the first seconds (most files take less),
@@ -373,12 +327,9 @@ impl TokenStream {
     /// An in-memory stream (tests, generated corpora).
     pub fn from_tokens(tokens: &[u32]) -> TokenStream {
         let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).expect("anonymous map");
-        map[..bytes.len()].copy_from_slice(&bytes);
         let shard = Shard {
             path: PathBuf::from("<memory>"),
-            _watch: None,
-            map: map.make_read_only().expect("read-only map"),
+            file: MappedFile::from_bytes(&bytes),
             start: 0,
             width: 4,
             len: tokens.len(),

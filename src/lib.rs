@@ -10,6 +10,7 @@ pub mod engine;
 pub mod fsutil;
 pub mod infer;
 pub mod layout;
+pub mod mapfile;
 pub mod model;
 pub mod modelio;
 pub mod plot;

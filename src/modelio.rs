@@ -88,14 +88,7 @@ fn disk_shape(layout_shape: &[usize], name: &str, cfg: &GptConfig) -> Vec<usize>
 /// Reads `dir/model.safetensors` into a parameter buffer for `cfg` (padding rows zero).
 pub fn load_params(dir: &Path, cfg: &GptConfig) -> Result<Vec<f32>> {
     let path = dir.join(WEIGHTS_FILE);
-    let name = path.display();
-    let file = std::fs::File::open(&path).with_context(|| format!("{name}: cannot open"))?;
-    let size = file.metadata().with_context(|| format!("{name}: cannot read its size"))?.len();
-    // SAFETY: read-only map of a file we only read during this call; if it shrinks or its disk
-    // fails meanwhile, the watch turns the SIGBUS into an error naming it.
-    let map =
-        unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map its {size} bytes"))?;
-    let _watch = crate::sigbus::watch(&map, &path);
+    let map = crate::mapfile::MappedFile::open(&path, "")?;
     parse_params(&map, &path, cfg)
 }
 

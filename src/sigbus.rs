@@ -1,9 +1,10 @@
-//! Token files are memory-mapped, so a read that fails after a file was opened (it was truncated
-//! or rewritten in place, or its disk or network file system failed) does not return an error: the
-//! kernel sends SIGBUS, which kills the process with "Bus error" and nothing else. While a mapping
-//! is watched, finch's handler turns that into its usual one-line error, naming the file and the
-//! byte, and exits with status 1. Checkpoints are written atomically (see fsutil), so stopping at
-//! any instant loses nothing; the advice set by the caller says how to go on.
+//! Token files, model weights and checkpoints are memory-mapped (see mapfile), so a read that
+//! fails after a file was opened (it was truncated or rewritten in place, or its disk or network
+//! file system failed) does not return an error: the kernel sends SIGBUS, which kills the process
+//! with "Bus error" and nothing else. While a mapping is watched, finch's handler turns that into
+//! its usual one-line error, naming the file and the byte, and exits with status 1. Checkpoints
+//! are written atomically (see fsutil), so stopping at any instant loses nothing; the advice set
+//! by the caller says how to go on.
 //!
 //! A signal handler may not allocate or take locks, so everything it prints is formatted in
 //! advance, and the watched regions form a list that is only ever added to (a region is switched

@@ -2,7 +2,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{GptConfig, Preset};
-use crate::cpu::optimizer::AdamWConfig;
+use crate::cpu::optimizer::{AdamW, AdamWConfig};
 use crate::cuda::model::memory_plan as gpu_memory_plan;
 use crate::cuda::{Gpu, Precision};
 use crate::data::{BatchWalker, DataFormat, TokenStream};
@@ -13,7 +13,7 @@ use crate::fsutil::{
 use crate::layout::{activation_count, ParamLayout};
 use crate::model::init_params;
 use crate::modelio;
-use crate::resources::{available_memory, human_bytes};
+use crate::resources::{available_memory, human_bytes, AvailableMemory};
 use crate::rng::Rng;
 use crate::schedule::{learning_rate, LrSchedule};
 use crate::trainlog::{Console, JsonlLog, StepRecord};
@@ -176,6 +176,8 @@ struct Plan {
     train: TokenStream,
     val: Option<TokenStream>,
     log_path: Option<PathBuf>,
+    /// For --resume from a checkpoint: its optimizer state and where the loop stood.
+    resumed: Option<(AdamW<f32>, TrainState)>,
 }
 
 fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
@@ -259,9 +261,15 @@ fn open_stream(pattern: &str, flag: &str, a: &TrainArgs, cfg: &GptConfig, window
     Ok(stream)
 }
 
-fn plan(a: &TrainArgs, device: &Device, resumed: Option<&mut checkpoint::Checkpoint>) -> Result<Plan> {
-    let config = match (&resumed, &a.init) {
-        (Some(ck), _) => ck.config,
+fn plan(a: &TrainArgs, device: &Device) -> Result<Plan> {
+    // A resumed run's model is read from its checkpoint's header: the memory check below comes
+    // before the checkpoint's tensors are loaded.
+    let resume_from = match &a.resume {
+        Some(dir) => checkpoint::peek_config(dir)?.map(|config| (dir, config)),
+        None => None,
+    };
+    let config = match (&resume_from, &a.init) {
+        (Some((_, config)), _) => *config,
         (None, Some(dir)) => modelio::load_config(dir)?,
         (None, None) => model_config(a)?,
     };
@@ -276,45 +284,75 @@ fn plan(a: &TrainArgs, device: &Device, resumed: Option<&mut checkpoint::Checkpo
         .checked_mul(a.grad_accum)
         .filter(|&w| w < usize::MAX / 4)
         .context("--batch-size × --seq-len × --grad-accum is too large")?;
-    match device {
-        Device::Cpu => check_memory(&config, b, t)?,
-        Device::Cuda(gpu, precision) => check_gpu_memory(gpu, &config, b, t, *precision)?,
+    // The CPU's needs depend on the batch shape; a GPU run's host needs do not.
+    let on_gpu = matches!(device, Device::Cuda(..));
+    check_memory(&host_memory_plan(on_gpu, &config, b, t), (!on_gpu).then_some((b, t)))?;
+    if let Device::Cuda(gpu, precision) = device {
+        check_gpu_memory(gpu, &config, b, t, *precision)?;
     }
     let data = a.data.as_deref().context("--data is required")?;
     let train = open_stream(data, "--data", a, &config, window)?;
     let val = a.val.as_deref().map(|v| open_stream(v, "--val", a, &config, window)).transpose()?;
     let steps = a.steps.unwrap_or_else(|| (train.len() / step_tokens).max(1));
-    let (params, init_source) = match (resumed, &a.init) {
-        (Some(ck), _) => (std::mem::take(&mut ck.params), "the run's checkpoint".to_string()),
-        (None, Some(dir)) => (modelio::load_params(dir, &config)?, dir.display().to_string()),
-        (None, None) => (init_params(&config, a.seed), format!("random init, seed {}", a.seed)),
+    let (params, init_source, resumed) = match (resume_from, &a.init) {
+        (Some((dir, config)), _) => {
+            let path = dir.join(checkpoint::CHECKPOINT_FILE);
+            let ck = checkpoint::load(dir)?.with_context(|| format!("{}: vanished", path.display()))?;
+            if ck.config != config {
+                bail!("{}: changed while the run was starting", path.display());
+            }
+            (ck.params, "the run's checkpoint".to_string(), Some((ck.optimizer, ck.state)))
+        }
+        (None, Some(dir)) => (modelio::load_params(dir, &config)?, dir.display().to_string(), None),
+        (None, None) => (init_params(&config, a.seed), format!("random init, seed {}", a.seed), None),
     };
     let log_path = a.log.clone().or_else(|| a.out.as_ref().map(|d| d.join("log.jsonl")));
-    Ok(Plan { config, init_source, params, b, t, steps, train, val, log_path })
+    Ok(Plan { config, init_source, params, b, t, steps, train, val, log_path, resumed })
 }
 
-/// Bytes of host memory a run needs: (params, grads and AdamW m and v; activations and their
-/// gradients), all f32.
-fn memory_needed(cfg: &GptConfig, b: usize, t: usize) -> (usize, usize) {
-    (4 * 4 * ParamLayout::new(cfg).total, 2 * 4 * activation_count(cfg, b, t))
-}
-
-/// Refuses a run that cannot fit before anything large is allocated.
-fn check_memory(cfg: &GptConfig, b: usize, t: usize) -> Result<()> {
-    let (weight_bytes, act_bytes) = memory_needed(cfg, b, t);
-    let needed = weight_bytes + act_bytes;
-    match available_memory() {
-        Some(available) if needed as u64 > available.bytes => bail!(
-            "not enough memory: training needs {} ({} weights+grads+optimizer, {} activations at B={b}, T={t}) but \
-             {} is available{}; lower --batch-size or --seq-len, or use a smaller model",
-            human_bytes(needed),
-            human_bytes(weight_bytes),
-            human_bytes(act_bytes),
-            human_bytes(available.bytes as usize),
-            available.limited_by.map(|why| format!(" under {why}")).unwrap_or_default()
-        ),
-        _ => Ok(()),
+/// Bytes of host memory a run needs, by part. On the CPU: weights, gradients and AdamW's m and
+/// v, then the activations and their gradients, all f32. On a GPU everything lives on the
+/// device, but each checkpoint copies the f32 weights and both moments to the host (as a resumed
+/// run holds its loaded checkpoint there until the upload).
+fn host_memory_plan(on_gpu: bool, cfg: &GptConfig, b: usize, t: usize) -> Vec<(&'static str, usize)> {
+    let n = ParamLayout::new(cfg).total;
+    match on_gpu {
+        false => {
+            vec![("weights+grads+optimizer", 4 * 4 * n), ("activations", 2 * 4 * activation_count(cfg, b, t))]
+        }
+        true => vec![("weights and AdamW moments copied from the GPU for each checkpoint", 3 * 4 * n)],
     }
+}
+
+/// Refuses a run whose host memory `plan` cannot fit, before anything large is allocated.
+/// `batch` is (B, T) when the plan grows with them.
+fn check_memory(plan: &[(&str, usize)], batch: Option<(usize, usize)>) -> Result<()> {
+    match available_memory().and_then(|available| memory_refusal(plan, batch, &available)) {
+        Some(refusal) => bail!(refusal),
+        None => Ok(()),
+    }
+}
+
+/// The one-line refusal of a run whose host memory `plan` exceeds `available`, if it does.
+fn memory_refusal(
+    plan: &[(&str, usize)],
+    batch: Option<(usize, usize)>,
+    available: &AvailableMemory,
+) -> Option<String> {
+    let needed: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+    if needed as u64 <= available.bytes {
+        return None;
+    }
+    let (what, lower) = match batch {
+        Some((b, t)) => (format!("{} at B={b}, T={t}", describe_plan(plan)), "lower --batch-size or --seq-len, or "),
+        None => (describe_plan(plan), ""),
+    };
+    Some(format!(
+        "not enough memory: training needs {} ({what}) but {} is available{}; {lower}use a smaller model",
+        human_bytes(needed),
+        human_bytes(available.bytes as usize),
+        available.limited_by.as_ref().map(|why| format!(" under {why}")).unwrap_or_default()
+    ))
 }
 
 /// Refuses a GPU run whose buffers cannot fit in the free device memory.
@@ -377,10 +415,6 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         }
         None => None,
     };
-    let mut resumed = match &args.resume {
-        Some(dir) => checkpoint::load(dir)?,
-        None => None,
-    };
     if let Some(dir) = &args.out {
         if args.resume.is_none() && dir.join(checkpoint::CHECKPOINT_FILE).exists() {
             bail!(
@@ -397,7 +431,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         None => "; restore it and start again".to_string(),
     });
     let (device, device_reason) = Device::choose(&args.device, args.precision)?;
-    let plan = plan(&args, &device, resumed.as_mut())?;
+    let plan = plan(&args, &device)?;
     let cfg = plan.config;
     let layout = ParamLayout::new(&cfg);
     let (b, t) = (plan.b, plan.t);
@@ -425,12 +459,10 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     let why = device_reason.map(|r| format!(" ({r})")).unwrap_or_default();
     match &device {
         Device::Cpu => {
-            let (weight_bytes, act_bytes) = memory_needed(&cfg, b, t);
             println!(
-                "device: cpu, {} threads, f32{why}; memory: {} weights+grads+optimizer, {} activations",
+                "device: cpu, {} threads, f32{why}; memory: {}",
                 rayon::current_num_threads(),
-                human_bytes(weight_bytes),
-                human_bytes(act_bytes)
+                describe_plan(&host_memory_plan(false, &cfg, b, t))
             );
         }
         Device::Cuda(gpu, precision) => {
@@ -445,8 +477,8 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     }
 
     let hp = AdamWConfig { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay };
-    let (optimizer, mut state) = match resumed {
-        Some(ck) => (Some(ck.optimizer), ck.state),
+    let (optimizer, mut state) = match plan.resumed {
+        Some((optimizer, state)) => (Some(optimizer), state),
         None => (None, TrainState { step: 0, walker: BatchWalker { position: 0 }, rng: Rng::new(args.seed) }),
     };
     if state.step >= plan.steps {
@@ -681,4 +713,44 @@ fn write_final_outputs(
         println!("saved model to {}", dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_beyond_the_available_host_memory_is_refused_with_the_numbers() {
+        let cfg = GptConfig::preset(Preset::Gpt2);
+        let n = ParamLayout::new(&cfg).total;
+        let cpu = host_memory_plan(false, &cfg, 4, 64);
+        let needed = 16 * n + 8 * activation_count(&cfg, 4, 64);
+        let room = |bytes: usize| AvailableMemory { bytes: bytes as u64, limited_by: None };
+        assert_eq!(memory_refusal(&cpu, Some((4, 64)), &room(needed)), None);
+        let refusal = memory_refusal(&cpu, Some((4, 64)), &room(needed - 1)).expect("one byte short");
+        assert!(refusal.starts_with("not enough memory: training needs "), "{refusal}");
+        assert!(refusal.contains(" weights+grads+optimizer, ") && refusal.contains(" activations at B=4, T=64) but "));
+        assert!(refusal.ends_with(" is available; lower --batch-size or --seq-len, or use a smaller model"));
+
+        // A GPU run (no device needed to plan it) holds a checkpoint's worth on the host, whatever
+        // the batch; the refusal names the cgroup that limits it.
+        let limited = AvailableMemory {
+            bytes: (12 * n - 1) as u64,
+            limited_by: Some("the memory limit of cgroup /job (1.0 GiB)".into()),
+        };
+        let gpu = host_memory_plan(true, &cfg, 4, 64);
+        assert_eq!(gpu, host_memory_plan(true, &cfg, 64, 1024));
+        let refusal = memory_refusal(&gpu, None, &limited).expect("one byte short");
+        assert_eq!(
+            refusal,
+            format!(
+                "not enough memory: training needs {} ({} weights and AdamW moments copied from the GPU for each \
+                 checkpoint) but {} is available under the memory limit of cgroup /job (1.0 GiB); use a smaller model",
+                human_bytes(12 * n),
+                human_bytes(12 * n),
+                human_bytes(12 * n - 1)
+            )
+        );
+        assert_eq!(memory_refusal(&gpu, None, &room(12 * n)), None);
+    }
 }

@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{assert_one_line_error, deterministic_step_lines, finch, report, text, tokens, TempDir, TINY_MODEL};
+use common::{
+    assert_one_line_error, deterministic_step_lines, finch, report, text, tokens, TempDir, FIXTURE, TINY_MODEL,
+};
 use finch::checkpoint;
 use finch::data::write_llmc_u16;
 use std::os::fd::AsRawFd;
@@ -37,7 +39,19 @@ fn data_that_is_a_directory_a_pipe_or_a_device_gets_one_line() {
     if made.is_ok_and(|s| s.success()) {
         let p = pipe.to_str().unwrap();
         let out = finch_within(&train_args(p, "2", &[]), Duration::from_secs(60));
-        assert_one_line_error(&out, &[&format!("{p}: is a pipe; token files are memory-mapped")]);
+        assert_one_line_error(&out, &[&format!("{p}: is a pipe; finch memory-maps the files it reads")]);
+        // So are the model weights of --init (and checkpoints): they are mapped the same way.
+        let model = dir.path("model");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::copy(format!("{FIXTURE}/init/config.json"), model.join("config.json")).unwrap();
+        std::fs::rename(&pipe, model.join("model.safetensors")).unwrap();
+        let m = model.to_str().unwrap();
+        let tokens = format!("{FIXTURE}/tokens.bin");
+        let out = finch_within(
+            &["train", "--device", "cpu", "--data", &tokens, "--init", m, "--steps", "1", "--batch-size", "1"],
+            Duration::from_secs(60),
+        );
+        assert_one_line_error(&out, &[&format!("{m}/model.safetensors: is a pipe; finch memory-maps")]);
     } else {
         report("test data_that_is_a_directory_a_pipe_or_a_device_gets_one_line ... pipe part skipped: mkfifo failed");
     }
@@ -230,6 +244,23 @@ fn a_memory_limit_below_the_run_is_refused_in_one_line_and_data_larger_than_it_s
         &out,
         &[
             "error: not enough memory: training needs ",
+            &format!("under the memory limit of cgroup {} (64.0 MiB)", cgroup.dir.display()),
+        ],
+    );
+
+    // The same for a resumed run, checked before its checkpoint is loaded: reading this one
+    // (about 145 MiB) used to get the run killed by the kernel without a word.
+    let run = dir.path("big-run");
+    let r = run.to_str().unwrap();
+    let short_steps = ["--out", r, "--batch-size", "1", "--seq-len", "8"];
+    let out = finch(&[&train_args(s, "1", &[])[..], &big_model, &short_steps].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cgroup.finch(&["train", "--resume", r, "--steps", "2"]);
+    assert_one_line_error(
+        &out,
+        &[
+            "error: not enough memory: training needs ",
+            " activations at B=1, T=8) but ",
             &format!("under the memory limit of cgroup {} (64.0 MiB)", cgroup.dir.display()),
         ],
     );
