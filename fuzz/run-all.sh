@@ -15,7 +15,7 @@ if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo +nightly fuzz list)
 fi
 # The targets that read JSON get the JSON dictionary.
-json_targets=" model_config model_weights checkpoint jsonl_line train_log log_resume "
+json_targets=" model_config model_weights checkpoint jsonl_line train_log log_resume train_args "
 
 cargo +nightly fuzz build -O >/dev/null 2>&1 || { echo "error: cargo +nightly fuzz build failed" >&2; exit 1; }
 logs="$(mktemp -d)"

@@ -147,8 +147,18 @@ pub fn merge_resumed_args(cli: &TrainArgs, is_explicit: impl Fn(&str) -> bool) -
     let path = dir.join(ARGS_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("--resume {}: not a finch run directory (cannot read {ARGS_FILE})", dir.display()))?;
+    merge_saved_args(cli, &text, &path, is_explicit)
+}
+
+/// `cli`'s flags, those not given on the command line replaced by the ones saved in `text`, the
+/// contents of the run directory's train_args.json at `path`.
+fn merge_saved_args(cli: &TrainArgs, text: &str, path: &Path, is_explicit: impl Fn(&str) -> bool) -> Result<TrainArgs> {
+    let dir = cli.resume.as_ref().expect("called for --resume");
     let saved: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        serde_json::from_str(text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    if !saved.is_object() {
+        bail!("{}: not the flags of a finch run (expected a JSON object)", path.display());
+    }
     let mut merged = serde_json::to_value(cli)?;
     for (key, value) in merged.as_object_mut().expect("flags serialise as an object") {
         if !is_explicit(key) {
@@ -273,17 +283,7 @@ fn plan(a: &TrainArgs, device: &Device) -> Result<Plan> {
         (None, Some(dir)) => modelio::load_config(dir)?,
         (None, None) => model_config(a)?,
     };
-    let t = a.seq_len.unwrap_or(config.n_positions);
-    if t > config.n_positions {
-        bail!("--seq-len {t} exceeds the model's context length {}", config.n_positions);
-    }
-    let b = a.batch_size;
-    let window = b.checked_mul(t).filter(|&w| w < usize::MAX / 4).context("--batch-size × --seq-len is too large")?;
-    // The tokens of one step; bounded, so that later products cannot overflow.
-    let step_tokens = window
-        .checked_mul(a.grad_accum)
-        .filter(|&w| w < usize::MAX / 4)
-        .context("--batch-size × --seq-len × --grad-accum is too large")?;
+    let BatchShape { b, t, window, step_tokens } = batch_shape(a, &config)?;
     // The CPU's needs depend on the batch shape; a GPU run's host needs do not.
     let on_gpu = matches!(device, Device::Cuda(..));
     check_memory(&host_memory_plan(on_gpu, &config, b, t), (!on_gpu).then_some((b, t)))?;
@@ -308,6 +308,63 @@ fn plan(a: &TrainArgs, device: &Device) -> Result<Plan> {
     };
     let log_path = a.log.clone().or_else(|| a.out.as_ref().map(|d| d.join("log.jsonl")));
     Ok(Plan { config, init_source, params, b, t, steps, train, val, log_path, resumed })
+}
+
+/// The batch shape of a run: B, T, their product and the tokens of one optimizer step.
+struct BatchShape {
+    b: usize,
+    t: usize,
+    window: usize,
+    step_tokens: usize,
+}
+
+fn batch_shape(a: &TrainArgs, config: &GptConfig) -> Result<BatchShape> {
+    let t = a.seq_len.unwrap_or(config.n_positions);
+    if t > config.n_positions {
+        bail!("--seq-len {t} exceeds the model's context length {}", config.n_positions);
+    }
+    let b = a.batch_size;
+    // Every size computed from the shape (activations and their gradients, at most 16 bytes per
+    // value in all, on either device) must fit in a usize; no machine comes near that bound.
+    let too_large =
+        || format!("--batch-size {b} × --seq-len {t} is too large: its activations alone exceed any memory");
+    let window = b.checked_mul(t).with_context(too_large)?;
+    window.checked_mul(activation_count(config, 1, 1)).and_then(|n| n.checked_mul(16)).with_context(too_large)?;
+    // The tokens of one step; bounded, so that later products cannot overflow.
+    let step_tokens = window
+        .checked_mul(a.grad_accum)
+        .filter(|&w| w < usize::MAX / 4)
+        .context("--batch-size × --seq-len × --grad-accum is too large")?;
+    Ok(BatchShape { b, t, window, step_tokens })
+}
+
+/// Checks the flags of `finch train --resume DIR` given `text`, DIR's train_args.json, and no
+/// other flag, as far as `run` can without opening a file: the flags, the model they describe,
+/// the batch shape, the memory plans and the learning-rate schedule. For the train_args fuzz
+/// target: whatever the file holds, this returns, never panics.
+#[doc(hidden)]
+pub fn check_saved_args(text: &str) -> Result<()> {
+    use clap::{Args, FromArgMatches};
+    let command = TrainArgs::augment_args(clap::Command::new("train").args_override_self(true));
+    let cli = TrainArgs::from_arg_matches(&command.try_get_matches_from(["train", "--resume", "RUN"])?)?;
+    let args = merge_saved_args(&cli, text, Path::new("RUN/train_args.json"), |_| false)?;
+    check_flags(&args, &|_| false)?;
+    if args.init.is_some() {
+        return Ok(()); // the model comes from files
+    }
+    let config = model_config(&args)?;
+    let shape = batch_shape(&args, &config)?;
+    for on_gpu in [false, true] {
+        host_memory_plan(on_gpu, &config, shape.b, shape.t);
+    }
+    for precision in [Precision::F32, Precision::Bf16] {
+        gpu_memory_plan(&config, shape.b, shape.t, precision);
+    }
+    let steps = args.steps.unwrap_or(1);
+    for step in [1, steps / 2, steps] {
+        learning_rate(args.lr_schedule, step, steps, args.lr, args.min_lr, args.warmup_steps);
+    }
+    Ok(())
 }
 
 /// Bytes of host memory a run needs, by part. On the CPU: weights, gradients and AdamW's m and
@@ -718,6 +775,21 @@ fn write_final_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_flags_are_checked_like_typed_ones() {
+        // Keys the file lacks keep their defaults (GPT-2, B=4, T=1024).
+        check_saved_args("{}").unwrap();
+        check_saved_args(r#"{"n_layer": 1, "n_embd": 8, "n_head": 2, "device": "cpu", "batch_size": 2}"#).unwrap();
+        let refused = |text: &str| check_saved_args(text).unwrap_err().to_string();
+        assert!(refused("[1, 2]").contains("not the flags of a finch run (expected a JSON object)"));
+        assert!(refused("{").starts_with("RUN/train_args.json: not valid JSON"));
+        assert!(refused(r#"{"batch_size": -1}"#).contains("unreadable flags"));
+        assert!(refused(r#"{"device": "tpu"}"#).contains("--device tpu: unknown device"));
+        assert!(refused(r#"{"n_head": 5}"#).contains("n_embd (768) must be a multiple of n_head (5)"));
+        assert!(refused(r#"{"batch_size": 100000000000000}"#).contains("is too large: its activations alone"));
+        assert!(refused(r#"{"threads": 5000}"#).contains("--threads must be at most 1024"));
+    }
 
     #[test]
     fn a_run_beyond_the_available_host_memory_is_refused_with_the_numbers() {

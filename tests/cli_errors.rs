@@ -80,6 +80,11 @@ fn bad_flag_values_are_refused_by_name() {
     // Values no one means: refused at once, not an overflow panic or minutes starting threads.
     let huge = u64::MAX.to_string();
     fails_with(&["--data", d, "--grad-accum", &huge], &["--batch-size × --seq-len × --grad-accum is too large"]);
+    // A batch whose activation sizes overflow (B·T·per-token values) panicked in the memory check.
+    fails_with(
+        &["--data", d, "--batch-size", "100000000000000000"],
+        &["--batch-size 100000000000000000 × --seq-len 4 is too large: its activations alone exceed any memory"],
+    );
     fails_with(&["--data", d, "--threads", "100000000"], &["--threads must be at most 1024, got 100000000"]);
     fails_with(&["--data", d, "--threads", "0"], &["--threads", "at least 1"]);
     fails_with(&["--data", d, "--lr", "-1"], &["--lr"]);

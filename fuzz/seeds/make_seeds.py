@@ -104,3 +104,21 @@ write("train_log", "smooth_log_y", b"\x43" + text.encode())
 write("train_log", "two_runs", b"\x00" + (text + "\0" + text.replace('"lr": 0.0006', '"lr": 0.001')).encode())
 write("train_log", "partial_last_line", b"\x00" + text.encode() + b'{"step": 9, "lo')
 write("log_resume", "log", b"\x04" + text.encode() + b'{"event": "resume", "step": 4}\n{"step": 9, "lo')
+
+# train_args.json as `finch train --out` writes it (a one-layer CPU run), and variants that reach
+# the other branches: a GPT-2 preset on a GPU in bf16, and an --init run.
+args = {"data": "tokens.bin", "data_format": "llmc", "val": None, "val_every": 0, "val_batches": 20, "init": None,
+        "model": None, "n_layer": 1, "n_head": 2, "n_embd": 8, "vocab_size": 97, "context_length": 8,
+        "seed": 1337, "batch_size": 4, "seq_len": None, "grad_accum": 1, "steps": 2, "lr": 0.0006,
+        "lr_schedule": "cosine", "warmup_steps": 0, "min_lr": 0.0, "weight_decay": 0.1, "beta1": 0.9,
+        "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0, "device": "cpu", "precision": None, "threads": None,
+        "log": None, "save": None, "out": "runs/a", "checkpoint_every": 0, "resume": None,
+        "skip_nonfinite": False}
+write("train_args", "cpu", json.dumps(args, indent=2).encode())
+write("train_args", "gpu_gpt2", json.dumps(dict(args, model="gpt2-medium", n_layer=None, n_head=None, n_embd=None,
+                                                vocab_size=None, context_length=None, seq_len=512, grad_accum=8,
+                                                device="cuda", precision="bf16", lr_schedule="linear",
+                                                warmup_steps=100, threads=2, val="val.bin", val_every=50,
+                                                checkpoint_every=10, skip_nonfinite=True)).encode())
+write("train_args", "init", json.dumps(dict(args, init="gpt2-dir", n_layer=None, n_head=None, n_embd=None,
+                                            vocab_size=None, context_length=None)).encode())
