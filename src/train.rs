@@ -414,21 +414,26 @@ fn memory_refusal(
 
 /// Refuses a GPU run whose buffers cannot fit in the free device memory.
 fn check_gpu_memory(gpu: &Gpu, cfg: &GptConfig, b: usize, t: usize, precision: Precision) -> Result<()> {
-    let plan = gpu_memory_plan(cfg, b, t, precision);
-    let needed: usize = plan.iter().map(|(_, bytes)| bytes).sum();
     let (free, _) = gpu.memory()?;
-    if needed > free {
-        bail!(
-            "not enough GPU memory: training needs {} ({}) but {} is free on {}; lower --batch-size or --seq-len{}, \
-             or use a smaller model",
-            human_bytes(needed),
-            describe_plan(&plan),
-            human_bytes(free),
-            gpu.name,
-            if precision == Precision::F32 { ", use --precision bf16" } else { "" }
-        );
+    match gpu_memory_refusal(&gpu_memory_plan(cfg, b, t, precision), free, &gpu.name, precision) {
+        Some(refusal) => bail!(refusal),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The one-line refusal of a GPU run whose buffers (`plan`) exceed the `free` device memory.
+fn gpu_memory_refusal(plan: &[(&str, usize)], free: usize, gpu_name: &str, precision: Precision) -> Option<String> {
+    let needed: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+    (needed > free).then(|| {
+        format!(
+            "not enough GPU memory: training needs {} ({}) but {} is free on {gpu_name}; lower --batch-size or \
+             --seq-len{}, or use a smaller model",
+            human_bytes(needed),
+            describe_plan(plan),
+            human_bytes(free),
+            if precision == Precision::F32 { ", use --precision bf16" } else { "" }
+        )
+    })
 }
 
 fn describe_plan(plan: &[(&str, usize)]) -> String {
@@ -824,5 +829,27 @@ mod tests {
             )
         );
         assert_eq!(memory_refusal(&gpu, None, &room(12 * n)), None);
+    }
+
+    #[test]
+    fn a_gpu_run_beyond_the_free_device_memory_is_refused_with_its_plan() {
+        // The refusal of check_gpu_memory, planned without a GPU: GPT-2 small at B=8, T=1024.
+        let cfg = GptConfig::preset(Preset::Gpt2);
+        for precision in [Precision::Bf16, Precision::F32] {
+            let plan = gpu_memory_plan(&cfg, 8, 1024, precision);
+            let needed: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+            assert_eq!(gpu_memory_refusal(&plan, needed, "H200", precision), None);
+            let refusal = gpu_memory_refusal(&plan, needed - 1, "H200", precision).expect("one byte short");
+            assert!(refusal.starts_with(&format!("not enough GPU memory: training needs {} (", human_bytes(needed))));
+            for part in ["weights, ", "master weights, ", "AdamW moments, ", "activations, ", "activation gradients, "]
+            {
+                assert!(refusal.contains(part), "{refusal} lacks {part}");
+            }
+            assert!(refusal.contains(" is free on H200; lower --batch-size or --seq-len"));
+            assert_eq!(refusal.contains("--precision bf16"), precision == Precision::F32, "{refusal}");
+        }
+        // bf16 storage halves the weights and the activations the plan counts.
+        let bytes = |p| gpu_memory_plan(&cfg, 8, 1024, p).iter().map(|(_, b)| b).sum::<usize>();
+        assert!(bytes(Precision::Bf16) < bytes(Precision::F32));
     }
 }
