@@ -941,7 +941,8 @@ fn print_summary(args: &TokenizeArgs, s: &Summary, bad_lines: &[String]) {
     println!("wrote:     {}: {}", args.out.display(), written.join(", "));
     if s.documents.1 == 0 && args.val_fraction > 0.0 {
         println!(
-            "note: no document went to validation: {} × --val-fraction {} < 1; give more documents (files or JSONL \
+            // {:?}: 1e-300 rather than three hundred digits.
+            "note: no document went to validation: {} × --val-fraction {:?} < 1; give more documents (files or JSONL \
              lines) or a larger --val-fraction",
             plural(s.documents.0, "document"),
             args.val_fraction
