@@ -7,12 +7,13 @@ use crate::cpu::optimizer::AdamW;
 use crate::data::BatchWalker;
 use crate::fsutil::write_atomically_with;
 use crate::layout::ParamLayout;
+use crate::mapfile::MappedFile;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 const FORMAT: &str = "finch-checkpoint-1";
@@ -53,24 +54,32 @@ pub fn save(dir: &Path, config: &GptConfig, params: &[f32], optimizer: &AdamW<f3
 
 /// Reads `dir/checkpoint.safetensors`; `Ok(None)` when the directory has none yet.
 pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
-    let path = dir.join(CHECKPOINT_FILE);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let bytes = crate::mapfile::MappedFile::open(&path, "")?;
-    parse(&bytes, &path).map(Some)
+    open(dir)?.map(|file| file.load()).transpose()
 }
 
-/// The model of `dir`'s checkpoint, read from its header alone, so that a resumed run can check
-/// it fits in memory before its tensors are loaded; `Ok(None)` when there is no checkpoint.
-pub fn peek_config(dir: &Path) -> Result<Option<GptConfig>> {
+/// A checkpoint file, mapped, whose header has been read: its model is known before its tensors
+/// are loaded, so that a resumed run can check it fits in memory first.
+pub struct CheckpointFile {
+    path: PathBuf,
+    bytes: MappedFile,
+    pub config: GptConfig,
+}
+
+/// Maps `dir/checkpoint.safetensors` and reads its header; `Ok(None)` when there is none yet.
+pub fn open(dir: &Path) -> Result<Option<CheckpointFile>> {
     let path = dir.join(CHECKPOINT_FILE);
     if !path.exists() {
         return Ok(None);
     }
-    let bytes = crate::mapfile::MappedFile::open(&path, "")?;
-    let meta = metadata(&bytes, &path)?;
-    config_of(&meta, &path).map(Some)
+    let bytes = MappedFile::open(&path, "")?;
+    let config = config_of(&metadata(&bytes, &path)?, &path)?;
+    Ok(Some(CheckpointFile { path, bytes, config }))
+}
+
+impl CheckpointFile {
+    pub fn load(&self) -> Result<Checkpoint> {
+        parse(&self.bytes, &self.path)
+    }
 }
 
 /// The checked metadata of a checkpoint file's header.

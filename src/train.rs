@@ -274,12 +274,9 @@ fn open_stream(pattern: &str, flag: &str, a: &TrainArgs, cfg: &GptConfig, window
 fn plan(a: &TrainArgs, device: &Device) -> Result<Plan> {
     // A resumed run's model is read from its checkpoint's header: the memory check below comes
     // before the checkpoint's tensors are loaded.
-    let resume_from = match &a.resume {
-        Some(dir) => checkpoint::peek_config(dir)?.map(|config| (dir, config)),
-        None => None,
-    };
+    let resume_from = a.resume.as_deref().map(checkpoint::open).transpose()?.flatten();
     let config = match (&resume_from, &a.init) {
-        (Some((_, config)), _) => *config,
+        (Some(file), _) => file.config,
         (None, Some(dir)) => modelio::load_config(dir)?,
         (None, None) => model_config(a)?,
     };
@@ -295,12 +292,8 @@ fn plan(a: &TrainArgs, device: &Device) -> Result<Plan> {
     let val = a.val.as_deref().map(|v| open_stream(v, "--val", a, &config, window)).transpose()?;
     let steps = a.steps.unwrap_or_else(|| (train.len() / step_tokens).max(1));
     let (params, init_source, resumed) = match (resume_from, &a.init) {
-        (Some((dir, config)), _) => {
-            let path = dir.join(checkpoint::CHECKPOINT_FILE);
-            let ck = checkpoint::load(dir)?.with_context(|| format!("{}: vanished", path.display()))?;
-            if ck.config != config {
-                bail!("{}: changed while the run was starting", path.display());
-            }
+        (Some(file), _) => {
+            let ck = file.load()?;
             (ck.params, "the run's checkpoint".to_string(), Some((ck.optimizer, ck.state)))
         }
         (None, Some(dir)) => (modelio::load_params(dir, &config)?, dir.display().to_string(), None),
@@ -396,7 +389,7 @@ fn memory_refusal(
     batch: Option<(usize, usize)>,
     available: &AvailableMemory,
 ) -> Option<String> {
-    let needed: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+    let needed = plan_bytes(plan);
     if needed as u64 <= available.bytes {
         return None;
     }
@@ -423,7 +416,7 @@ fn check_gpu_memory(gpu: &Gpu, cfg: &GptConfig, b: usize, t: usize, precision: P
 
 /// The one-line refusal of a GPU run whose buffers (`plan`) exceed the `free` device memory.
 fn gpu_memory_refusal(plan: &[(&str, usize)], free: usize, gpu_name: &str, precision: Precision) -> Option<String> {
-    let needed: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+    let needed = plan_bytes(plan);
     (needed > free).then(|| {
         format!(
             "not enough GPU memory: training needs {} ({}) but {} is free on {gpu_name}; lower --batch-size or \
@@ -434,6 +427,11 @@ fn gpu_memory_refusal(plan: &[(&str, usize)], free: usize, gpu_name: &str, preci
             if precision == Precision::F32 { ", use --precision bf16" } else { "" }
         )
     })
+}
+
+/// The bytes of a memory plan, all parts together.
+fn plan_bytes(plan: &[(&str, usize)]) -> usize {
+    plan.iter().map(|(_, bytes)| bytes).sum()
 }
 
 fn describe_plan(plan: &[(&str, usize)]) -> String {
@@ -529,7 +527,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         }
         Device::Cuda(gpu, precision) => {
             let plan = gpu_memory_plan(&cfg, b, t, *precision);
-            let total: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+            let total = plan_bytes(&plan);
             println!(
                 "device: cuda, {} (compute {}.{}, {} kernels), {precision}{why}",
                 gpu.name, gpu.capability.0, gpu.capability.1, gpu.ptx_arch
@@ -837,7 +835,7 @@ mod tests {
         let cfg = GptConfig::preset(Preset::Gpt2);
         for precision in [Precision::Bf16, Precision::F32] {
             let plan = gpu_memory_plan(&cfg, 8, 1024, precision);
-            let needed: usize = plan.iter().map(|(_, bytes)| bytes).sum();
+            let needed = plan_bytes(&plan);
             assert_eq!(gpu_memory_refusal(&plan, needed, "H200", precision), None);
             let refusal = gpu_memory_refusal(&plan, needed - 1, "H200", precision).expect("one byte short");
             assert!(refusal.starts_with(&format!("not enough GPU memory: training needs {} (", human_bytes(needed))));
@@ -849,7 +847,7 @@ mod tests {
             assert_eq!(refusal.contains("--precision bf16"), precision == Precision::F32, "{refusal}");
         }
         // bf16 storage halves the weights and the activations the plan counts.
-        let bytes = |p| gpu_memory_plan(&cfg, 8, 1024, p).iter().map(|(_, b)| b).sum::<usize>();
+        let bytes = |p| plan_bytes(&gpu_memory_plan(&cfg, 8, 1024, p));
         assert!(bytes(Precision::Bf16) < bytes(Precision::F32));
     }
 }
