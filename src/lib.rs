@@ -9,6 +9,7 @@ pub mod data;
 pub mod engine;
 pub mod fsutil;
 pub mod infer;
+pub mod interrupt;
 pub mod layout;
 pub mod mapfile;
 pub mod model;

@@ -49,10 +49,17 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the error and its causes joined by ": ".
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<finch::interrupt::Interrupted>() {
+            // Stopped by Ctrl-C or SIGTERM after saving its work: not an error, nor a finished run.
+            Some(stop) => {
+                eprintln!("{stop}");
+                ExitCode::from(stop.exit_code())
+            }
+            None => {
+                // One line: the error and its causes joined by ": ".
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -145,7 +145,8 @@ fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-fn write_stderr(mut bytes: &[u8]) {
+/// Writes to stderr with write(2) alone: safe inside a signal handler.
+pub(crate) fn write_stderr(mut bytes: &[u8]) {
     while !bytes.is_empty() {
         // SAFETY: writes from a valid slice to fd 2.
         let n = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };

@@ -10,6 +10,7 @@ use crate::engine::{first_nonfinite, Device, Engine};
 use crate::fsutil::{
     check_free_space, create_dir, explain_write_error, lock_run_dir, remove_stale_temp_files, write_atomically,
 };
+use crate::interrupt::{signal_name, Interrupted, StopOnSignal};
 use crate::layout::{activation_count, ParamLayout};
 use crate::model::init_params;
 use crate::modelio;
@@ -585,6 +586,9 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     let mut skipped: Vec<usize> = log.as_ref().map(|l| l.skipped_before.clone()).unwrap_or_default();
 
     let console = Console::new(state.step, plan.steps);
+    // From here on Ctrl-C or SIGTERM finishes the step under way and checkpoints it (see
+    // interrupt); before, there is nothing to save, and a signal stops the run at once.
+    let stop_on_signal = args.out.as_deref().map(|dir| StopOnSignal::install(dir, last_checkpoint.is_some()));
     let (mut buf, mut x, mut y) = (Vec::new(), vec![0u32; b * t], vec![0u32; b * t]);
     while state.step < plan.steps {
         let step = state.step + 1;
@@ -645,14 +649,35 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         if let Some(log) = &mut log {
             log.write(&record).map_err(|e| mid_run(e, args.out.as_deref(), last_checkpoint))?;
         }
+        let stop = stop_on_signal.as_ref().and_then(StopOnSignal::requested).filter(|_| step < plan.steps);
         if let Some(dir) = &args.out {
-            if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 || step == plan.steps {
+            let due = args.checkpoint_every > 0 && step % args.checkpoint_every == 0 || step == plan.steps;
+            if due || stop.is_some() {
                 save_checkpoint(dir, &engine, &layout, &cfg, &state, log.as_ref(), checkpoint_bytes)
                     .map_err(|e| mid_run(e, Some(dir), last_checkpoint))?;
                 last_checkpoint = Some(step);
+                if let Some(watch) = &stop_on_signal {
+                    watch.checkpoint_written();
+                }
+            }
+            if let Some(signal) = stop {
+                console.finish();
+                return Err(Interrupted {
+                    signal,
+                    message: format!(
+                        "stopped by {} after step {step} of {}; its checkpoint is in {}: continue with finch train \
+                         --resume {2}",
+                        signal_name(signal),
+                        plan.steps,
+                        dir.display()
+                    ),
+                }
+                .into());
             }
         }
     }
+    // A signal now lets the final outputs be written; a second one stops at once, and --resume
+    // writes them from the last checkpoint.
     console.finish();
     engine.with_state(|params, _| write_final_outputs(&args, &cfg, params, plan.log_path.as_deref(), real_params))?;
     if !skipped.is_empty() {

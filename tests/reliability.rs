@@ -1,6 +1,7 @@
 //! Reliability: a run survives SIGKILL at any moment (checkpoint writes included) and resumes bit
 //! for bit; two runs cannot share a run directory; a read-only or full disk, and a loss that
-//! blows up, each get one clear line and never cost the last good checkpoint.
+//! blows up, each get one clear line and never cost the last good checkpoint. Ctrl-C and SIGTERM
+//! stop a run after checkpointing the step under way.
 //!
 //! The tests that need a small or read-only file system mount a tmpfs (Linux, root). Where that
 //! is not permitted they write "skipped: cannot mount a small tmpfs (reason)" straight to the
@@ -276,6 +277,111 @@ fn sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_is_bit_exa
         count(|m| matches!(m, Moment::InModelWrite)),
         started.elapsed().as_secs_f64()
     ));
+}
+
+/// `spawn`, keeping stderr to read.
+fn spawn_keeping_stderr(args: &[String], pause_ms: u64) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_finch"))
+        .args(args)
+        .env(PAUSE_BEFORE_RENAME_ENV, pause_ms.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start finch")
+}
+
+fn send(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+}
+
+/// Ctrl-C and SIGTERM (what schedulers send before SIGKILL) finish the step under way, checkpoint
+/// it although no checkpoint is due, and exit with 128 + the signal; a second signal stops at
+/// once, keeping the last checkpoint whole (here it lands while a checkpoint write is held
+/// between its sync and rename). Every such run resumes to the uninterrupted run's log,
+/// checkpoint and model, bit for bit.
+#[test]
+fn a_stop_signal_checkpoints_the_step_under_way_a_second_stops_at_once_and_resume_is_bit_exact() {
+    const STEPS: usize = 40;
+    const PAUSE_MS: u64 = 2000;
+    let dir = TempDir::new("stop");
+    let (data, val) = (dir.path("train.bin"), dir.path("val.bin"));
+    write_llmc_u16(&data, &tokens(20_000, 97, 41)).unwrap();
+    write_llmc_u16(&val, &tokens(2_000, 97, 42)).unwrap();
+    let (data, val) = (data.to_str().unwrap(), val.to_str().unwrap());
+    let whole = dir.path("whole");
+    let out =
+        finch(&kill_run_args(data, val, whole.to_str().unwrap(), STEPS).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let model = |d: &Path| std::fs::read(d.join("model/model.safetensors")).unwrap();
+    let resume_to_the_end = |run: &Path| {
+        let out = finch(&["train", "--resume", run.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(
+            deterministic_step_lines(&run.join("log.jsonl")),
+            deterministic_step_lines(&whole.join("log.jsonl"))
+        );
+        assert_same_checkpoint(&load_checkpoint(&whole), &load_checkpoint(run));
+        assert!(model(&whole) == model(run), "final weights differ");
+    };
+
+    // One signal, with no checkpoint due before the end (--checkpoint-every 0).
+    for (signal, name, code) in [(libc::SIGTERM, "SIGTERM", 143), (libc::SIGINT, "SIGINT", 130)] {
+        let run = dir.path(name);
+        let r = run.to_str().unwrap();
+        let mut args = kill_run_args(data, val, r, STEPS);
+        args.extend(strings(&["--checkpoint-every", "0"]));
+        let mut child = spawn_keeping_stderr(&args, 0);
+        assert!(wait_for(Moment::AfterStep { step: 5, ms: 0 }, &mut child, &run), "the run ended before step 5");
+        send(&child, signal);
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{name}: {err}");
+        let step = load_checkpoint(&run).state.step;
+        assert!((5..STEPS).contains(&step), "{name}: checkpoint of step {step}");
+        assert_eq!(complete_step_lines(&run.join("log.jsonl")), step, "{name}: the log and the checkpoint disagree");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{err}");
+        assert!(lines[0].starts_with(&format!("{name}: stopping after the step under way")), "{err}");
+        let stopped = format!("stopped by {name} after step {step} of {STEPS}; its checkpoint is in {r}: continue with finch train --resume {r}");
+        assert_eq!(lines[1], stopped);
+        resume_to_the_end(&run);
+    }
+
+    // Two signals while a checkpoint write is held for PAUSE_MS between its sync and rename: the
+    // first, before the run's first checkpoint (step 2), and after it (step 4).
+    for (writing, signal, name, code) in [(2, libc::SIGINT, "SIGINT", 130), (4, libc::SIGTERM, "SIGTERM", 143)] {
+        let run = dir.path(&format!("twice-{writing}"));
+        let r = run.to_str().unwrap();
+        let mut child = spawn_keeping_stderr(&kill_run_args(data, val, r, STEPS), PAUSE_MS);
+        let (log, deadline) = (run.join("log.jsonl"), Instant::now() + Duration::from_secs(60));
+        while !(complete_step_lines(&log) >= writing && run.join(".checkpoint.safetensors.tmp").exists()) {
+            assert!(
+                Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+                "no checkpoint write of step {writing}"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // The log is synced before its checkpoint, and nothing moves during the pause.
+        assert_eq!(complete_step_lines(&log), writing);
+        send(&child, signal);
+        std::thread::sleep(Duration::from_millis(100));
+        send(&child, signal);
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{name} twice: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{err}");
+        assert!(lines[0].starts_with(&format!("{name}: stopping after the step under way")), "{err}");
+        if writing == 2 {
+            assert_eq!(lines[1], format!("{name} again: stopped at once, before the run's first checkpoint: start it again with finch train --resume {r}"));
+            assert!(!run.join(checkpoint::CHECKPOINT_FILE).exists());
+        } else {
+            assert_eq!(lines[1], format!("{name} again: stopped at once, without finishing the step; the last checkpoint in {r} is intact: continue with finch train --resume {r}"));
+            assert_eq!(load_checkpoint(&run).state.step, writing - 2, "the held write was not abandoned");
+        }
+        resume_to_the_end(&run);
+    }
 }
 
 fn long_run_args(data: &str, out: &str, steps: usize) -> Vec<String> {
