@@ -21,14 +21,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// finch with `args`, its atomic writes held `pause_ms` between sync and rename, stdout dropped.
+fn finch_command(args: &[String], pause_ms: u64) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_finch"));
+    command.args(args).env(PAUSE_BEFORE_RENAME_ENV, pause_ms.to_string()).stdout(Stdio::null());
+    command
+}
+
 fn spawn(args: &[String], pause_ms: u64) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_finch"))
-        .args(args)
-        .env(PAUSE_BEFORE_RENAME_ENV, pause_ms.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start finch")
+    finch_command(args, pause_ms).stderr(Stdio::null()).spawn().expect("start finch")
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -281,13 +282,7 @@ fn sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_is_bit_exa
 
 /// `spawn`, keeping stderr to read.
 fn spawn_keeping_stderr(args: &[String], pause_ms: u64) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_finch"))
-        .args(args)
-        .env(PAUSE_BEFORE_RENAME_ENV, pause_ms.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start finch")
+    finch_command(args, pause_ms).stderr(Stdio::piped()).spawn().expect("start finch")
 }
 
 fn send(child: &Child, signal: libc::c_int) {
