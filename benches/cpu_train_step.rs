@@ -5,9 +5,10 @@
 //! Prints each step and the median: ms/step and tokens/s. Random tokens and random init: the
 //! arithmetic does not depend on the values.
 
-use finch::config::{GptConfig, Preset};
+use finch::cpu::model::Gpt;
 use finch::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
-use finch::model::{init_params, Gpt};
+use finch::model::config::{GptConfig, Preset};
+use finch::model::init::init_params;
 use std::time::Instant;
 
 fn main() {

@@ -1,3 +1,6 @@
+//! The `finch` binary: parses the command line (clap), runs the subcommand from `finch::cli`, and
+//! turns an error into one line and a non-zero exit.
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -13,19 +16,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Zero setup: generate a small corpus, train a small GPT on it and sample from it
-    Quickstart(finch::quickstart::QuickstartArgs),
+    Quickstart(finch::cli::quickstart::QuickstartArgs),
     /// Turn text (files, directories, JSONL, stdin) into token shards
-    Tokenize(finch::tokenize::TokenizeArgs),
+    Tokenize(finch::cli::tokenize::TokenizeArgs),
     /// Train a GPT-2 model on a token file
-    Train(Box<finch::train::TrainArgs>),
+    Train(Box<finch::cli::train::TrainArgs>),
     /// Generate text from a saved model
-    Sample(finch::sample::SampleArgs),
+    Sample(finch::cli::sample::SampleArgs),
     /// Plot loss curves from training logs to SVG or PNG
-    Plot(finch::plot::PlotArgs),
+    Plot(finch::cli::plot::PlotArgs),
     /// Benchmark GPU kernels against cuBLAS (needs a GPU)
-    Bench(finch::cuda::bench::BenchArgs),
+    Bench(finch::cli::bench::BenchArgs),
     /// Check every GPU kernel against the CPU reference on this machine
-    Check(finch::cuda::check::CheckArgs),
+    Check(finch::cli::check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,18 +41,18 @@ fn main() -> ExitCode {
         Command::Train(args) => {
             let sub = matches.subcommand_matches("train").expect("train was parsed");
             let is_explicit = |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
-            finch::train::run(*args, &is_explicit)
+            finch::cli::train::run(*args, &is_explicit)
         }
-        Command::Quickstart(args) => finch::quickstart::run(args),
-        Command::Tokenize(args) => finch::tokenize::run(args),
-        Command::Sample(args) => finch::sample::run(args),
-        Command::Plot(args) => finch::plot::run(args),
-        Command::Bench(args) => finch::cuda::bench::run(args),
-        Command::Check(args) => finch::cuda::check::run(args),
+        Command::Quickstart(args) => finch::cli::quickstart::run(args),
+        Command::Tokenize(args) => finch::cli::tokenize::run(args),
+        Command::Sample(args) => finch::cli::sample::run(args),
+        Command::Plot(args) => finch::cli::plot::run(args),
+        Command::Bench(args) => finch::cli::bench::run(args),
+        Command::Check(args) => finch::cli::check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => match e.downcast_ref::<finch::interrupt::Interrupted>() {
+        Err(e) => match e.downcast_ref::<finch::os::interrupt::Interrupted>() {
             // Stopped by Ctrl-C or SIGTERM after saving its work: not an error, nor a finished run.
             Some(stop) => {
                 eprintln!("{stop}");

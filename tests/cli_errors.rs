@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_one_line_error, finch, text, tokens, TempDir, FIXTURE, TINY_MODEL};
-use finch::data::{llmc_header, write_llmc_u16};
+use finch::formats::tokens::{llmc_header, write_llmc_u16};
 
 /// Runs `finch train` with a tiny model and asserts it fails with one line containing `wants`.
 fn fails_with(extra: &[&str], wants: &[&str]) {

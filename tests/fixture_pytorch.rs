@@ -4,11 +4,11 @@
 mod common;
 
 use common::{finch, step_lines, text, TempDir, FIXTURE};
+use finch::cpu::model::Gpt;
 use finch::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
-use finch::data::{BatchWalker, DataFormat, TokenStream};
-use finch::layout::ParamLayout;
-use finch::model::Gpt;
-use finch::modelio;
+use finch::formats::huggingface;
+use finch::formats::tokens::{BatchWalker, DataFormat, TokenStream};
+use finch::model::layout::ParamLayout;
 use safetensors::SafeTensors;
 use std::path::Path;
 
@@ -31,10 +31,10 @@ impl Expected {
     }
 }
 
-fn init_model<F: finch::real::Real>() -> Gpt<F> {
+fn init_model<F: finch::cpu::real::Real>() -> Gpt<F> {
     let dir = Path::new(FIXTURE).join("init");
-    let cfg = modelio::load_config(&dir).unwrap();
-    let params = modelio::load_params(&dir, &cfg).unwrap();
+    let cfg = huggingface::load_config(&dir).unwrap();
+    let params = huggingface::load_params(&dir, &cfg).unwrap();
     Gpt::new(cfg, params.iter().map(|&p| F::from_f64(p as f64)).collect())
 }
 
@@ -206,8 +206,8 @@ fn cli_training_contract_matches_pytorch_in_f32() {
     // f32 it is rounding noise of ~1e-9, comparable to eps, and Adam's g/sqrt(v) turns noise into
     // steps of ~lr, so it drifts differently in any two implementations. Every other tensor
     // agreed within 3.4e-5 of its scale when measured; 1e-4 is the bound.
-    let cfg = modelio::load_config(&save).unwrap();
-    let params: Vec<f64> = modelio::load_params(&save, &cfg).unwrap().iter().map(|&p| p as f64).collect();
+    let cfg = huggingface::load_config(&save).unwrap();
+    let params: Vec<f64> = huggingface::load_params(&save, &cfg).unwrap().iter().map(|&p| p as f64).collect();
     let layout = ParamLayout::new(&cfg);
     let c = cfg.n_embd;
     for spec in &layout.specs {

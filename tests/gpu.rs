@@ -11,8 +11,8 @@ use common::{deterministic_step_lines, finch, report, text, tokens, TempDir};
 use finch::cuda::check::{kernel_checks, print_table, small_model, training_check, CheckRow};
 use finch::cuda::model::GpuGpt;
 use finch::cuda::{Gpu, Precision};
-use finch::data::write_llmc_u16;
-use finch::model::init_params;
+use finch::formats::tokens::write_llmc_u16;
+use finch::model::init::init_params;
 use std::sync::Arc;
 
 fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {

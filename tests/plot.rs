@@ -4,7 +4,7 @@ mod common;
 
 use clap::Parser;
 use common::TempDir;
-use finch::plot::{plot_logs, plot_logs_with, run, PlotArgs, PlotOptions};
+use finch::cli::plot::{plot_logs, plot_logs_with, run, PlotArgs, PlotOptions};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,7 @@
 //!
 //! The tests that need a small or read-only file system mount a tmpfs (Linux, root). Where that
 //! is not permitted they write "skipped: cannot mount a small tmpfs (reason)" straight to the
-//! terminal and return; the unit tests in src/fsutil.rs cover the same messages with injected
+//! terminal and return; the unit tests in src/os/files.rs cover the same messages with injected
 //! errors.
 
 mod common;
@@ -13,9 +13,9 @@ mod common;
 use common::tokens;
 use common::{assert_one_line_error, complete_step_lines, deterministic_step_lines, finch, report, step_lines, text};
 use common::{TempDir, TINY_MODEL};
-use finch::checkpoint::{self, Checkpoint};
-use finch::data::write_llmc_u16;
-use finch::fsutil::{explain_write_error, free_space, io_cause, PAUSE_BEFORE_RENAME_ENV};
+use finch::formats::checkpoint::{self, Checkpoint};
+use finch::formats::tokens::write_llmc_u16;
+use finch::os::files::{explain_write_error, free_space, io_cause, PAUSE_BEFORE_RENAME_ENV};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -414,7 +414,7 @@ fn a_second_run_on_a_busy_directory_fails_at_once_and_a_killed_runs_lock_does_no
     // SIGKILL: the kernel drops the lock with the process; the .lock file (and its pid) stays.
     first.kill().unwrap();
     first.wait().unwrap();
-    assert!(run.join(finch::fsutil::LOCK_FILE).exists());
+    assert!(run.join(finch::os::files::LOCK_FILE).exists());
     let step = load_checkpoint(&run).state.step;
     let more = (step + 2).to_string();
     let resumed = finch(&["train", "--resume", r, "--steps", &more]);

@@ -11,8 +11,8 @@ mod common;
 use common::{
     assert_one_line_error, deterministic_step_lines, finch, report, text, tokens, TempDir, FIXTURE, TINY_MODEL,
 };
-use finch::checkpoint;
-use finch::data::write_llmc_u16;
+use finch::formats::checkpoint;
+use finch::formats::tokens::write_llmc_u16;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -80,7 +80,7 @@ fn finch_within(args: &[&str], limit: Duration) -> Output {
 /// An llm.c header claiming `count` uint16 tokens, in a sparse file of the matching size: gigabytes
 /// that take no disk space.
 fn sparse_token_file(path: &Path, count: i32) {
-    let header = finch::data::llmc_header(1, count);
+    let header = finch::formats::tokens::llmc_header(1, count);
     std::fs::write(path, &header).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.set_len(header.len() as u64 + 2 * count as u64).unwrap();
@@ -165,10 +165,10 @@ struct Cgroup {
 impl Cgroup {
     /// A new child cgroup with `controller` (v1 name: memory, blkio); Err says why not.
     fn create(controller: &str, name: &str) -> Result<Cgroup, String> {
-        let (own, v2) = finch::resources::cgroups(controller)
+        let (own, v2) = finch::os::resources::cgroups(controller)
             .into_iter()
             .find(|(_, v2)| !v2)
-            .or_else(|| finch::resources::cgroups(controller).into_iter().next())
+            .or_else(|| finch::os::resources::cgroups(controller).into_iter().next())
             .ok_or_else(|| format!("no {controller} cgroup hierarchy is mounted"))?;
         let dir = own.join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{complete_step_lines, deterministic_step_lines, finch, step_lines, text, tokens, TempDir, TINY_MODEL};
-use finch::data::write_llmc_u16;
+use finch::formats::tokens::write_llmc_u16;
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -5,8 +5,9 @@ mod common;
 
 use clap::Parser;
 use common::TempDir;
-use finch::data::{DataFormat, TokenStream};
-use finch::tokenize::{goes_to_val, gpt2_encode, run, TokenizeArgs};
+use finch::cli::tokenize::{goes_to_val, run, TokenizeArgs};
+use finch::formats::tokenizer::gpt2_encode;
+use finch::formats::tokens::{DataFormat, TokenStream};
 use std::path::Path;
 
 const EOT: u32 = 50256;

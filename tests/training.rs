@@ -3,9 +3,10 @@
 mod common;
 
 use common::{deterministic_step_lines, finch, text, tokens, TempDir};
-use finch::config::GptConfig;
-use finch::data::write_llmc_u16;
-use finch::model::{init_params, Gpt};
+use finch::cpu::model::Gpt;
+use finch::formats::tokens::write_llmc_u16;
+use finch::model::config::GptConfig;
+use finch::model::init::init_params;
 
 fn tiny() -> GptConfig {
     GptConfig { n_layer: 2, n_head: 2, n_embd: 8, vocab_size: 11, n_positions: 6, layer_norm_epsilon: 1e-5 }
@@ -78,7 +79,7 @@ fn gradient_accumulation_equals_one_big_batch() {
 
 #[test]
 fn the_same_seed_gives_the_same_weights_and_padding_stays_zero() {
-    let cfg = GptConfig::preset(finch::config::Preset::Gpt2);
+    let cfg = GptConfig::preset(finch::model::config::Preset::Gpt2);
     let small = GptConfig { n_layer: 2, ..tiny() };
     assert_eq!(init_params(&small, 42), init_params(&small, 42));
     assert_ne!(init_params(&small, 42), init_params(&small, 43));
@@ -90,7 +91,7 @@ fn the_same_seed_gives_the_same_weights_and_padding_stays_zero() {
     let big = init_params(&cfg, 1);
     let wte = cfg.vocab_size * cfg.n_embd..cfg.padded_vocab_size() * cfg.n_embd;
     assert!(big[wte].iter().all(|&x| x == 0.0));
-    let layout = finch::layout::ParamLayout::new(&cfg);
+    let layout = finch::model::layout::ParamLayout::new(&cfg);
     let std_of = |name: &str| {
         let s = &big[layout.get(name).unwrap().range()];
         (s.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / s.len() as f64).sqrt()

@@ -34,8 +34,8 @@ fuzz_target!(|input: &[u8]| {
             with_header(&serde_json::to_vec(&json).unwrap(), data)
         }
     };
-    if let Ok(ckpt) = finch::checkpoint::parse(&file, Path::new("checkpoint.safetensors")) {
-        let n = finch::layout::ParamLayout::new(&ckpt.config).total;
+    if let Ok(ckpt) = finch::formats::checkpoint::parse(&file, Path::new("checkpoint.safetensors")) {
+        let n = finch::model::layout::ParamLayout::new(&ckpt.config).total;
         assert_eq!(ckpt.params.len(), n);
         assert_eq!(ckpt.optimizer.m.len(), n);
         assert_eq!(ckpt.optimizer.v.len(), n);

@@ -2,13 +2,13 @@
 //! writers so they follow the formats as they are.
 #![allow(dead_code)]
 
-use finch::checkpoint::{TrainState, CHECKPOINT_FILE};
-use finch::config::GptConfig;
+use finch::formats::checkpoint::{TrainState, CHECKPOINT_FILE};
+use finch::model::config::GptConfig;
 use finch::cpu::optimizer::AdamW;
-use finch::data::BatchWalker;
-use finch::layout::ParamLayout;
-use finch::modelio::{CONFIG_FILE, WEIGHTS_FILE};
-use finch::rng::Rng;
+use finch::formats::tokens::BatchWalker;
+use finch::model::layout::ParamLayout;
+use finch::formats::huggingface::{CONFIG_FILE, WEIGHTS_FILE};
+use finch::model::rng::Rng;
 use std::path::PathBuf;
 use std::sync::LazyLock;
 
@@ -31,7 +31,7 @@ fn params() -> Vec<f32> {
 /// (config.json, model.safetensors) of TINY, as `save_model` writes them.
 pub static MODEL: LazyLock<(Vec<u8>, Vec<u8>)> = LazyLock::new(|| {
     let dir = scratch_dir("model");
-    finch::modelio::save_model(&dir, &TINY, &params(), "--out").expect("save_model");
+    finch::formats::huggingface::save_model(&dir, &TINY, &params(), "--out").expect("save_model");
     let files = (std::fs::read(dir.join(CONFIG_FILE)).unwrap(), std::fs::read(dir.join(WEIGHTS_FILE)).unwrap());
     std::fs::remove_dir_all(&dir).ok();
     files
@@ -45,7 +45,7 @@ pub static CHECKPOINT: LazyLock<Vec<u8>> = LazyLock::new(|| {
     adam.t = 7;
     adam.v.iter_mut().for_each(|v| *v = 0.5);
     let state = TrainState { step: 7, walker: BatchWalker { position: 12 }, rng: Rng::new(42) };
-    finch::checkpoint::save(&dir, &TINY, &p, &adam, &state).expect("checkpoint::save");
+    finch::formats::checkpoint::save(&dir, &TINY, &p, &adam, &state).expect("checkpoint::save");
     let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     bytes

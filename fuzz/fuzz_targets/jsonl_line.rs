@@ -2,7 +2,8 @@
 //! yields through the GPT-2 encoder, which must equal tiktoken's and not depend on chunking.
 #![no_main]
 
-use finch::tokenize::{gpt2_chunks, parse_jsonl_line, Gpt2};
+use finch::cli::tokenize::parse_jsonl_line;
+use finch::formats::tokenizer::{gpt2_chunks, Gpt2};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use finch::trainlog::JsonlLog;
+use finch::formats::trainlog::JsonlLog;
 use libfuzzer_sys::fuzz_target;
 use std::sync::LazyLock;
 

@@ -1,7 +1,7 @@
-//! config.json of a model directory: `modelio::parse_config`.
+//! config.json of a model directory: `huggingface::parse_config`.
 #![no_main]
 
-use finch::modelio::parse_config;
+use finch::formats::huggingface::parse_config;
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 

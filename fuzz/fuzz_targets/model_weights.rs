@@ -1,12 +1,12 @@
-//! model.safetensors of a model directory: `modelio::parse_params`, against a fixed or a
+//! model.safetensors of a model directory: `huggingface::parse_params`, against a fixed or a
 //! fuzzed config.json.
 #![no_main]
 
 mod common;
 
 use common::{corrupt, split_safetensors, with_header, MODEL, TINY};
-use finch::layout::ParamLayout;
-use finch::modelio::{parse_config, parse_params};
+use finch::model::layout::ParamLayout;
+use finch::formats::huggingface::{parse_config, parse_params};
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! `TokenStream::open` runs on every memory-mapped shard.
 #![no_main]
 
-use finch::data::{parse_token_file, DataFormat, TokenLayout, LLMC_HEADER_BYTES, LLMC_MAGIC};
+use finch::formats::tokens::{parse_token_file, DataFormat, TokenLayout, LLMC_HEADER_BYTES, LLMC_MAGIC};
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 

@@ -8,5 +8,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {
     let Ok(text) = std::str::from_utf8(input) else { return };
-    let _ = finch::train::check_saved_args(text);
+    let _ = finch::cli::train::check_saved_args(text);
 });

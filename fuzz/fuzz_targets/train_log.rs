@@ -2,7 +2,7 @@
 //! (split at NUL bytes), with fuzzed --smooth and --log-y, as SVG (and sometimes PNG).
 #![no_main]
 
-use finch::plot::{plot_log_texts, PlotOptions};
+use finch::cli::plot::{plot_log_texts, PlotOptions};
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 

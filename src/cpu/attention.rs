@@ -4,7 +4,7 @@
 //! recomputes the probabilities, so this reference and the GPU kernels share one activation
 //! layout and nothing of size T×T is ever stored.
 
-use crate::real::Real;
+use crate::cpu::real::Real;
 use rayon::prelude::*;
 
 /// qkv (B, T, 3C): per position, the C query channels, then C key, then C value channels;

@@ -1,6 +1,6 @@
 //! Fused softmax + cross-entropy over a padded vocabulary.
 
-use crate::real::Real;
+use crate::cpu::real::Real;
 use rayon::prelude::*;
 
 /// logits (N, Vp) → probs (N, Vp): softmax over the first V columns, exactly 0 in the padding;

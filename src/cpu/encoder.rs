@@ -1,6 +1,6 @@
 //! Token + position embedding.
 
-use crate::real::Real;
+use crate::cpu::real::Real;
 
 /// out (B,T,C) = wte[inp[b,t]] (Vp,C) + wpe[t] (maxT,C).
 pub fn encoder_forward<F: Real>(out: &mut [F], inp: &[u32], wte: &[F], wpe: &[F], b: usize, t: usize, c: usize) {

@@ -1,6 +1,6 @@
 //! GELU, tanh approximation (GPT-2's "gelu_new").
 
-use crate::real::Real;
+use crate::cpu::real::Real;
 use rayon::prelude::*;
 
 const CHUNK: usize = 4096;

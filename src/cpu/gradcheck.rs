@@ -1,6 +1,6 @@
 //! Finite-difference gradient checks in f64, shared by the op tests.
 
-use crate::rng::Rng;
+use crate::model::rng::Rng;
 
 /// Random values in [-1, 1) from a fixed seed: never zeros, so no gradient term can hide.
 pub fn random(n: usize, seed: u64) -> Vec<f64> {

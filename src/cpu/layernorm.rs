@@ -1,6 +1,6 @@
 //! LayerNorm over the channel dimension.
 
-use crate::real::Real;
+use crate::cpu::real::Real;
 use rayon::prelude::*;
 
 /// out (N,C) = (inp - mean) · rstd · weight + bias for each of the N rows, where

@@ -1,6 +1,6 @@
 //! Matmul with optional bias, for both weight layouts the model uses.
 
-use crate::real::{Mat, Real};
+use crate::cpu::real::{Mat, Real};
 use rayon::prelude::*;
 
 /// How a weight of a layer mapping C inputs to OC outputs is stored.

@@ -1,9 +1,12 @@
-//! The CPU reference: one file per op, each with an explicit forward and backward (no autograd).
+//! The CPU reference engine, the oracle every GPU kernel is judged against: one file per op, each
+//! with an explicit forward and backward (no autograd); the GPT-2 model composed from them
+//! (`model`); token-by-token inference with a KV cache (`infer`); and the float types and GEMM
+//! they compute with (`real`).
 //!
 //! Conventions (from llm.c): every function opens with the shapes it works on; backward
 //! functions *accumulate* (`+=`) into their gradient outputs, so a tensor used twice simply
 //! receives two contributions; the caller zeroes gradients once per step.
-//! Ops are generic over [`Real`](crate::real::Real): training runs them in f32, the gradient
+//! Ops are generic over [`Real`](crate::cpu::real::Real): training runs them in f32, the gradient
 //! checks in f64. Parallel loops split work into pieces fixed by the shapes alone, never by the
 //! thread count, so results are bit-identical run to run on any number of cores.
 
@@ -11,9 +14,12 @@ pub mod attention;
 pub mod crossentropy;
 pub mod encoder;
 pub mod gelu;
+pub mod infer;
 pub mod layernorm;
 pub mod matmul;
+pub mod model;
 pub mod optimizer;
+pub mod real;
 pub mod residual;
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Global gradient norm, clipping and AdamW, as PyTorch defines them.
 
-use crate::layout::{gets_weight_decay, ParamLayout};
-use crate::real::Real;
+use crate::cpu::real::Real;
+use crate::model::layout::{gets_weight_decay, ParamLayout};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -120,7 +120,7 @@ impl<F: Real> AdamW<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GptConfig;
+    use crate::model::config::GptConfig;
 
     #[test]
     fn clipping_follows_torch() {

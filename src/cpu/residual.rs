@@ -1,6 +1,6 @@
 //! Residual connection.
 
-use crate::real::Real;
+use crate::cpu::real::Real;
 
 /// out (N) = a + b.
 pub fn residual_forward<F: Real>(out: &mut [F], a: &[F], b: &[F]) {

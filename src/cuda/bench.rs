@@ -1,4 +1,5 @@
-//! `finch bench matmul`: our matmul kernel against cuBLAS on the same data, in the same run.
+//! The matmul benchmark behind `finch bench matmul`: our kernel against cuBLAS on the same data, in
+//! the same run.
 //!
 //! For each shape: random normal bf16 inputs (two sets, alternated so caches do not flatter),
 //! a correctness check of both against an f64 CPU dot product at sampled outputs, then timing
@@ -8,7 +9,7 @@
 
 use super::ops::{Epilogue, Ops};
 use super::{DPtr, Gpu, Precision};
-use crate::rng::Rng;
+use crate::model::rng::Rng;
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
@@ -16,33 +17,6 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 use serde::Serialize;
 use std::sync::Arc;
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BenchKind {
-    /// The three training products at GPT-2 124M shapes, and square 4096³ and 8192³
-    Matmul,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-#[command(after_help = "Examples:
-  finch bench matmul                     # table: ours vs cuBLAS, TFLOP/s, ratio, % of peak
-  finch bench matmul --json > mm.jsonl   # one JSON object per shape
-  finch bench matmul --shapes square --repeats 100")]
-pub struct BenchArgs {
-    pub kind: BenchKind,
-    /// Which shapes: gpt2 (forward, dX and dW of GPT-2 124M at B·T = 8192 and 16384), square, or all
-    #[arg(long, default_value = "all")]
-    pub shapes: String,
-    /// Timed runs per kernel and shape (the median is reported)
-    #[arg(long, default_value_t = 30)]
-    pub repeats: usize,
-    /// Untimed runs before timing
-    #[arg(long, default_value_t = 5)]
-    pub warmup: usize,
-    /// One JSON object per shape instead of the table
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// Which operand is transposed, as the training products need: forward Y = X·W (NN),
 /// dX = dY·Wᵀ (NT), dW = Xᵀ·dY (TN). All matrices are row-major.
@@ -171,11 +145,11 @@ fn sampled_error(shape: &Shape, a: &[bf16], b: &[bf16], c: &[bf16], rng: &mut Rn
 }
 
 /// One shape: correctness, then timing of ours and cuBLAS.
-fn bench_shape(
+pub fn bench_shape(
     gpu: &Arc<Gpu>,
     blas: &CudaBlas,
     shape: &Shape,
-    args: &BenchArgs,
+    (warmup, repeats): (usize, usize),
     rng: &mut Rng,
 ) -> Result<MatmulResult> {
     let (a_len, b_len) = shape.sizes();
@@ -259,8 +233,8 @@ fn bench_shape(
     let got = gpu.stream.clone_dtoh(&c)?;
     let cublas_error = sampled_error(shape, &host[0].0, &host[0].1, &got, rng);
 
-    let ours_ms = time_ms(gpu, args.warmup, args.repeats, ours)?;
-    let cublas_ms = time_ms(gpu, args.warmup, args.repeats, |set| cublas(set, &mut c))?;
+    let ours_ms = time_ms(gpu, warmup, repeats, ours)?;
+    let cublas_ms = time_ms(gpu, warmup, repeats, |set| cublas(set, &mut c))?;
     let flops = 2.0 * shape.m as f64 * shape.n as f64 * shape.k as f64;
     let tflops = |ms: f64| flops / (ms * 1e-3) / 1e12;
     Ok(MatmulResult {
@@ -278,83 +252,7 @@ fn bench_shape(
 
 /// Correctness bound of the sampled check: bf16 output rounding (2⁻⁸ relative) plus fp32
 /// accumulation, as in `finch check`.
-const TOLERANCE: f64 = 1.6e-2;
-
-pub fn run(args: BenchArgs) -> Result<()> {
-    let BenchKind::Matmul = args.kind;
-    if args.repeats == 0 {
-        bail!("--repeats must be at least 1");
-    }
-    let shapes = shapes(&args.shapes)?;
-    let gpu = Gpu::open()?;
-    // cudarc loads libcublas lazily and panics if it is missing; ask first.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        bail!(
-            "cuBLAS (libcublas.so) could not be loaded; install the CUDA toolkit's cuBLAS or add it to LD_LIBRARY_PATH"
-        );
-    }
-    let blas = CudaBlas::new(gpu.stream.clone()).context("cannot start cuBLAS (is libcublas installed?)")?;
-    let mut rng = Rng::new(1);
-    let mut results = Vec::new();
-    if !args.json {
-        println!(
-            "device: {} ({} kernels); bf16 in and out, fp32 accumulate; median of {} runs",
-            gpu.name, gpu.ptx_arch, args.repeats
-        );
-    }
-    for shape in &shapes {
-        let r = bench_shape(&gpu, &blas, shape, &args, &mut rng)?;
-        if args.json {
-            println!("{}", serde_json::to_string(&r)?);
-        }
-        results.push(r);
-    }
-    let peak = results.iter().map(|r| r.cublas_tflops).fold(0.0, f64::max);
-    if !args.json {
-        println!(
-            "{:<16} {:>2} {:>6} {:>6} {:>6} {:>9} {:>8} {:>9} {:>8} {:>6} {:>6} {:>9} {:>9}",
-            "shape",
-            "op",
-            "M",
-            "N",
-            "K",
-            "ours ms",
-            "TF/s",
-            "cuBLAS ms",
-            "TF/s",
-            "ratio",
-            "%peak",
-            "err ours",
-            "err cuBLAS"
-        );
-        for r in &results {
-            let s = &r.shape;
-            println!(
-                "{:<16} {:>2?} {:>6} {:>6} {:>6} {:>9.3} {:>8.1} {:>9.3} {:>8.1} {:>6.2} {:>5.0}% {:>9.1e} {:>9.1e}",
-                s.name,
-                s.op,
-                s.m,
-                s.n,
-                s.k,
-                r.ours_ms,
-                r.ours_tflops,
-                r.cublas_ms,
-                r.cublas_tflops,
-                r.ratio,
-                100.0 * r.ours_tflops / peak,
-                r.ours_error,
-                r.cublas_error
-            );
-        }
-        println!("peak = the best cuBLAS result of this run: {peak:.1} TFLOP/s");
-    }
-    let wrong: Vec<&MatmulResult> =
-        results.iter().filter(|r| r.ours_error.is_nan() || r.ours_error > TOLERANCE).collect();
-    if !wrong.is_empty() {
-        bail!("{} shapes gave wrong results (sampled error above {TOLERANCE})", wrong.len());
-    }
-    Ok(())
-}
+pub const TOLERANCE: f64 = 1.6e-2;
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
-//! `finch check`: every GPU kernel, forward and backward, against the CPU reference on the
-//! machine at hand, then a few training steps CPU vs GPU.
+//! The checks behind `finch check`: every GPU kernel, forward and backward, against the CPU
+//! reference on the machine at hand, then a few training steps CPU vs GPU.
 //!
 //! Inputs are random normals (never zeros), rounded to the storage precision before either side
 //! sees them, so both compute from identical values; the reference runs in f64. Outputs are
@@ -19,13 +19,14 @@
 
 use super::ops::{layernorm_scratch_len, AdamWScalars, Ops, TokenBuckets, NORM_BLOCKS};
 use super::{DPtr, DeviceBuffer, Gpu, Precision};
-use crate::config::GptConfig;
 use crate::cpu;
 use crate::cpu::matmul::WeightLayout::{self, InOut, OutIn};
+use crate::cpu::model::Gpt;
 use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
-use crate::layout::ParamLayout;
-use crate::model::{init_params, Gpt};
-use crate::rng::Rng;
+use crate::model::config::GptConfig;
+use crate::model::init::init_params;
+use crate::model::layout::ParamLayout;
+use crate::model::rng::Rng;
 use anyhow::Result;
 use std::sync::Arc;
 
@@ -471,7 +472,7 @@ fn check_optimizer(h: &mut Harness, n: usize) -> Result<()> {
 /// A parameter layout holding a single 2-D tensor of n elements (so it gets weight decay).
 fn one_matrix_layout(n: usize) -> ParamLayout {
     ParamLayout {
-        specs: vec![crate::layout::TensorSpec { name: "w".into(), shape: vec![1, n], offset: 0, numel: n }],
+        specs: vec![crate::model::layout::TensorSpec { name: "w".into(), shape: vec![1, n], offset: 0, numel: n }],
         total: n,
     }
 }
@@ -577,24 +578,6 @@ fn gradient_rows(layout: &ParamLayout, cpu: &[f32], gpu: &[f32], precision: Prec
     rows
 }
 
-/// The flags of `finch check`.
-#[derive(clap::Args, Debug, Clone)]
-#[command(after_help = "Examples:
-  finch check                    # every kernel at f32 and bf16, then 10 training steps CPU vs GPU
-  finch check --precision f32    # one precision only
-  finch check --ptxas            # also show registers, shared memory and spills of every kernel")]
-pub struct CheckArgs {
-    /// Check one precision only [default: f32 and bf16]
-    #[arg(long, value_enum)]
-    pub precision: Option<Precision>,
-    /// Seed of the random inputs
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// Print the ptxas report (registers, shared memory, spills) of the embedded kernels
-    #[arg(long)]
-    pub ptxas: bool,
-}
-
 /// Every kernel check, then the training comparison, at each requested precision.
 pub fn run_checks(gpu: &Arc<Gpu>, precisions: &[Precision], seed: u64) -> Result<Vec<CheckRow>> {
     let mut rows = Vec::new();
@@ -603,25 +586,4 @@ pub fn run_checks(gpu: &Arc<Gpu>, precisions: &[Precision], seed: u64) -> Result
         rows.extend(training_check(gpu, precision)?);
     }
     Ok(rows)
-}
-
-/// `finch check`: prints the table; fails if any row fails.
-pub fn run(args: CheckArgs) -> Result<()> {
-    if args.ptxas {
-        println!("ptxas report ({}):\n{}", super::ptx::NVCC.unwrap_or("no nvcc"), super::ptx::PTXAS_REPORT);
-    }
-    let gpu = Gpu::open()?;
-    println!("device: {} (compute {}.{}), {} kernels", gpu.name, gpu.capability.0, gpu.capability.1, gpu.ptx_arch);
-    let precisions = match args.precision {
-        Some(p) => vec![p],
-        None => vec![Precision::F32, Precision::Bf16],
-    };
-    let rows = run_checks(&gpu, &precisions, args.seed)?;
-    print_table(&rows);
-    let failed = rows.iter().filter(|r| !r.passed()).count();
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} checks failed", rows.len());
-    }
-    println!("all {} checks passed", rows.len());
-    Ok(())
 }

@@ -3,7 +3,7 @@
 //! [`Gpu::open`] returns a one-line error and the rest of finch works on the CPU.
 //!
 //! - [`ops`]: one host function per kernel launch, with the CPU reference's argument order.
-//! - [`model`]: the GPT-2 training step on the GPU, in the layout of `crate::layout`.
+//! - [`model`]: the GPT-2 training step on the GPU, in the layout of `crate::model::layout`.
 //! - [`check`]: every kernel against the CPU reference (`finch check`, and the GPU tests).
 
 pub mod bench;
@@ -176,10 +176,10 @@ impl Gpu {
         let bytes = bytes.max(1);
         let slice = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| {
             let free =
-                self.memory().map(|(f, _)| crate::resources::human_bytes(f)).unwrap_or_else(|_| "unknown".into());
+                self.memory().map(|(f, _)| crate::os::resources::human_bytes(f)).unwrap_or_else(|_| "unknown".into());
             anyhow::anyhow!(
                 "out of GPU memory allocating {what} ({}; {free} free on {}): {e}",
-                crate::resources::human_bytes(bytes),
+                crate::os::resources::human_bytes(bytes),
                 self.name
             )
         })?;

@@ -1,4 +1,4 @@
-//! GPT-2 on the GPU: the same step as `crate::model::Gpt`, on our kernels.
+//! GPT-2 on the GPU: the same step as `crate::cpu::model::Gpt`, on our kernels.
 //!
 //! Buffers, all sized from the config (and the batch shape for activations):
 //! - `params` (floatX): the weights the forward reads, in `ParamLayout` order;
@@ -15,10 +15,10 @@
 
 use super::ops::{layernorm_scratch_len, AdamWScalars, Ops, TokenBuckets, NORM_BLOCKS};
 use super::{DPtr, DeviceBuffer, Gpu, Precision};
-use crate::config::GptConfig;
 use crate::cpu::matmul::WeightLayout::{InOut, OutIn};
 use crate::cpu::optimizer::{clip_coefficient, AdamW, AdamWConfig};
-use crate::layout::{
+use crate::model::config::GptConfig;
+use crate::model::layout::{
     carve_activations, carve_params, gets_weight_decay, ActTensors, Carve, ParamLayout, ParamTensors, SpecRecorder,
     TensorSpec,
 };
@@ -470,93 +470,7 @@ impl GpuGpt {
             c,
         )?;
         for l in (0..cfg.n_layer).rev() {
-            let (gl, pl, al, dl) = (&g.layers[l], &p.layers[l], &a.layers[l], &d.layers[l]);
-            // residual3 = residual2 + mlp_proj: both get dres3, so dmlp_proj is dres3 itself.
-            let dres3 = dl.residual3;
-            ops.matmul_backward(
-                dl.fch,
-                gl.mlp_proj_w,
-                Some(gl.mlp_proj_b),
-                dres3,
-                al.fch_gelu,
-                pl.mlp_proj_w,
-                Some(al.fch),
-                n,
-                4 * c,
-                c,
-                InOut,
-            )?;
-            ops.matmul_backward(
-                dl.ln_2,
-                gl.c_fc_w,
-                Some(gl.c_fc_b),
-                dl.fch,
-                al.ln_2,
-                pl.c_fc_w,
-                None,
-                n,
-                c,
-                4 * c,
-                InOut,
-            )?;
-            ops.layernorm_backward(
-                dl.residual2,
-                dres3,
-                (gl.ln_2_w, gl.ln_2_b),
-                dl.ln_2,
-                al.residual2,
-                al.ln_2_mean,
-                al.ln_2_rstd,
-                pl.ln_2_w,
-                scratch,
-                n,
-                c,
-            )?;
-            // residual2 = residual_in + attn_proj: dattn_proj is dres2 itself.
-            ops.matmul_backward(
-                dl.atty,
-                gl.attn_proj_w,
-                Some(gl.attn_proj_b),
-                dl.residual2,
-                al.atty,
-                pl.attn_proj_w,
-                None,
-                n,
-                c,
-                c,
-                InOut,
-            )?;
-            ops.attention_backward(dl.qkv, dl.atty, al.qkv, al.atty, al.att_lse, b, t, c, nh)?;
-            ops.matmul_backward(
-                dl.ln_1,
-                gl.c_attn_w,
-                Some(gl.c_attn_b),
-                dl.qkv,
-                al.ln_1,
-                pl.c_attn_w,
-                None,
-                n,
-                c,
-                3 * c,
-                InOut,
-            )?;
-            let (dresidual_in, residual_in) = match l {
-                0 => (d.encoded, a.encoded),
-                _ => (d.layers[l - 1].residual3, a.layers[l - 1].residual3),
-            };
-            ops.layernorm_backward(
-                dresidual_in,
-                dl.residual2,
-                (gl.ln_1_w, gl.ln_1_b),
-                dl.ln_1,
-                residual_in,
-                al.ln_1_mean,
-                al.ln_1_rstd,
-                pl.ln_1_w,
-                scratch,
-                n,
-                c,
-            )?;
+            block_backward(&ops, l, (&p, &g), (&a, &d), scratch, (b, t, c, nh))?;
         }
         let buckets = TokenBuckets::new(&self.inputs);
         let tokens = bb.targets().add(n, 4);
@@ -598,4 +512,93 @@ impl GpuGpt {
         }
         self.gpu.synchronize()
     }
+}
+
+/// Block `l`'s backward: from the gradient of its output residual (`d.layers[l].residual3`) to
+/// that of its input residual, accumulating its parameter gradients into `g`.
+fn block_backward(
+    ops: &Ops,
+    l: usize,
+    (p, g): (&ParamTensors<DPtr>, &ParamTensors<DPtr>),
+    (a, d): (&ActTensors<DPtr>, &ActTensors<DPtr>),
+    scratch: DPtr,
+    (b, t, c, nh): (usize, usize, usize, usize),
+) -> Result<()> {
+    let n = b * t;
+    let (gl, pl, al, dl) = (&g.layers[l], &p.layers[l], &a.layers[l], &d.layers[l]);
+    // residual3 = residual2 + mlp_proj: both get dres3, so dmlp_proj is dres3 itself.
+    let dres3 = dl.residual3;
+    ops.matmul_backward(
+        dl.fch,
+        gl.mlp_proj_w,
+        Some(gl.mlp_proj_b),
+        dres3,
+        al.fch_gelu,
+        pl.mlp_proj_w,
+        Some(al.fch),
+        n,
+        4 * c,
+        c,
+        InOut,
+    )?;
+    ops.matmul_backward(dl.ln_2, gl.c_fc_w, Some(gl.c_fc_b), dl.fch, al.ln_2, pl.c_fc_w, None, n, c, 4 * c, InOut)?;
+    ops.layernorm_backward(
+        dl.residual2,
+        dres3,
+        (gl.ln_2_w, gl.ln_2_b),
+        dl.ln_2,
+        al.residual2,
+        al.ln_2_mean,
+        al.ln_2_rstd,
+        pl.ln_2_w,
+        scratch,
+        n,
+        c,
+    )?;
+    // residual2 = residual_in + attn_proj: dattn_proj is dres2 itself.
+    ops.matmul_backward(
+        dl.atty,
+        gl.attn_proj_w,
+        Some(gl.attn_proj_b),
+        dl.residual2,
+        al.atty,
+        pl.attn_proj_w,
+        None,
+        n,
+        c,
+        c,
+        InOut,
+    )?;
+    ops.attention_backward(dl.qkv, dl.atty, al.qkv, al.atty, al.att_lse, b, t, c, nh)?;
+    ops.matmul_backward(
+        dl.ln_1,
+        gl.c_attn_w,
+        Some(gl.c_attn_b),
+        dl.qkv,
+        al.ln_1,
+        pl.c_attn_w,
+        None,
+        n,
+        c,
+        3 * c,
+        InOut,
+    )?;
+    let (dresidual_in, residual_in) = match l {
+        0 => (d.encoded, a.encoded),
+        _ => (d.layers[l - 1].residual3, a.layers[l - 1].residual3),
+    };
+    ops.layernorm_backward(
+        dresidual_in,
+        dl.residual2,
+        (gl.ln_1_w, gl.ln_1_b),
+        dl.ln_1,
+        residual_in,
+        al.ln_1_mean,
+        al.ln_1_rstd,
+        pl.ln_1_w,
+        scratch,
+        n,
+        c,
+    )?;
+    Ok(())
 }

@@ -2,13 +2,13 @@
 //! moments, the step, the data position and the RNG — in one safetensors file, written
 //! atomically so the run directory always holds a complete last checkpoint.
 
-use crate::config::GptConfig;
 use crate::cpu::optimizer::AdamW;
-use crate::data::BatchWalker;
-use crate::fsutil::write_atomically_with;
-use crate::layout::ParamLayout;
-use crate::mapfile::MappedFile;
-use crate::rng::Rng;
+use crate::formats::tokens::BatchWalker;
+use crate::model::config::GptConfig;
+use crate::model::layout::ParamLayout;
+use crate::model::rng::Rng;
+use crate::os::files::write_atomically_with;
+use crate::os::mapfile::MappedFile;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};

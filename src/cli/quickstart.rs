@@ -3,13 +3,13 @@
 //! couple of minutes on a laptop CPU), byte-tokenizes it, trains a small GPT on the best device,
 //! and shows a sample before and after training, the loss curve and what to try next.
 
-use crate::data::write_llmc_u16;
-use crate::infer::Generator;
-use crate::model::init_params;
-use crate::rng::Rng;
-use crate::sample::sample_token;
-use crate::tokenizer::{Tokenizer, Utf8Stream};
-use crate::train::{self, TrainArgs};
+use crate::cli::sample::sample_token;
+use crate::cli::train::{self, TrainArgs};
+use crate::cpu::infer::Generator;
+use crate::formats::tokenizer::{Tokenizer, Utf8Stream};
+use crate::formats::tokens::write_llmc_u16;
+use crate::model::init::init_params;
+use crate::model::rng::Rng;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,7 @@ pub fn synthetic_corpus(n: usize, seed: u64) -> String {
 
 /// `lines` sampled lines, each started afresh after a newline (the corpus's lines are
 /// independent), at temperature 0.8; control characters show as '·'.
-fn sample_lines(cfg: crate::config::GptConfig, params: &[f32], lines: usize, seed: u64) -> Vec<String> {
+fn sample_lines(cfg: crate::model::config::GptConfig, params: &[f32], lines: usize, seed: u64) -> Vec<String> {
     let mut g = Generator::new(cfg, params);
     let mut rng = Rng::new(seed);
     (0..lines)
@@ -107,7 +107,7 @@ fn prepare_dir(dir: &Path) -> Result<()> {
         }
         std::fs::remove_dir_all(dir).with_context(|| format!("--out {}: cannot remove the old run", dir.display()))?;
     }
-    crate::fsutil::create_dir(dir, "--out")?;
+    crate::os::files::create_dir(dir, "--out")?;
     std::fs::write(dir.join(MARKER), "made by `finch quickstart`; a rerun replaces this directory\n")
         .with_context(|| format!("--out {}: cannot write", dir.display()))
 }
@@ -119,7 +119,7 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
     let dir = &args.out;
     prepare_dir(dir)?;
     let data_dir = dir.join("data");
-    crate::fsutil::create_dir(&data_dir, "--out")?;
+    crate::os::files::create_dir(&data_dir, "--out")?;
     let (train_text, val_text) = (synthetic_corpus(40_000, args.seed), synthetic_corpus(2_000, args.seed + 1));
     println!("corpus: {} lines of generated sentences and sums, e.g.", 42_000);
     for line in train_text.lines().take(3) {
@@ -185,7 +185,7 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
     }
     let given: Vec<String> = flags.iter().filter_map(|f| f.strip_prefix("--").map(|f| f.replace('-', "_"))).collect();
     let parsed = Wrapper::try_parse_from(&flags).context("quickstart's training flags")?;
-    let cfg = crate::config::GptConfig {
+    let cfg = crate::model::config::GptConfig {
         n_layer: 4,
         n_head: 4,
         n_embd: 128,
@@ -197,7 +197,7 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
     train::run(parsed.train, &|id: &str| given.iter().any(|g| g == id))?;
 
     let model_dir = dir.join("model");
-    let trained = crate::modelio::load_params(&model_dir, &cfg)?;
+    let trained = crate::formats::huggingface::load_params(&model_dir, &cfg)?;
     println!();
     show_samples("after", &sample_lines(cfg, &trained, 3, 1));
     let log = dir.join("log.jsonl");

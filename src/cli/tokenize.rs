@@ -5,9 +5,9 @@
 //! is therefore the same on any number of threads, and memory is bounded by the batch, not the
 //! corpus.
 
-use crate::data::{LLMC_HEADER_BYTES, LLMC_MAGIC};
-use crate::fsutil::{create_dir, write_atomically};
-use crate::tokenizer::{Tokenizer, GPT2_EOT};
+use crate::formats::tokenizer::{gpt2_chunks, is_space, Gpt2, Tokenizer, CHUNK_BYTES, GPT2_EOT};
+use crate::formats::tokens::{LLMC_HEADER_BYTES, LLMC_MAGIC};
+use crate::os::files::{create_dir, write_atomically};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -25,8 +25,6 @@ pub const META_FILE: &str = "meta.json";
 
 /// Text read per batch; tokens of one batch are all that is held in memory.
 const BATCH_BYTES: usize = 16 << 20;
-/// Size of the pieces a large document is cut into for parallel encoding.
-const CHUNK_BYTES: usize = 64 << 10;
 
 /// The flags of `finch tokenize`.
 #[derive(clap::Args, Debug, Clone)]
@@ -89,119 +87,6 @@ pub struct TokenizeArgs {
 /// documents do, evenly spread. Depends on nothing but `i`, so documents can stream.
 pub fn goes_to_val(i: u64, fraction: f64) -> bool {
     ((i + 1) as f64 * fraction).floor() > (i as f64 * fraction).floor()
-}
-
-/// GPT-2's encoder: tiktoken-rs's vocabulary and merges (its r50k_base is GPT-2's, embedded in
-/// the crate), with GPT-2's pre-tokenizer pattern run by the `regex` crate rather than tiktoken's
-/// `fancy-regex`: 2–3× faster, and the ids are identical (tests compare them).
-pub struct Gpt2 {
-    /// tiktoken's pattern without its look-ahead, which `encode` emulates.
-    pattern: regex::Regex,
-    /// `^\s$`, for the last character of a piece when it is not ASCII.
-    space: regex::Regex,
-    ranks: rustc_hash::FxHashMap<Vec<u8>, u32>,
-    bpe: &'static tiktoken_rs::CoreBPE,
-}
-
-/// Pieces this long go to tiktoken-rs whole: its merge is O(n log n) there, `byte_pair_split`'s O(n²).
-const LONG_PIECE: usize = 100;
-
-impl Gpt2 {
-    /// The shared encoder, built on first use.
-    pub fn get() -> &'static Gpt2 {
-        static GPT2: std::sync::LazyLock<Gpt2> = std::sync::LazyLock::new(Gpt2::new);
-        &GPT2
-    }
-
-    fn new() -> Gpt2 {
-        let bpe = tiktoken_rs::r50k_base_singleton();
-        let ranks =
-            (0..GPT2_EOT).map(|id| (bpe.decode_bytes(&[id]).expect("GPT-2 ids below 50256 decode"), id)).collect();
-        // tiktoken: '(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s
-        let pattern =
-            regex::Regex::new(r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+").expect("valid");
-        let space = regex::Regex::new(r"^\s$").expect("valid");
-        Gpt2 { pattern, space, ranks, bpe }
-    }
-
-    /// The tokens of `text` as ordinary text: a literal "<|endoftext|>" in it is not the special
-    /// token. Single-threaded; see [`gpt2_encode`] for large texts.
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        // Each thread keeps its own clone, whose match cache it owns and keeps warm: with the
-        // shared one, every other thread takes a lock for each piece.
-        thread_local! {
-            static PATTERN: regex::Regex = Gpt2::get().pattern.clone();
-        }
-        PATTERN.with(|pattern| self.encode_with(pattern, text))
-    }
-
-    fn encode_with(&self, pattern: &regex::Regex, text: &str) -> Vec<u32> {
-        let mut tokens = Vec::with_capacity(text.len() / 3);
-        let mut pos = 0;
-        while let Some(m) = pattern.find_at(text, pos) {
-            // Every character matches an alternative, so the pieces tile the text.
-            debug_assert_eq!(m.start(), pos);
-            let mut end = m.end();
-            // A whitespace run followed by more text: tiktoken's `\s+(?!\S)` leaves its last
-            // character to start the next piece (" word", or a lone "\n").
-            if end < text.len() {
-                if let Some((last, c)) = m.as_str().char_indices().next_back().filter(|&(i, _)| i > 0) {
-                    let is_space =
-                        if c.is_ascii() { is_space(c as u8) } else { self.space.is_match(&m.as_str()[last..]) };
-                    if is_space {
-                        end = pos + last;
-                    }
-                }
-            }
-            let piece = &text.as_bytes()[pos..end];
-            match self.ranks.get(piece) {
-                Some(&id) => tokens.push(id),
-                None if piece.len() >= LONG_PIECE => tokens.extend(self.bpe.encode_ordinary(&text[pos..end])),
-                None => {
-                    tokens.extend(tiktoken_rs::byte_pair_split(piece, &self.ranks).into_iter().map(|p| self.ranks[p]))
-                }
-            }
-            pos = end;
-        }
-        tokens
-    }
-}
-
-/// GPT-2 tokens of `text`, encoded as ordinary text (see [`Gpt2::encode`]). Large texts are
-/// encoded in parallel chunks, with the same result.
-pub fn gpt2_encode(text: &str) -> Vec<u32> {
-    let gpt2 = Gpt2::get();
-    let chunks: Vec<Vec<u32>> = gpt2_chunks(text, CHUNK_BYTES).par_iter().map(|c| gpt2.encode(c)).collect();
-    chunks.concat()
-}
-
-/// Regex `\s` in ASCII: Unicode White_Space, which includes the vertical tab.
-fn is_space(b: u8) -> bool {
-    matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ')
-}
-
-/// Cuts `text` into chunks of about `target` bytes at places where GPT-2's pre-tokenizer splits
-/// anyway: before an ASCII whitespace byte that follows an ASCII non-whitespace byte. No match of
-/// its pattern spans such a place (letter, number and punctuation runs hold no whitespace except a
-/// leading space; whitespace runs hold nothing else), and the pattern looks ahead at most to the
-/// next character or the end, never behind. So encoding the chunks one by one gives the tokens
-/// of the whole.
-pub fn gpt2_chunks(text: &str, target: usize) -> Vec<&str> {
-    let b = text.as_bytes();
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    while b.len() - start > target {
-        let from = start + target.max(1);
-        match (from..b.len()).find(|&p| is_space(b[p]) && b[p - 1].is_ascii() && !is_space(b[p - 1])) {
-            Some(p) => {
-                chunks.push(&text[start..p]);
-                start = p;
-            }
-            None => break,
-        }
-    }
-    chunks.push(&text[start..]);
-    chunks
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,7 +196,7 @@ fn check_flags(args: &TokenizeArgs) -> Result<()> {
         bail!("--val-fraction must be in [0, 1), got {}", args.val_fraction);
     }
     if let Some(n) = args.threads {
-        crate::resources::check_threads(n)?;
+        crate::os::resources::check_threads(n)?;
     }
     if args.field.is_empty() {
         bail!("--field must name a JSON field");
@@ -762,34 +647,14 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
     let sources = collect_sources(args)?;
     let staging = Staging::new(args)?;
     let tokenizer = args.tokenizer;
-    let total_bytes: Option<u64> = sources.iter().map(|s| s.size).sum();
-    let (files, stdin) =
-        (sources.iter().filter(|s| s.path.is_some()).count(), sources.iter().any(|s| s.path.is_none()));
-    let what = match (files, stdin) {
-        (0, _) => "stdin".to_string(),
-        (n, s) => plural(n as u64, "file") + if s { " and stdin" } else { "" },
-    };
-    let size = total_bytes.map(|b| format!(", {:.1} MB", b as f64 / 1e6)).unwrap_or_default();
-    let separator = match tokenizer {
-        Tokenizer::Gpt2 => "<|endoftext|> (50256) before each document",
-        Tokenizer::Bytes => "\"\\n\\n\" between documents",
-    };
-    println!(
-        "tokenize: {what}{size} with {} (vocab {}, {separator}) on {}",
-        tokenizer.name(),
-        tokenizer.vocab_size(),
-        plural(rayon::current_num_threads() as u64, "thread")
-    );
-    if tokenizer == Tokenizer::Gpt2 {
-        Gpt2::get(); // build it now rather than inside the first parallel batch
-    }
+    let (total_bytes, separator) = announce(args, &sources);
     let started = Instant::now();
 
     let mut train = SplitWriter::new(&staging.dir, "train", args.shard_tokens);
     let mut val = SplitWriter::new(&staging.dir, "val", args.shard_tokens);
     let mut reader = Reader { sources: &sources, next: 0, open: None, bytes_read: 0 };
     let progress = Progress::new(total_bytes);
-    let (mut documents, mut text_bytes, mut text_tokens, mut skipped_empty) = (0u64, 0u64, 0u64, 0u64);
+    let (mut counts, mut skipped_empty) = (Counts::default(), 0u64);
     let mut bad_lines: Vec<String> = Vec::new();
     loop {
         let batch = reader.next_batch(batch_bytes)?;
@@ -819,55 +684,18 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
                 }
             }
         }
-        // Tokenize every chunk of the batch in parallel, then write the documents in order.
-        let chunks: Vec<(usize, &str)> = docs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, d)| match d {
-                DocText::Utf8(s) => gpt2_chunks(s, CHUNK_BYTES).into_iter().map(|c| (i, c)).collect(),
-                DocText::Bytes(_) => Vec::new(),
-            })
-            .collect();
-        let encoded: Vec<Vec<u32>> = chunks.par_iter().map(|(_, c)| Gpt2::get().encode(c)).collect();
-        let mut next_chunk = 0;
-        for (i, doc) in docs.iter().enumerate() {
-            let split = if goes_to_val(documents, args.val_fraction) { &mut val } else { &mut train };
-            documents += 1;
-            split.documents += 1;
-            text_bytes += doc.len() as u64;
-            match doc {
-                DocText::Utf8(_) => {
-                    split.push(&[GPT2_EOT])?;
-                    while next_chunk < chunks.len() && chunks[next_chunk].0 == i {
-                        text_tokens += encoded[next_chunk].len() as u64;
-                        split.push(&encoded[next_chunk])?;
-                        next_chunk += 1;
-                    }
-                }
-                DocText::Bytes(bytes) => {
-                    if split.documents > 1 {
-                        split.push(BYTES_SEPARATOR)?;
-                    }
-                    text_tokens += bytes.len() as u64;
-                    split.push(bytes)?;
-                }
-            }
-        }
-        progress.update(reader.bytes_read, documents, train.tokens + val.tokens, started.elapsed().as_secs_f64());
+        write_documents(&docs, args.val_fraction, [&mut train, &mut val], &mut counts)?;
+        progress.update(
+            reader.bytes_read,
+            counts.documents,
+            train.tokens + val.tokens,
+            started.elapsed().as_secs_f64(),
+        );
     }
     progress.finish();
 
-    if documents == 0 {
-        let name = match sources.as_slice() {
-            [one] => one.name(),
-            many => format!("the {} inputs", many.len()),
-        };
-        let why = match (skipped_empty, bad_lines.len() as u64) {
-            (0, 0) => "no documents".to_string(),
-            (e, 0) => plural(e, "empty document"),
-            (e, b) => format!("{} and {}", plural(e, "empty document"), plural(b, "skipped bad line")),
-        };
-        bail!("{name}: no text to tokenize ({why})");
+    if counts.documents == 0 {
+        return Err(no_text(&sources, skipped_empty, bad_lines.len() as u64));
     }
     train.close_shard()?;
     val.close_shard()?;
@@ -893,13 +721,108 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
         tokens: (train.tokens, val.tokens),
         shards: (train.written.len(), val.written.len()),
         input_bytes: reader.bytes_read,
-        text_bytes,
-        text_tokens,
+        text_bytes: counts.text_bytes,
+        text_tokens: counts.text_tokens,
         skipped_empty,
         seconds: started.elapsed().as_secs_f64(),
     };
     print_summary(args, &summary, &bad_lines);
     Ok(summary)
+}
+
+/// The opening line: what is read, with which tokenizer, on how many threads. Returns the input's
+/// size (when every source has one) and how documents are separated, for meta.json.
+fn announce(args: &TokenizeArgs, sources: &[Source]) -> (Option<u64>, &'static str) {
+    let tokenizer = args.tokenizer;
+    let total_bytes: Option<u64> = sources.iter().map(|s| s.size).sum();
+    let (files, stdin) =
+        (sources.iter().filter(|s| s.path.is_some()).count(), sources.iter().any(|s| s.path.is_none()));
+    let what = match (files, stdin) {
+        (0, _) => "stdin".to_string(),
+        (n, s) => plural(n as u64, "file") + if s { " and stdin" } else { "" },
+    };
+    let size = total_bytes.map(|b| format!(", {:.1} MB", b as f64 / 1e6)).unwrap_or_default();
+    let separator = match tokenizer {
+        Tokenizer::Gpt2 => "<|endoftext|> (50256) before each document",
+        Tokenizer::Bytes => "\"\\n\\n\" between documents",
+    };
+    println!(
+        "tokenize: {what}{size} with {} (vocab {}, {separator}) on {}",
+        tokenizer.name(),
+        tokenizer.vocab_size(),
+        plural(rayon::current_num_threads() as u64, "thread")
+    );
+    if tokenizer == Tokenizer::Gpt2 {
+        Gpt2::get(); // build it now rather than inside the first parallel batch
+    }
+    (total_bytes, separator)
+}
+
+/// Documents, text bytes and the tokens they became (separators excluded), so far.
+#[derive(Default)]
+struct Counts {
+    documents: u64,
+    text_bytes: u64,
+    text_tokens: u64,
+}
+
+/// Writes one batch of documents, in order, each to train or val (see `goes_to_val`); their GPT-2
+/// chunks are tokenized in parallel first.
+fn write_documents(
+    docs: &[DocText],
+    val_fraction: f64,
+    [train, val]: [&mut SplitWriter; 2],
+    counts: &mut Counts,
+) -> Result<()> {
+    // Tokenize every chunk of the batch in parallel, then write the documents in order.
+    let chunks: Vec<(usize, &str)> = docs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| match d {
+            DocText::Utf8(s) => gpt2_chunks(s, CHUNK_BYTES).into_iter().map(|c| (i, c)).collect(),
+            DocText::Bytes(_) => Vec::new(),
+        })
+        .collect();
+    let encoded: Vec<Vec<u32>> = chunks.par_iter().map(|(_, c)| Gpt2::get().encode(c)).collect();
+    let mut next_chunk = 0;
+    for (i, doc) in docs.iter().enumerate() {
+        let split = if goes_to_val(counts.documents, val_fraction) { &mut *val } else { &mut *train };
+        counts.documents += 1;
+        split.documents += 1;
+        counts.text_bytes += doc.len() as u64;
+        match doc {
+            DocText::Utf8(_) => {
+                split.push(&[GPT2_EOT])?;
+                while next_chunk < chunks.len() && chunks[next_chunk].0 == i {
+                    counts.text_tokens += encoded[next_chunk].len() as u64;
+                    split.push(&encoded[next_chunk])?;
+                    next_chunk += 1;
+                }
+            }
+            DocText::Bytes(bytes) => {
+                if split.documents > 1 {
+                    split.push(BYTES_SEPARATOR)?;
+                }
+                counts.text_tokens += bytes.len() as u64;
+                split.push(bytes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The error for inputs that held no document to tokenize, saying what they held instead.
+fn no_text(sources: &[Source], skipped_empty: u64, bad_lines: u64) -> anyhow::Error {
+    let name = match sources {
+        [one] => one.name(),
+        many => format!("the {} inputs", many.len()),
+    };
+    let why = match (skipped_empty, bad_lines) {
+        (0, 0) => "no documents".to_string(),
+        (e, 0) => plural(e, "empty document"),
+        (e, b) => format!("{} and {}", plural(e, "empty document"), plural(b, "skipped bad line")),
+    };
+    anyhow::anyhow!("{name}: no text to tokenize ({why})")
 }
 
 /// "1 file", "2 files".
@@ -953,83 +876,6 @@ fn print_summary(args: &TokenizeArgs, s: &Summary, bad_lines: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Random texts over pieces that stress GPT-2's pre-tokenizer: spaces before words, runs of
-    /// mixed and Unicode whitespace, contractions, digits, punctuation, letters of other scripts,
-    /// combining marks, and runs long enough for tiktoken-rs's long-piece path.
-    fn random_texts(count: usize, parts: usize) -> Vec<String> {
-        let alphabet = [
-            "a",
-            "b",
-            "Z",
-            " ",
-            "  ",
-            "\n",
-            "\n\n",
-            "\r\n",
-            "\t",
-            "\x0b",
-            "\x0c",
-            "'",
-            "'s",
-            "'ll",
-            "'T",
-            "7",
-            "42",
-            "٣",
-            "Ⅻ",
-            ".",
-            "!?",
-            "$",
-            "é",
-            "e\u{301}",
-            "日本",
-            "ß",
-            "\u{a0}",
-            "\u{85}",
-            "\u{2028}",
-            "\u{3000}",
-            "\u{200b}",
-            "😀",
-            "-",
-            "<|endoftext|>",
-            "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-        ];
-        let mut s = 12345u64;
-        (0..count)
-            .map(|_| {
-                (0..parts)
-                    .map(|_| {
-                        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        alphabet[(s >> 33) as usize % alphabet.len()].repeat(if s % 13 == 0 { 40 } else { 1 })
-                    })
-                    .collect()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn encoding_equals_tiktoken_rs() {
-        let bpe = tiktoken_rs::r50k_base_singleton();
-        for text in random_texts(300, 40) {
-            assert_eq!(Gpt2::get().encode(&text), bpe.encode_ordinary(&text), "text {text:?}");
-        }
-    }
-
-    #[test]
-    fn chunked_encoding_equals_whole_encoding() {
-        // Cuts only after ASCII non-whitespace: U+3000 is whitespace, so the space after it is no cut.
-        assert_eq!(gpt2_chunks("x\u{3000} y z", 1), ["x\u{3000} y", " z"]);
-        for text in random_texts(100, 60) {
-            let whole = Gpt2::get().encode(&text);
-            for target in [1, 2, 3, 5, 8, 50] {
-                let chunks = gpt2_chunks(&text, target);
-                assert_eq!(chunks.concat(), text);
-                let chunked: Vec<u32> = chunks.iter().flat_map(|c| Gpt2::get().encode(c)).collect();
-                assert_eq!(chunked, whole, "text {text:?} cut into {chunks:?}");
-            }
-        }
-    }
 
     #[test]
     fn small_batches_give_the_same_output_as_one() {

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
 
-use crate::sigbus::write_stderr;
+use crate::os::sigbus::write_stderr;
 
 /// The first stop signal received while a watch is installed, or 0.
 static REQUESTED: AtomicI32 = AtomicI32::new(0);

@@ -55,7 +55,7 @@ impl GptConfig {
     /// Vp: the vocabulary rounded up to [`VOCAB_PAD_MULTIPLE`].
     ///
     /// ```
-    /// use finch::config::{GptConfig, Preset};
+    /// use finch::model::config::{GptConfig, Preset};
     /// let gpt2 = GptConfig::preset(Preset::Gpt2);
     /// assert_eq!(gpt2.padded_vocab_size(), 50304);
     /// assert_eq!(GptConfig { vocab_size: 256, ..gpt2 }.padded_vocab_size(), 256);

@@ -6,11 +6,11 @@
 //! The ops are the reference ops with N = 1; the tests check the logits against the training
 //! forward on the whole sequence.
 
-use crate::config::GptConfig;
 use crate::cpu::gelu::gelu_forward;
 use crate::cpu::layernorm::layernorm_forward;
 use crate::cpu::matmul::{matmul_forward, WeightLayout::*};
-use crate::layout::{carve_params, Slicer};
+use crate::model::config::GptConfig;
+use crate::model::layout::{carve_params, Slicer};
 
 /// Keys and values of every layer for positions 0..len, each (L, maxT, C).
 pub struct KvCache {
@@ -139,7 +139,8 @@ impl<'a> Generator<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{init_params, Gpt};
+    use crate::cpu::model::Gpt;
+    use crate::model::init::init_params;
 
     #[test]
     fn cached_logits_equal_the_training_forward_on_the_whole_sequence() {

@@ -17,7 +17,7 @@ pub enum LrSchedule {
 /// over the first `warmup` steps, then the schedule's decay to `min_lr` at step `total`.
 ///
 /// ```
-/// use finch::schedule::{learning_rate, LrSchedule};
+/// use finch::cli::train::schedule::{learning_rate, LrSchedule};
 /// // 100 steps, peak 1e-3 after 10 warm-up steps, cosine down to 1e-4.
 /// assert_eq!(learning_rate(LrSchedule::Cosine, 5, 100, 1e-3, 1e-4, 10), 5e-4);
 /// assert_eq!(learning_rate(LrSchedule::Cosine, 100, 100, 1e-3, 1e-4, 10), 1e-4);

@@ -3,14 +3,14 @@
 //! On the CPU each new token costs one step of [`Generator`] (KV cache). On a GPU the context is
 //! recomputed by the training forward for every token (no GPU KV cache yet).
 
-use crate::config::GptConfig;
+use crate::cli::device::Device;
+use crate::cpu::infer::Generator;
 use crate::cuda::model::GpuGpt;
 use crate::cuda::Precision;
-use crate::engine::Device;
-use crate::infer::Generator;
-use crate::modelio;
-use crate::rng::Rng;
-use crate::tokenizer::{Tokenizer, Utf8Stream};
+use crate::formats::huggingface;
+use crate::formats::tokenizer::{Tokenizer, Utf8Stream};
+use crate::model::config::GptConfig;
+use crate::model::rng::Rng;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -186,9 +186,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         bail!("--num-samples must be at least 1");
     }
     let dir = resolve_model_dir(&args.model);
-    let cfg = modelio::load_config(&dir)?;
+    let cfg = huggingface::load_config(&dir)?;
     let tokenizer = model_tokenizer(&dir, &cfg, args.tokenizer)?;
-    let params = modelio::load_params(&dir, &cfg)?;
+    let params = huggingface::load_params(&dir, &cfg)?;
     let mut prompt = tokenizer.encode(&args.prompt);
     if prompt.is_empty() {
         prompt.push(tokenizer.end_of_text().unwrap_or(b'\n' as u32));

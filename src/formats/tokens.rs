@@ -1,7 +1,7 @@
 //! Token files, memory-mapped: llm.c's format (a 256 × int32 header, then uint16 or uint32
 //! tokens) or raw little-endian uint16 (nanoGPT's train.bin). Several shards read as one stream.
 
-use crate::mapfile::MappedFile;
+use crate::os::mapfile::MappedFile;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -407,7 +407,7 @@ pub fn llmc_header(version: i32, count: i32) -> Vec<u8> {
 pub fn write_llmc_u16(path: &Path, tokens: &[u16]) -> Result<()> {
     let mut bytes = llmc_header(1, tokens.len() as i32);
     bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
-    crate::fsutil::write_atomically(path, &bytes)
+    crate::os::files::write_atomically(path, &bytes)
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
-//! `finch plot`: loss curves from training logs (see [`crate::trainlog`]) as SVG or PNG.
+//! `finch plot`: loss curves from training logs (see [`crate::formats::trainlog`]) as SVG or PNG.
 //!
 //! Text is laid out (and, for PNG, rasterised) with a font embedded in the binary, so plotting
 //! works on machines with no system fonts and no network.
 
-use crate::fsutil::write_atomically;
+use crate::os::files::write_atomically;
 use anyhow::{anyhow, bail, Context, Result};
 use plotters::coord::ranged1d::{AsRangedCoord, KeyPointHint, NoDefaultFormatting, Ranged, ValueFormatter};
 use plotters::coord::Shift;
@@ -425,7 +425,7 @@ fn decimate(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
 fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let font: &'static [u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
+        let font: &'static [u8] = include_bytes!("../../assets/DejaVuSans-subset.ttf");
         let ok = plotters::style::register_font(FONT, FontStyle::Normal, font).is_ok();
         assert!(ok, "the embedded font is a valid TrueType file");
     });

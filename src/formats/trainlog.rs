@@ -34,7 +34,7 @@ pub struct JsonlLog {
 
 /// Names the log and the problem, in one line (`…: cannot write (no space left on device)`).
 fn log_error(e: std::io::Error, path: &Path, what: &str) -> anyhow::Error {
-    match crate::fsutil::os_problem(&e) {
+    match crate::os::files::os_problem(&e) {
         Some(problem) => anyhow::anyhow!("{}: cannot {what} ({problem})", path.display()),
         None => anyhow::Error::new(e).context(format!("{}: cannot {what}", path.display())),
     }
@@ -69,8 +69,8 @@ impl JsonlLog {
                 }
             }
         }
-        crate::fsutil::write_atomically(path, kept.as_bytes()).map_err(|e| {
-            match crate::fsutil::io_cause(&e).and_then(crate::fsutil::os_problem) {
+        crate::os::files::write_atomically(path, kept.as_bytes()).map_err(|e| {
+            match crate::os::files::io_cause(&e).and_then(crate::os::files::os_problem) {
                 Some(problem) => anyhow::anyhow!("{name}: cannot rewrite ({problem})"),
                 None => e,
             }

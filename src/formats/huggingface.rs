@@ -1,9 +1,9 @@
 //! Models on disk in Hugging Face's GPT-2 layout: `config.json` + `model.safetensors` (f32).
 //! A directory finch writes loads in `transformers.GPT2LMHeadModel`, and vice versa.
 
-use crate::config::GptConfig;
-use crate::fsutil::{create_dir, write_atomically, write_atomically_with};
-use crate::layout::ParamLayout;
+use crate::model::config::GptConfig;
+use crate::model::layout::ParamLayout;
+use crate::os::files::{create_dir, write_atomically, write_atomically_with};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
@@ -88,7 +88,7 @@ fn disk_shape(layout_shape: &[usize], name: &str, cfg: &GptConfig) -> Vec<usize>
 /// Reads `dir/model.safetensors` into a parameter buffer for `cfg` (padding rows zero).
 pub fn load_params(dir: &Path, cfg: &GptConfig) -> Result<Vec<f32>> {
     let path = dir.join(WEIGHTS_FILE);
-    let map = crate::mapfile::MappedFile::open(&path, "")?;
+    let map = crate::os::mapfile::MappedFile::open(&path, "")?;
     parse_params(&map, &path, cfg)
 }
 

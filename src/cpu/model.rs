@@ -1,19 +1,18 @@
-//! The GPT-2 model on the CPU reference ops: forward, backward, and seeded initialisation.
+//! The GPT-2 model on the CPU reference ops: forward and backward through the blocks.
 //! The training step is four calls: `forward`, `zero_grad`, `backward`, then an optimizer update.
 
-use crate::config::GptConfig;
 use crate::cpu::attention::{attention_backward, attention_forward};
 use crate::cpu::crossentropy::{softmax_crossentropy_backward, softmax_crossentropy_forward};
 use crate::cpu::encoder::{encoder_backward, encoder_forward};
 use crate::cpu::gelu::{gelu_backward, gelu_forward};
 use crate::cpu::layernorm::{layernorm_backward, layernorm_forward};
 use crate::cpu::matmul::{matmul_backward, matmul_forward, WeightLayout::*};
+use crate::cpu::real::Real;
 use crate::cpu::residual::{residual_backward, residual_forward};
-use crate::layout::{activation_count, carve_activations, carve_params, ParamLayout, Slicer, SlicerMut};
-use crate::real::Real;
-use crate::rng::Rng;
+use crate::model::config::GptConfig;
+use crate::model::layout::{activation_count, carve_activations, carve_params, ParamLayout, Slicer, SlicerMut};
 
-/// A GPT-2 model with its parameters, gradients and activations in flat buffers (see layout.rs).
+/// A GPT-2 model with its parameters, gradients and activations in flat buffers (see model/layout.rs).
 pub struct Gpt<F: Real> {
     pub config: GptConfig,
     pub layout: ParamLayout,
@@ -191,28 +190,4 @@ impl<F: Real> Gpt<F> {
         let (b, t) = self.batch.expect("logits need a forward first");
         carve_activations(&self.config, b, t, &mut Slicer(&self.acts)).logits
     }
-}
-
-/// GPT-2's initialisation, drawn in a fixed order from `seed`: matmul weights, wte and wpe
-/// N(0, 0.02); the two residual projections N(0, 0.02/sqrt(2L)); biases 0; LayerNorm weights 1.
-/// Only the first V rows of wte are drawn (padding stays 0), so padding changes nothing.
-pub fn init_params(cfg: &GptConfig, seed: u64) -> Vec<f32> {
-    let layout = ParamLayout::new(cfg);
-    let mut buf = vec![0f32; layout.total];
-    let mut rng = Rng::new(seed);
-    let std = 0.02;
-    let residual_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
-    let p = carve_params(cfg, &mut SlicerMut(&mut buf));
-    rng.fill_normal(&mut p.wte[..cfg.vocab_size * cfg.n_embd], 0.0, std);
-    rng.fill_normal(p.wpe, 0.0, std);
-    for l in p.layers {
-        l.ln_1_w.fill(1.0);
-        l.ln_2_w.fill(1.0);
-        rng.fill_normal(l.c_attn_w, 0.0, std);
-        rng.fill_normal(l.attn_proj_w, 0.0, residual_std);
-        rng.fill_normal(l.c_fc_w, 0.0, std);
-        rng.fill_normal(l.mlp_proj_w, 0.0, residual_std);
-    }
-    p.ln_f_w.fill(1.0);
-    buf
 }

@@ -1,48 +1,13 @@
 //! What the training loop drives: the CPU reference model or the GPU model, behind one
-//! interface, and the choice between them (`--device`, `--precision`).
+//! interface (the choice between them is `cli::device`).
 
-use crate::config::GptConfig;
+use crate::cli::device::Device;
+use crate::cpu::model::Gpt;
 use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 use crate::cuda::model::GpuGpt;
-use crate::cuda::{Gpu, Precision};
-use crate::layout::ParamLayout;
-use crate::model::Gpt;
-use anyhow::{bail, Result};
-use std::sync::Arc;
-
-/// Where training runs.
-pub enum Device {
-    Cpu,
-    Cuda(Arc<Gpu>, Precision),
-}
-
-impl Device {
-    /// Resolves `--device` (cpu, cuda, auto) and `--precision`. Returns the device and, for
-    /// `auto`, why it was chosen.
-    pub fn choose(device: &str, precision: Option<Precision>) -> Result<(Device, Option<String>)> {
-        let gpu_precision = precision.unwrap_or(Precision::Bf16);
-        match device {
-            "cpu" => {
-                if precision == Some(Precision::Bf16) {
-                    bail!("--precision bf16 needs --device cuda: the CPU reference computes in f32");
-                }
-                Ok((Device::Cpu, None))
-            }
-            "cuda" => match Gpu::open() {
-                Ok(gpu) => Ok((Device::Cuda(gpu, gpu_precision), None)),
-                Err(e) => bail!("--device cuda: {e:#}"),
-            },
-            "auto" => match Gpu::open() {
-                Ok(gpu) => Ok((Device::Cuda(gpu, gpu_precision), Some("chosen by --device auto".into()))),
-                Err(e) if precision == Some(Precision::Bf16) => {
-                    bail!("--precision bf16 needs a GPU, and none is usable: {e:#}")
-                }
-                Err(e) => Ok((Device::Cpu, Some(format!("chosen by --device auto: {e:#}")))),
-            },
-            other => bail!("--device {other}: unknown device (expected cpu, cuda or auto)"),
-        }
-    }
-}
+use crate::model::config::GptConfig;
+use crate::model::layout::ParamLayout;
+use anyhow::Result;
 
 /// A non-finite value found in a parameter-shaped buffer: which tensor, where, what.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,8 +8,8 @@
 //! may drop under pressure, instead of in the process's own memory: a checkpoint is parsed
 //! without holding a second copy of it.
 
-use crate::resources::{address_space_limit, human_bytes};
-use crate::sigbus;
+use crate::os::resources::{address_space_limit, human_bytes};
+use crate::os::sigbus;
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use std::os::unix::fs::FileTypeExt;

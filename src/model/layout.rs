@@ -9,7 +9,7 @@
 //! Shapes use llm.c's letters: B batch, T time, C channels, NH heads, V vocab, Vp padded vocab,
 //! L layers, maxT context length.
 
-use crate::config::GptConfig;
+use crate::model::config::GptConfig;
 use std::fmt::Arguments;
 
 /// One named tensor inside a flat buffer.
@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn gpt2_small_has_the_published_parameter_count() {
-        let cfg = GptConfig::preset(crate::config::Preset::Gpt2);
+        let cfg = GptConfig::preset(crate::model::config::Preset::Gpt2);
         let layout = ParamLayout::new(&cfg);
         let padding = (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.n_embd;
         assert_eq!(layout.total - padding, 124_439_808);

@@ -1,0 +1,310 @@
+//! The flags of `finch train`: what each means, the checks on them, and the flags a run directory
+//! remembers (train_args.json) so that `--resume` continues with them.
+
+use super::memory::host_memory_plan;
+use super::schedule::{learning_rate, LrSchedule};
+use crate::cuda::model::memory_plan as gpu_memory_plan;
+use crate::cuda::Precision;
+use crate::formats::tokens::DataFormat;
+use crate::model::config::{GptConfig, Preset};
+use crate::model::layout::activation_count;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The flags of `finch train`. Serialisable so a run directory remembers them for --resume.
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
+#[command(
+    allow_negative_numbers = true,
+    after_help = "Examples:
+  finch train --data train.bin --model gpt2 --batch-size 4 --seq-len 64 --steps 100 --out runs/a
+  finch train --data 'shards/train_*.bin' --val val.bin --init gpt2-dir --lr 3e-4 --save out-dir
+  finch train --resume runs/a                  # continue an interrupted run bit for bit
+  finch train --resume runs/a --steps 2000     # ... or extend it"
+)]
+pub struct TrainArgs {
+    /// Token file(s): an llm.c .bin file, or a quoted glob such as 'dir/train_*.bin' (sorted)
+    #[arg(long, value_name = "FILE|GLOB", required_unless_present = "resume")]
+    pub data: Option<String>,
+    /// Token file format
+    #[arg(long, value_enum, default_value = "llmc")]
+    pub data_format: DataFormat,
+    /// Validation token file(s), same format as --data
+    #[arg(long, value_name = "FILE|GLOB")]
+    pub val: Option<String>,
+    /// Evaluate on --val every K steps (0: only after the last step)
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub val_every: usize,
+    /// Batches per validation
+    #[arg(long, value_name = "M", default_value_t = 20)]
+    pub val_batches: usize,
+
+    /// Start from a Hugging Face GPT-2 directory (config.json + model.safetensors)
+    #[arg(long, value_name = "DIR")]
+    pub init: Option<PathBuf>,
+    /// Random init of a GPT-2 size [default: gpt2]; the flags below override its fields
+    #[arg(long, value_enum)]
+    pub model: Option<Preset>,
+    #[arg(long, value_name = "L")]
+    pub n_layer: Option<usize>,
+    #[arg(long, value_name = "NH")]
+    pub n_head: Option<usize>,
+    #[arg(long, value_name = "C")]
+    pub n_embd: Option<usize>,
+    #[arg(long, value_name = "V")]
+    pub vocab_size: Option<usize>,
+    #[arg(long, value_name = "maxT")]
+    pub context_length: Option<usize>,
+    /// Seed of the random init
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+
+    /// Sequences per micro-batch (B)
+    #[arg(long, value_name = "B", default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per sequence (T) [default: the model's context length]
+    #[arg(long, value_name = "T")]
+    pub seq_len: Option<usize>,
+    /// Micro-batches per optimizer step
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Optimizer steps [default: one pass over the data]
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+
+    /// Peak learning rate
+    #[arg(long, default_value_t = 6e-4)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub lr_schedule: LrSchedule,
+    /// Linear warm-up steps before the schedule
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Where cosine and linear decay end
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    /// AdamW decoupled weight decay, applied to 2-D tensors only
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0: no clipping)
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+
+    /// Where to train: cpu, cuda, or auto (CUDA when a GPU and kernels are usable, else CPU)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// GPU storage type of weights and activations [default: bf16 on a GPU, f32 on the CPU]
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// CPU threads [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Write the JSONL log here [default: RUN_DIR/log.jsonl with --out]
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Save the final model here (Hugging Face layout)
+    #[arg(long, value_name = "DIR")]
+    pub save: Option<PathBuf>,
+    /// Run directory: flags, log, checkpoints and the final model
+    #[arg(long, value_name = "RUN_DIR")]
+    pub out: Option<PathBuf>,
+    /// Checkpoint to RUN_DIR every K steps (and always after the last)
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Continue the run in RUN_DIR from its last checkpoint, with its saved flags;
+    /// flags given now override them
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// When a step's loss or gradient norm is not finite, skip its update (the data position
+    /// still advances) instead of stopping the run; skipped steps are logged and counted
+    #[arg(long)]
+    pub skip_nonfinite: bool,
+}
+
+pub(super) const ARGS_FILE: &str = "train_args.json";
+const MODEL_FLAGS: [&str; 6] = ["model", "n_layer", "n_head", "n_embd", "vocab_size", "context_length"];
+
+/// For --resume: the run's saved flags, overridden by those given on this command line.
+pub fn merge_resumed_args(cli: &TrainArgs, is_explicit: impl Fn(&str) -> bool) -> Result<TrainArgs> {
+    let dir = cli.resume.as_ref().expect("called for --resume");
+    let path = dir.join(ARGS_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--resume {}: not a finch run directory (cannot read {ARGS_FILE})", dir.display()))?;
+    merge_saved_args(cli, &text, &path, is_explicit)
+}
+
+/// `cli`'s flags, those not given on the command line replaced by the ones saved in `text`, the
+/// contents of the run directory's train_args.json at `path`.
+fn merge_saved_args(cli: &TrainArgs, text: &str, path: &Path, is_explicit: impl Fn(&str) -> bool) -> Result<TrainArgs> {
+    let dir = cli.resume.as_ref().expect("called for --resume");
+    let saved: serde_json::Value =
+        serde_json::from_str(text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    if !saved.is_object() {
+        bail!("{}: not the flags of a finch run (expected a JSON object)", path.display());
+    }
+    let mut merged = serde_json::to_value(cli)?;
+    for (key, value) in merged.as_object_mut().expect("flags serialise as an object") {
+        if !is_explicit(key) {
+            if let Some(saved_value) = saved.get(key.as_str()) {
+                *value = saved_value.clone();
+            }
+        }
+    }
+    let mut args: TrainArgs =
+        serde_json::from_value(merged).with_context(|| format!("{}: unreadable flags", path.display()))?;
+    args.resume = Some(dir.clone());
+    args.out = Some(dir.clone());
+    Ok(args)
+}
+
+pub(super) fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
+    let positive = [("--batch-size", a.batch_size), ("--grad-accum", a.grad_accum), ("--val-batches", a.val_batches)];
+    for (flag, v) in positive {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if let Some(n) = a.threads {
+        crate::os::resources::check_threads(n)?;
+    }
+    for (flag, v) in [("--seq-len", a.seq_len), ("--steps", a.steps)] {
+        if v == Some(0) {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    let finite_nonneg =
+        [("--lr", a.lr), ("--min-lr", a.min_lr), ("--weight-decay", a.weight_decay), ("--grad-clip", a.grad_clip)];
+    for (flag, v) in finite_nonneg {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("{flag} must be a finite number ≥ 0, got {v}");
+        }
+    }
+    if a.lr == 0.0 {
+        bail!("--lr must be above 0");
+    }
+    for (flag, v) in [("--beta1", a.beta1), ("--beta2", a.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            bail!("{flag} must be in [0, 1), got {v}");
+        }
+    }
+    if !(a.eps.is_finite() && a.eps > 0.0) {
+        bail!("--eps must be above 0, got {}", a.eps);
+    }
+    if a.checkpoint_every > 0 && a.out.is_none() {
+        bail!("--checkpoint-every needs --out RUN_DIR to write the checkpoints to");
+    }
+    if a.val.is_none() && (is_explicit("val_every") || is_explicit("val_batches")) {
+        bail!("--val-every and --val-batches need --val FILE");
+    }
+    if a.init.is_some() {
+        if let Some(flag) = MODEL_FLAGS.iter().find(|f| is_explicit(f)) {
+            bail!("--init takes the model's shape from its config.json; drop --{}", flag.replace('_', "-"));
+        }
+    }
+    match a.device.as_str() {
+        "cpu" | "cuda" | "auto" => Ok(()),
+        other => bail!("--device {other}: unknown device (expected cpu, cuda or auto)"),
+    }
+}
+
+pub(super) fn model_config(a: &TrainArgs) -> Result<GptConfig> {
+    let mut cfg = GptConfig::preset(a.model.unwrap_or(Preset::Gpt2));
+    let overrides = [
+        (&mut cfg.n_layer, a.n_layer),
+        (&mut cfg.n_head, a.n_head),
+        (&mut cfg.n_embd, a.n_embd),
+        (&mut cfg.vocab_size, a.vocab_size),
+        (&mut cfg.n_positions, a.context_length),
+    ];
+    for (field, value) in overrides {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
+    cfg.validate("model flags (--n-layer, --n-head, --n-embd, --vocab-size, --context-length)")?;
+    Ok(cfg)
+}
+
+/// The batch shape of a run: B, T, their product and the tokens of one optimizer step.
+pub(super) struct BatchShape {
+    pub b: usize,
+    pub t: usize,
+    pub window: usize,
+    pub step_tokens: usize,
+}
+
+pub(super) fn batch_shape(a: &TrainArgs, config: &GptConfig) -> Result<BatchShape> {
+    let t = a.seq_len.unwrap_or(config.n_positions);
+    if t > config.n_positions {
+        bail!("--seq-len {t} exceeds the model's context length {}", config.n_positions);
+    }
+    let b = a.batch_size;
+    // Every size computed from the shape (activations and their gradients, at most 16 bytes per
+    // value in all, on either device) must fit in a usize; no machine comes near that bound.
+    let too_large =
+        || format!("--batch-size {b} × --seq-len {t} is too large: its activations alone exceed any memory");
+    let window = b.checked_mul(t).with_context(too_large)?;
+    window.checked_mul(activation_count(config, 1, 1)).and_then(|n| n.checked_mul(16)).with_context(too_large)?;
+    // The tokens of one step; bounded, so that later products cannot overflow.
+    let step_tokens = window
+        .checked_mul(a.grad_accum)
+        .filter(|&w| w < usize::MAX / 4)
+        .context("--batch-size × --seq-len × --grad-accum is too large")?;
+    Ok(BatchShape { b, t, window, step_tokens })
+}
+
+/// Checks the flags of `finch train --resume DIR` given `text`, DIR's train_args.json, and no
+/// other flag, as far as `run` can without opening a file: the flags, the model they describe,
+/// the batch shape, the memory plans and the learning-rate schedule. For the train_args fuzz
+/// target: whatever the file holds, this returns, never panics.
+#[doc(hidden)]
+pub fn check_saved_args(text: &str) -> Result<()> {
+    use clap::{Args, FromArgMatches};
+    let command = TrainArgs::augment_args(clap::Command::new("train").args_override_self(true));
+    let cli = TrainArgs::from_arg_matches(&command.try_get_matches_from(["train", "--resume", "RUN"])?)?;
+    let args = merge_saved_args(&cli, text, Path::new("RUN/train_args.json"), |_| false)?;
+    check_flags(&args, &|_| false)?;
+    if args.init.is_some() {
+        return Ok(()); // the model comes from files
+    }
+    let config = model_config(&args)?;
+    let shape = batch_shape(&args, &config)?;
+    for on_gpu in [false, true] {
+        host_memory_plan(on_gpu, &config, shape.b, shape.t);
+    }
+    for precision in [Precision::F32, Precision::Bf16] {
+        gpu_memory_plan(&config, shape.b, shape.t, precision);
+    }
+    let steps = args.steps.unwrap_or(1);
+    for step in [1, steps / 2, steps] {
+        learning_rate(args.lr_schedule, step, steps, args.lr, args.min_lr, args.warmup_steps);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_flags_are_checked_like_typed_ones() {
+        // Keys the file lacks keep their defaults (GPT-2, B=4, T=1024).
+        check_saved_args("{}").unwrap();
+        check_saved_args(r#"{"n_layer": 1, "n_embd": 8, "n_head": 2, "device": "cpu", "batch_size": 2}"#).unwrap();
+        let refused = |text: &str| check_saved_args(text).unwrap_err().to_string();
+        assert!(refused("[1, 2]").contains("not the flags of a finch run (expected a JSON object)"));
+        assert!(refused("{").starts_with("RUN/train_args.json: not valid JSON"));
+        assert!(refused(r#"{"batch_size": -1}"#).contains("unreadable flags"));
+        assert!(refused(r#"{"device": "tpu"}"#).contains("--device tpu: unknown device"));
+        assert!(refused(r#"{"n_head": 5}"#).contains("n_embd (768) must be a multiple of n_head (5)"));
+        assert!(refused(r#"{"batch_size": 100000000000000}"#).contains("is too large: its activations alone"));
+        assert!(refused(r#"{"threads": 5000}"#).contains("--threads must be at most 1024"));
+    }
+}

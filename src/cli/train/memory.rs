@@ -1,0 +1,151 @@
+//! The memory plan of a run: the bytes it needs on the host and on the GPU, by part, checked
+//! against what is available before anything large is allocated, and the one-line refusal when
+//! they do not fit.
+
+use crate::cuda::model::memory_plan as gpu_memory_plan;
+use crate::cuda::{Gpu, Precision};
+use crate::model::config::GptConfig;
+use crate::model::layout::{activation_count, ParamLayout};
+use crate::os::resources::{available_memory, human_bytes, AvailableMemory};
+use anyhow::{bail, Result};
+
+/// Bytes of host memory a run needs, by part. On the CPU: weights, gradients and AdamW's m and
+/// v, then the activations and their gradients, all f32. On a GPU everything lives on the
+/// device, but each checkpoint copies the f32 weights and both moments to the host (as a resumed
+/// run holds its loaded checkpoint there until the upload).
+pub(super) fn host_memory_plan(on_gpu: bool, cfg: &GptConfig, b: usize, t: usize) -> Vec<(&'static str, usize)> {
+    let n = ParamLayout::new(cfg).total;
+    match on_gpu {
+        false => {
+            vec![("weights+grads+optimizer", 4 * 4 * n), ("activations", 2 * 4 * activation_count(cfg, b, t))]
+        }
+        true => vec![("weights and AdamW moments copied from the GPU for each checkpoint", 3 * 4 * n)],
+    }
+}
+
+/// Refuses a run whose host memory `plan` cannot fit, before anything large is allocated.
+/// `batch` is (B, T) when the plan grows with them.
+pub(super) fn check_memory(plan: &[(&str, usize)], batch: Option<(usize, usize)>) -> Result<()> {
+    match available_memory().and_then(|available| memory_refusal(plan, batch, &available)) {
+        Some(refusal) => bail!(refusal),
+        None => Ok(()),
+    }
+}
+
+/// The one-line refusal of a run whose host memory `plan` exceeds `available`, if it does.
+fn memory_refusal(
+    plan: &[(&str, usize)],
+    batch: Option<(usize, usize)>,
+    available: &AvailableMemory,
+) -> Option<String> {
+    let needed = plan_bytes(plan);
+    if needed as u64 <= available.bytes {
+        return None;
+    }
+    let (what, lower) = match batch {
+        Some((b, t)) => (format!("{} at B={b}, T={t}", describe_plan(plan)), "lower --batch-size or --seq-len, or "),
+        None => (describe_plan(plan), ""),
+    };
+    Some(format!(
+        "not enough memory: training needs {} ({what}) but {} is available{}; {lower}use a smaller model",
+        human_bytes(needed),
+        human_bytes(available.bytes as usize),
+        available.limited_by.as_ref().map(|why| format!(" under {why}")).unwrap_or_default()
+    ))
+}
+
+/// Refuses a GPU run whose buffers cannot fit in the free device memory.
+pub(super) fn check_gpu_memory(gpu: &Gpu, cfg: &GptConfig, b: usize, t: usize, precision: Precision) -> Result<()> {
+    let (free, _) = gpu.memory()?;
+    match gpu_memory_refusal(&gpu_memory_plan(cfg, b, t, precision), free, &gpu.name, precision) {
+        Some(refusal) => bail!(refusal),
+        None => Ok(()),
+    }
+}
+
+/// The one-line refusal of a GPU run whose buffers (`plan`) exceed the `free` device memory.
+fn gpu_memory_refusal(plan: &[(&str, usize)], free: usize, gpu_name: &str, precision: Precision) -> Option<String> {
+    let needed = plan_bytes(plan);
+    (needed > free).then(|| {
+        format!(
+            "not enough GPU memory: training needs {} ({}) but {} is free on {gpu_name}; lower --batch-size or \
+             --seq-len{}, or use a smaller model",
+            human_bytes(needed),
+            describe_plan(plan),
+            human_bytes(free),
+            if precision == Precision::F32 { ", use --precision bf16" } else { "" }
+        )
+    })
+}
+
+/// The bytes of a memory plan, all parts together.
+pub(super) fn plan_bytes(plan: &[(&str, usize)]) -> usize {
+    plan.iter().map(|(_, bytes)| bytes).sum()
+}
+
+pub(super) fn describe_plan(plan: &[(&str, usize)]) -> String {
+    plan.iter().map(|(what, bytes)| format!("{} {what}", human_bytes(*bytes))).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Preset;
+
+    #[test]
+    fn a_run_beyond_the_available_host_memory_is_refused_with_the_numbers() {
+        let cfg = GptConfig::preset(Preset::Gpt2);
+        let n = ParamLayout::new(&cfg).total;
+        let cpu = host_memory_plan(false, &cfg, 4, 64);
+        let needed = 16 * n + 8 * activation_count(&cfg, 4, 64);
+        let room = |bytes: usize| AvailableMemory { bytes: bytes as u64, limited_by: None };
+        assert_eq!(memory_refusal(&cpu, Some((4, 64)), &room(needed)), None);
+        let refusal = memory_refusal(&cpu, Some((4, 64)), &room(needed - 1)).expect("one byte short");
+        assert!(refusal.starts_with("not enough memory: training needs "), "{refusal}");
+        assert!(refusal.contains(" weights+grads+optimizer, ") && refusal.contains(" activations at B=4, T=64) but "));
+        assert!(refusal.ends_with(" is available; lower --batch-size or --seq-len, or use a smaller model"));
+
+        // A GPU run (no device needed to plan it) holds a checkpoint's worth on the host, whatever
+        // the batch; the refusal names the cgroup that limits it.
+        let limited = AvailableMemory {
+            bytes: (12 * n - 1) as u64,
+            limited_by: Some("the memory limit of cgroup /job (1.0 GiB)".into()),
+        };
+        let gpu = host_memory_plan(true, &cfg, 4, 64);
+        assert_eq!(gpu, host_memory_plan(true, &cfg, 64, 1024));
+        let refusal = memory_refusal(&gpu, None, &limited).expect("one byte short");
+        assert_eq!(
+            refusal,
+            format!(
+                "not enough memory: training needs {} ({} weights and AdamW moments copied from the GPU for each \
+                 checkpoint) but {} is available under the memory limit of cgroup /job (1.0 GiB); use a smaller model",
+                human_bytes(12 * n),
+                human_bytes(12 * n),
+                human_bytes(12 * n - 1)
+            )
+        );
+        assert_eq!(memory_refusal(&gpu, None, &room(12 * n)), None);
+    }
+
+    #[test]
+    fn a_gpu_run_beyond_the_free_device_memory_is_refused_with_its_plan() {
+        // The refusal of check_gpu_memory, planned without a GPU: GPT-2 small at B=8, T=1024.
+        let cfg = GptConfig::preset(Preset::Gpt2);
+        for precision in [Precision::Bf16, Precision::F32] {
+            let plan = gpu_memory_plan(&cfg, 8, 1024, precision);
+            let needed = plan_bytes(&plan);
+            assert_eq!(gpu_memory_refusal(&plan, needed, "H200", precision), None);
+            let refusal = gpu_memory_refusal(&plan, needed - 1, "H200", precision).expect("one byte short");
+            assert!(refusal.starts_with(&format!("not enough GPU memory: training needs {} (", human_bytes(needed))));
+            for part in ["weights, ", "master weights, ", "AdamW moments, ", "activations, ", "activation gradients, "]
+            {
+                assert!(refusal.contains(part), "{refusal} lacks {part}");
+            }
+            assert!(refusal.contains(" is free on H200; lower --batch-size or --seq-len"));
+            assert_eq!(refusal.contains("--precision bf16"), precision == Precision::F32, "{refusal}");
+        }
+        // bf16 storage halves the weights and the activations the plan counts.
+        let bytes = |p| plan_bytes(&gpu_memory_plan(&cfg, 8, 1024, p));
+        assert!(bytes(Precision::Bf16) < bytes(Precision::F32));
+    }
+}

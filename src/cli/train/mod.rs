@@ -1,0 +1,350 @@
+//! `finch train`: the training loop, which reads top to bottom like llm.c's main: load; then each
+//! step (batches, forward, backward, norm, update); then log, validate, checkpoint.
+//!
+//! Around it: the flags and their checks (`args`), the memory plan (`memory`), loading (`setup`),
+//! what a run writes (`outputs`), the CPU-or-GPU model the loop drives (`engine`) and the
+//! learning-rate schedules (`schedule`).
+
+mod args;
+pub mod engine;
+mod memory;
+mod outputs;
+pub mod schedule;
+mod setup;
+
+pub use args::{check_saved_args, merge_resumed_args, TrainArgs};
+
+use crate::cli::device::Device;
+use crate::cpu::optimizer::{AdamW, AdamWConfig};
+use crate::formats::checkpoint::TrainState;
+use crate::formats::tokens::{BatchWalker, TokenStream};
+use crate::formats::trainlog::{Console, JsonlLog, StepRecord};
+use crate::model::config::GptConfig;
+use crate::model::layout::ParamLayout;
+use crate::model::rng::Rng;
+use crate::os::files::check_free_space;
+use crate::os::interrupt::{signal_name, Interrupted, StopOnSignal};
+use anyhow::{bail, Context, Result};
+use engine::Engine;
+use outputs::{
+    check_writable, final_outputs_are_current, mid_run, save_checkpoint, write_final_outputs, HEADER_ALLOWANCE,
+};
+use schedule::learning_rate;
+use setup::{out_flag, plan, prepare_run_dir, print_setup, real_params, Plan};
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Runs `finch train`. `is_explicit(id)` tells whether a flag was given on the command line.
+pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
+    // Load: the flags, the run directory, the device, the data and the initial weights.
+    let args = match &cli.resume {
+        Some(_) => merge_resumed_args(&cli, is_explicit)?,
+        None => cli,
+    };
+    args::check_flags(&args, is_explicit)?;
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("--threads: cannot start the thread pool")?;
+    }
+    let lock = prepare_run_dir(&args)?;
+    // A token file that shrinks or fails mid-run stops it (see sigbus); say how to go on.
+    crate::os::sigbus::set_advice(match &args.out {
+        Some(dir) => format!("; restore it, then continue with --resume {}", dir.display()),
+        None => "; restore it and start again".to_string(),
+    });
+    let (device, device_reason) = Device::choose(&args.device, args.precision)?;
+    let plan = plan(&args, &device)?;
+    print_setup(&args, &plan, &device, device_reason);
+    let Some(mut run) = Run::start(&args, plan, &device, lock)? else {
+        return Ok(()); // it had finished; its final outputs are written now
+    };
+    let hp = AdamWConfig { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay };
+
+    while run.state.step < run.steps {
+        let step = run.state.step + 1;
+        let started = Instant::now();
+        // Each step: forward and backward over its micro-batches, the gradient norm, the update.
+        let (loss, grad_norm) = run.forward_backward()?;
+        let lr = learning_rate(args.lr_schedule, step, run.steps, args.lr, args.min_lr, args.warmup_steps);
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        if finite {
+            run.engine.update(lr, &hp, grad_norm, args.grad_clip)?;
+        } else {
+            run.stop_or_skip(step, loss, grad_norm)?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        run.state.step = step;
+
+        // Then log, validate and checkpoint.
+        let val_loss = run.validate_if_due(step)?;
+        let record = StepRecord {
+            step,
+            loss,
+            grad_norm,
+            lr,
+            ms: seconds * 1e3,
+            tok_per_s: run.tokens_per_step() as f64 / seconds,
+            val_loss,
+            skipped: !finite,
+        };
+        run.log_step(&record)?;
+        run.checkpoint_if_due(step)?;
+    }
+    run.finish()
+}
+
+/// A run under way: what the loop reads and updates from one step to the next.
+struct Run<'a> {
+    args: &'a TrainArgs,
+    cfg: GptConfig,
+    layout: ParamLayout,
+    b: usize,
+    t: usize,
+    steps: usize,
+    train: TokenStream,
+    val: Option<TokenStream>,
+    log_path: Option<PathBuf>,
+    engine: Engine,
+    /// The step finished last, the data position and the RNG: what a checkpoint saves.
+    state: TrainState,
+    log: Option<JsonlLog>,
+    console: Console,
+    stop_on_signal: Option<StopOnSignal>,
+    last_checkpoint: Option<usize>,
+    /// Steps whose update --skip-nonfinite skipped.
+    skipped: Vec<usize>,
+    checkpoint_bytes: u64,
+    /// The batch buffer and one micro-batch's inputs and targets.
+    batch: (Vec<u32>, Vec<u32>, Vec<u32>),
+    /// Held for the whole run: the run directory's lock.
+    _lock: Option<File>,
+}
+
+impl<'a> Run<'a> {
+    /// Builds the model on its device and opens the log, after checking the disk has room for
+    /// what the run will write. None when a resumed run had already finished its steps: its final
+    /// outputs are written (if an interruption kept them from being) instead.
+    fn start(args: &'a TrainArgs, plan: Plan, device: &Device, lock: Option<File>) -> Result<Option<Run<'a>>> {
+        let cfg = plan.config;
+        let layout = ParamLayout::new(&cfg);
+        let (optimizer, state): (Option<AdamW<f32>>, TrainState) = match plan.resumed {
+            Some((optimizer, state)) => (Some(optimizer), state),
+            None => (None, TrainState { step: 0, walker: BatchWalker { position: 0 }, rng: Rng::new(args.seed) }),
+        };
+        if state.step >= plan.steps {
+            // A run killed after its last checkpoint but before its final outputs were complete is
+            // finished now; one whose outputs are all there has nothing left to do.
+            if state.step > plan.steps || final_outputs_are_current(args, &cfg, &plan.params) {
+                bail!(
+                    "the run already completed {} of {} steps; pass a larger --steps to continue it",
+                    state.step,
+                    plan.steps
+                );
+            }
+            println!("the run completed its {} steps before it was interrupted; writing its final outputs", state.step);
+            write_final_outputs(args, &cfg, &plan.params, plan.log_path.as_deref(), real_params(&cfg))?;
+            return Ok(None);
+        }
+        // Fail now, not after hours of training, when the checkpoint and the model cannot fit.
+        let checkpoint_bytes = 3 * 4 * layout.total as u64 + HEADER_ALLOWANCE;
+        let model_bytes = 4 * real_params(&cfg) as u64 + HEADER_ALLOWANCE;
+        if let Some(dir) = &args.out {
+            check_free_space(
+                dir,
+                out_flag(args),
+                checkpoint_bytes + model_bytes,
+                "the checkpoint and the final model",
+            )?;
+        }
+        if let Some(dir) = &args.save {
+            check_writable(dir, "--save")?;
+            check_free_space(dir, "--save", model_bytes, "the model")?;
+        }
+        let last_checkpoint = (state.step > 0).then_some(state.step);
+        let engine = Engine::new(device, cfg, plan.params, optimizer)?;
+        if state.step > 0 {
+            println!("resuming after step {} (data position {})", state.step, state.walker.position);
+        }
+        let log = match &plan.log_path {
+            // A resumed run without a checkpoint (killed before its first) starts its log afresh.
+            Some(path) if args.resume.is_some() && state.step > 0 => Some(JsonlLog::resume(path, state.step)?),
+            Some(path) => {
+                let mut log = JsonlLog::create(path)?;
+                log.write(&serde_json::json!({
+                    "event": "start", "config": cfg, "params": real_params(&cfg), "args": args,
+                    "batch_size": plan.b, "seq_len": plan.t, "steps": plan.steps,
+                }))?;
+                Some(log)
+            }
+            None => None,
+        };
+        let skipped = log.as_ref().map(|l| l.skipped_before.clone()).unwrap_or_default();
+        let console = Console::new(state.step, plan.steps);
+        // From here on Ctrl-C or SIGTERM finishes the step under way and checkpoints it (see
+        // interrupt); before, there is nothing to save, and a signal stops the run at once.
+        let stop_on_signal = args.out.as_deref().map(|dir| StopOnSignal::install(dir, last_checkpoint.is_some()));
+        let window = plan.b * plan.t;
+        Ok(Some(Run {
+            args,
+            cfg,
+            layout,
+            b: plan.b,
+            t: plan.t,
+            steps: plan.steps,
+            train: plan.train,
+            val: plan.val,
+            log_path: plan.log_path,
+            engine,
+            state,
+            log,
+            console,
+            stop_on_signal,
+            last_checkpoint,
+            skipped,
+            checkpoint_bytes,
+            batch: (Vec::new(), vec![0; window], vec![0; window]),
+            _lock: lock,
+        }))
+    }
+
+    fn tokens_per_step(&self) -> usize {
+        self.b * self.t * self.args.grad_accum
+    }
+
+    /// The step's micro-batches: each read, forward, and backward into the gradients, scaled so
+    /// they sum to the mean. Returns the mean loss and the global gradient norm.
+    fn forward_backward(&mut self) -> Result<(f64, f64)> {
+        let accum = self.args.grad_accum;
+        let (buf, x, y) = &mut self.batch;
+        self.engine.zero_grad()?;
+        let mut loss = 0.0;
+        for _ in 0..accum {
+            self.state.walker.next_batch(&self.train, buf, x, y);
+            loss += self.engine.forward(x, y, self.b, self.t)? / accum as f64;
+            self.engine.backward(1.0 / accum as f64)?;
+        }
+        Ok((loss, self.engine.grad_norm()?))
+    }
+
+    /// A step whose loss or gradient norm is not finite: stop the run before its update, naming
+    /// the first non-finite gradient, or with --skip-nonfinite skip the update and go on.
+    fn stop_or_skip(&mut self, step: usize, loss: f64, grad_norm: f64) -> Result<()> {
+        let culprit = match self.engine.first_nonfinite_grad(&self.layout)? {
+            Some(bad) => format!("first non-finite gradient: {bad}"),
+            None => "every parameter gradient is finite".to_string(),
+        };
+        let what = format!("the loss is {loss} and the gradient norm is {grad_norm} ({culprit})");
+        if !self.args.skip_nonfinite {
+            self.console.finish();
+            let kept = match (&self.args.out, self.last_checkpoint) {
+                (Some(dir), Some(s)) => format!(" (the checkpoint of step {s} in {} is intact)", dir.display()),
+                (Some(_), None) => " (no checkpoint had been written yet)".to_string(),
+                (None, _) => String::new(),
+            };
+            bail!(
+                "step {step}: {what}; stopped before applying its update{kept}; lower --lr, or pass \
+                 --skip-nonfinite to skip such steps"
+            );
+        }
+        // The data position has advanced; the weights and optimizer state have not.
+        self.console.println(&format!("step {step}: {what}; skipped its update (--skip-nonfinite)"));
+        self.skipped.push(step);
+        Ok(())
+    }
+
+    /// The mean loss over --val-batches of the validation data, every --val-every steps and after
+    /// the last.
+    fn validate_if_due(&mut self, step: usize) -> Result<Option<f64>> {
+        let due = self.args.val_every > 0 && step % self.args.val_every == 0 || step == self.steps;
+        match &self.val {
+            Some(val) if due => Ok(Some(mean_loss_over(&mut self.engine, val, self.b, self.t, self.args.val_batches)?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn log_step(&mut self, record: &StepRecord) -> Result<()> {
+        self.console.step(record);
+        if let Some(log) = &mut self.log {
+            log.write(record).map_err(|e| mid_run(e, self.args.out.as_deref(), self.last_checkpoint))?;
+        }
+        Ok(())
+    }
+
+    /// Checkpoints every --checkpoint-every steps, after the last, and when Ctrl-C or SIGTERM asked
+    /// the run to stop; in that last case returns `Interrupted` once the checkpoint is written.
+    fn checkpoint_if_due(&mut self, step: usize) -> Result<()> {
+        let stop = self.stop_on_signal.as_ref().and_then(StopOnSignal::requested).filter(|_| step < self.steps);
+        let Some(dir) = &self.args.out else { return Ok(()) };
+        let every = self.args.checkpoint_every;
+        let due = every > 0 && step % every == 0 || step == self.steps;
+        if due || stop.is_some() {
+            save_checkpoint(
+                dir,
+                &self.engine,
+                &self.layout,
+                &self.cfg,
+                &self.state,
+                self.log.as_ref(),
+                self.checkpoint_bytes,
+            )
+            .map_err(|e| mid_run(e, Some(dir), self.last_checkpoint))?;
+            self.last_checkpoint = Some(step);
+            if let Some(watch) = &self.stop_on_signal {
+                watch.checkpoint_written();
+            }
+        }
+        if let Some(signal) = stop {
+            self.console.finish();
+            return Err(Interrupted {
+                signal,
+                message: format!(
+                    "stopped by {} after step {step} of {}; its checkpoint is in {}: continue with finch train \
+                     --resume {2}",
+                    signal_name(signal),
+                    self.steps,
+                    dir.display()
+                ),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// After the last step: the model, the plot and --save, then what --skip-nonfinite skipped.
+    fn finish(self) -> Result<()> {
+        // A signal now lets the final outputs be written; a second one stops at once, and --resume
+        // writes them from the last checkpoint.
+        self.console.finish();
+        let real = real_params(&self.cfg);
+        self.engine.with_state(|params, _| {
+            write_final_outputs(self.args, &self.cfg, params, self.log_path.as_deref(), real)
+        })?;
+        if !self.skipped.is_empty() {
+            let mut list: Vec<String> = self.skipped.iter().take(10).map(|s| s.to_string()).collect();
+            if self.skipped.len() > 10 {
+                list.push("…".into());
+            }
+            println!(
+                "skipped {} of {} updates whose loss or gradient norm was not finite (--skip-nonfinite): steps {}",
+                self.skipped.len(),
+                self.steps,
+                list.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+fn mean_loss_over(engine: &mut Engine, stream: &TokenStream, b: usize, t: usize, batches: usize) -> Result<f64> {
+    let mut walker = BatchWalker { position: 0 };
+    let (mut buf, mut x, mut y) = (Vec::new(), vec![0; b * t], vec![0; b * t]);
+    let mut total = 0.0;
+    for _ in 0..batches {
+        walker.next_batch(stream, &mut buf, &mut x, &mut y);
+        total += engine.forward(&x, &y, b, t)?;
+    }
+    Ok(total / batches as f64)
+}

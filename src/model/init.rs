@@ -1,0 +1,30 @@
+//! GPT-2's seeded initial weights, drawn with our own RNG so a seed means the same weights on
+//! every machine, thread count and backend.
+
+use crate::model::config::GptConfig;
+use crate::model::layout::{carve_params, ParamLayout, SlicerMut};
+use crate::model::rng::Rng;
+
+/// GPT-2's initialisation, drawn in a fixed order from `seed`: matmul weights, wte and wpe
+/// N(0, 0.02); the two residual projections N(0, 0.02/sqrt(2L)); biases 0; LayerNorm weights 1.
+/// Only the first V rows of wte are drawn (padding stays 0), so padding changes nothing.
+pub fn init_params(cfg: &GptConfig, seed: u64) -> Vec<f32> {
+    let layout = ParamLayout::new(cfg);
+    let mut buf = vec![0f32; layout.total];
+    let mut rng = Rng::new(seed);
+    let std = 0.02;
+    let residual_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+    let p = carve_params(cfg, &mut SlicerMut(&mut buf));
+    rng.fill_normal(&mut p.wte[..cfg.vocab_size * cfg.n_embd], 0.0, std);
+    rng.fill_normal(p.wpe, 0.0, std);
+    for l in p.layers {
+        l.ln_1_w.fill(1.0);
+        l.ln_2_w.fill(1.0);
+        rng.fill_normal(l.c_attn_w, 0.0, std);
+        rng.fill_normal(l.attn_proj_w, 0.0, residual_std);
+        rng.fill_normal(l.c_fc_w, 0.0, std);
+        rng.fill_normal(l.mlp_proj_w, 0.0, residual_std);
+    }
+    p.ln_f_w.fill(1.0);
+    buf
+}
