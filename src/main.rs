@@ -32,6 +32,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a program that stops reading (`finch train | head`) ends finch quietly, as
+    // it does cat or grep, instead of a panic in println.
+    // SAFETY: signal(2) with the default action, before any thread is started.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -40,7 +44,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => {
             let sub = matches.subcommand_matches("train").expect("train was parsed");
-            let is_explicit = |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+            // Only ids clap knows can be asked about (value_source panics on others).
+            let is_explicit = |id: &str| {
+                sub.ids().any(|i| i.as_str() == id)
+                    && sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+            };
             finch::cli::train::run(*args, &is_explicit)
         }
         Command::Quickstart(args) => finch::cli::quickstart::run(args),

@@ -131,8 +131,9 @@ fn model_directory_errors_name_the_file() {
         assert_one_line_error(&out, wants);
     };
     let init = dir.path("init");
+    run(&init, &["--init", "init: no such directory"]);
     std::fs::create_dir_all(&init).unwrap();
-    run(&init, &["config.json", "cannot read"]);
+    run(&init, &["--init", "no config.json here: expected a model directory"]);
     std::fs::write(init.join("config.json"), "{not json").unwrap();
     run(&init, &["config.json", "not valid JSON"]);
     std::fs::write(init.join("config.json"), r#"{"n_layer":2,"n_head":4,"n_embd":32,"vocab_size":97}"#).unwrap();

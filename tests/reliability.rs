@@ -218,6 +218,9 @@ fn sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_is_bit_exa
 
     let first_args = kill_run_args(data, val, broken.to_str().unwrap(), STEPS);
     let resume_args = strings(&["train", "--resume", broken.to_str().unwrap()]);
+    // A run killed after saving its flags but before its first checkpoint is started again, which
+    // --resume does only when asked to.
+    let restart_args: Vec<String> = resume_args.iter().cloned().chain(["--restart".to_string()]).collect();
     let (mut kills, mut restarts_from_scratch, mut last_step) = (Vec::new(), 0, 0);
     let (mut in_data_write, mut before_rename) = (0, 0);
     for moment in plan {
@@ -226,7 +229,12 @@ fn sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_is_bit_exa
         restarts_from_scratch += usize::from(!resumable && !kills.is_empty());
         // Temporary files seen after the kill are this process's own unless some were left over.
         let fresh = checkpoint_temps(&broken).is_empty() || matches!(moment, Moment::InCheckpointWrite { .. });
-        let mut child = spawn(if resumable { &resume_args } else { &first_args }, PAUSE_MS);
+        let args = match (resumable, broken.join(checkpoint::CHECKPOINT_FILE).exists()) {
+            (false, _) => &first_args,
+            (true, true) => &resume_args,
+            (true, false) => &restart_args,
+        };
+        let mut child = spawn(args, PAUSE_MS);
         if !wait_for(moment, &mut child, &broken) {
             let status = child.wait().unwrap();
             assert!(status.success(), "a run ended by itself with {status} before {moment:?}");
@@ -310,7 +318,9 @@ fn a_stop_signal_checkpoints_the_step_under_way_a_second_stops_at_once_and_resum
     assert!(out.status.success(), "{}", text(&out.stderr));
     let model = |d: &Path| std::fs::read(d.join("model/model.safetensors")).unwrap();
     let resume_to_the_end = |run: &Path| {
-        let out = finch(&["train", "--resume", run.to_str().unwrap()]);
+        let restart = if run.join(checkpoint::CHECKPOINT_FILE).exists() { None } else { Some("--restart") };
+        let args: Vec<&str> = ["train", "--resume", run.to_str().unwrap()].into_iter().chain(restart).collect();
+        let out = finch(&args);
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(
             deterministic_step_lines(&run.join("log.jsonl")),
@@ -369,7 +379,7 @@ fn a_stop_signal_checkpoints_the_step_under_way_a_second_stops_at_once_and_resum
         assert_eq!(lines.len(), 2, "{err}");
         assert!(lines[0].starts_with(&format!("{name}: stopping after the step under way")), "{err}");
         if writing == 2 {
-            assert_eq!(lines[1], format!("{name} again: stopped at once, before the run's first checkpoint: start it again with finch train --resume {r}"));
+            assert_eq!(lines[1], format!("{name} again: stopped at once, before the run's first checkpoint, so nothing is saved: start it again from step 1 with finch train --resume {r} --restart"));
             assert!(!run.join(checkpoint::CHECKPOINT_FILE).exists());
         } else {
             assert_eq!(lines[1], format!("{name} again: stopped at once, without finishing the step; the last checkpoint in {r} is intact: continue with finch train --resume {r}"));

@@ -247,7 +247,7 @@ fn every_error_is_one_line_naming_the_file_or_flag() {
     fails_with(&["missing.txt", "--out", out], &["missing.txt", "no such file"]);
     write(&dir, "nothing/.hidden.txt", b"x");
     write(&dir, "nothing/data.csv", b"x");
-    fails_with(&[dir.path("nothing").to_str().unwrap(), "--out", out], &["nothing", "no .txt, .md or .jsonl"]);
+    fails_with(&[dir.path("nothing").to_str().unwrap(), "--out", out], &["nothing", "no .txt, .md, .jsonl or .ndjson"]);
     let latin1 = write(&dir, "latin1.txt", b"caf\xe9 au lait");
     fails_with(&[&latin1, "--out", out], &["latin1.txt", "UTF-8", "byte offset 3"]);
 

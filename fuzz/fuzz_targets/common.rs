@@ -31,7 +31,7 @@ fn params() -> Vec<f32> {
 /// (config.json, model.safetensors) of TINY, as `save_model` writes them.
 pub static MODEL: LazyLock<(Vec<u8>, Vec<u8>)> = LazyLock::new(|| {
     let dir = scratch_dir("model");
-    finch::formats::huggingface::save_model(&dir, &TINY, &params(), "--out").expect("save_model");
+    finch::formats::huggingface::save_model(&dir, &TINY, &params(), None, "--out").expect("save_model");
     let files = (std::fs::read(dir.join(CONFIG_FILE)).unwrap(), std::fs::read(dir.join(WEIGHTS_FILE)).unwrap());
     std::fs::remove_dir_all(&dir).ok();
     files

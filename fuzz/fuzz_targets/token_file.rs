@@ -1,4 +1,4 @@
-//! llm.c token files and raw uint16 token files: `data::parse_token_file`, which
+//! llm.c token files and raw uint16 token files: `formats::tokens::parse_token_file`, which
 //! `TokenStream::open` runs on every memory-mapped shard.
 #![no_main]
 
@@ -24,12 +24,17 @@ fuzz_target!(|input: &[u8]| {
             (DataFormat::Llmc, file)
         }
     };
-    if let Ok(TokenLayout { start, width, len }) = parse_token_file(&file, Path::new("fuzz.bin"), format, vocab_size) {
+    if let Ok(TokenLayout { start, width, len, largest_id }) =
+        parse_token_file(&file, Path::new("fuzz.bin"), format, vocab_size)
+    {
         assert!(width == 2 || width == 4);
         assert_eq!(start + len * width, file.len());
+        let mut largest = 0;
         for t in file[start..].chunks_exact(width) {
             let id = if width == 2 { u16::from_le_bytes([t[0], t[1]]) as u32 } else { u32::from_le_bytes(t.try_into().unwrap()) };
             assert!((id as usize) < vocab_size);
+            largest = largest.max(id);
         }
+        assert_eq!(largest, largest_id);
     }
 });

@@ -1,6 +1,6 @@
 //! `--device` and `--precision`: which backend a command (train, sample) runs on.
 
-use crate::cuda::{Gpu, Precision};
+use crate::cuda::{Gpu, Precision, NO_GPU};
 use anyhow::{bail, Result};
 use std::sync::Arc;
 
@@ -31,6 +31,8 @@ impl Device {
                 Err(e) if precision == Some(Precision::Bf16) => {
                     bail!("--precision bf16 needs a GPU, and none is usable: {e:#}")
                 }
+                // No GPU is the usual case for a CPU run: say so briefly, not every reason each time.
+                Err(e) if e.to_string().starts_with(NO_GPU) => Ok((Device::Cpu, Some("no GPU found".into()))),
                 Err(e) => Ok((Device::Cpu, Some(format!("chosen by --device auto: {e:#}")))),
             },
             other => bail!("--device {other}: unknown device (expected cpu, cuda or auto)"),

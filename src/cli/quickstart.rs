@@ -212,14 +212,12 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
             100.0 * last / first
         );
     }
-    let d = dir.display();
+    let (d, finch) = (dir.display(), crate::cli::finch_command());
     println!(
-        "\nNext:
-  finch sample --model {d} --prompt 'the brave fox'     # more text from this model
-  finch sample --model {d} --prompt '17 + 25 ='
-  finch plot {d} --out loss.png                         # the loss curve as PNG (SVG: {d}/loss.svg)
-  finch tokenize my_texts/ --out data/mine                # your own text, then train on it:
-  finch train --data 'data/mine/train_*.bin' --val 'data/mine/val_*.bin' --model gpt2 --out runs/mine"
+        "\nMore to try:
+  {finch} sample --model {d} --prompt '17 + 25 ='
+  {finch} tokenize my_texts/ --out data/mine            # your own text, then train on it:
+  {finch} train --data 'data/mine/train_*.bin' --val 'data/mine/val_*.bin' --out runs/mine"
     );
     Ok(())
 }

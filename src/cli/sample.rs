@@ -7,13 +7,13 @@ use crate::cli::device::Device;
 use crate::cpu::infer::Generator;
 use crate::cuda::model::GpuGpt;
 use crate::cuda::Precision;
-use crate::formats::huggingface;
+use crate::formats::rundir::ModelSource;
 use crate::formats::tokenizer::{Tokenizer, Utf8Stream};
-use crate::model::config::GptConfig;
+use crate::model::config::{GptConfig, VOCAB_PAD_MULTIPLE};
 use crate::model::rng::Rng;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(
@@ -25,12 +25,14 @@ use std::path::{Path, PathBuf};
   finch sample --model my-model --top-k 50 --top-p 0.9 --num-samples 3 --seed 7"
 )]
 pub struct SampleArgs {
-    /// A model directory (config.json + model.safetensors) or a run directory holding model/
+    /// A model directory (config.json + model.safetensors), or a run directory: its model/, or the
+    /// weights of its last checkpoint while it has no model yet
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// Text to continue [default: start of a document]
     #[arg(long, default_value = "")]
     pub prompt: String,
+    /// Tokens to generate per sample (fewer if the model ends the text)
     #[arg(long, value_name = "N", default_value_t = 200)]
     pub max_new_tokens: usize,
     /// Softmax temperature; 0 picks the most likely token every time
@@ -42,11 +44,13 @@ pub struct SampleArgs {
     /// Sample only among the most likely tokens whose probabilities add up to P (1: all)
     #[arg(long, value_name = "P", default_value_t = 1.0)]
     pub top_p: f64,
+    /// Seed of the sampling: the same seed, model and flags give the same text
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
+    /// Independent samples to generate from the same prompt
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub num_samples: usize,
-    /// How text maps to tokens [default: from the model's config.json, else from its vocabulary size]
+    /// How text maps to tokens [default: the one recorded with the model, else from its vocabulary size]
     #[arg(long, value_enum)]
     pub tokenizer: Option<Tokenizer>,
     /// Where to run: cpu, cuda, or auto
@@ -91,33 +95,35 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_k: usize, top_p: f64, 
     order[probs.len() - 1]
 }
 
-/// A model directory, or a run directory's model/.
-pub fn resolve_model_dir(dir: &Path) -> PathBuf {
-    if !dir.join("config.json").exists() && dir.join("model").join("config.json").exists() {
-        dir.join("model")
-    } else {
-        dir.to_path_buf()
+/// The tokenizer of a model: the one recorded with it (config.json, or the run's flags), else a
+/// guess from the vocabulary size; `--tokenizer` may name it, but not contradict it, and a
+/// tokenizer whose vocabulary is not the model's is refused.
+pub fn model_tokenizer(source: &ModelSource, cfg: &GptConfig, flag: Option<Tokenizer>) -> Result<Tokenizer> {
+    let recorded = source.tokenizer();
+    if let (Some(flag), Some(recorded)) = (flag, recorded) {
+        if flag != recorded {
+            bail!(
+                "--tokenizer {}: {} was trained on {} tokens; drop --tokenizer",
+                flag.name(),
+                source.path().display(),
+                recorded.name()
+            );
+        }
     }
-}
-
-/// The tokenizer of a model: the flag, else config.json's "finch_tokenizer", else a guess from
-/// the vocabulary size.
-pub fn model_tokenizer(dir: &Path, cfg: &GptConfig, flag: Option<Tokenizer>) -> Result<Tokenizer> {
-    let recorded = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| serde_json::from_value::<Tokenizer>(v.get("finch_tokenizer")?.clone()).ok());
     let tokenizer = match flag.or(recorded).or_else(|| Tokenizer::guess_from_vocab(cfg.vocab_size)) {
         Some(t) => t,
         None => bail!(
             "{}: cannot tell which tokenizer a model with vocabulary {} uses; pass --tokenizer gpt2 or bytes",
-            dir.display(),
+            source.path().display(),
             cfg.vocab_size
         ),
     };
-    if tokenizer.vocab_size() > cfg.vocab_size {
+    // A model may pad its vocabulary (to a multiple of 128, say), but not be far larger or smaller.
+    let fits = tokenizer.vocab_size() <= cfg.vocab_size
+        && cfg.vocab_size <= tokenizer.vocab_size().next_multiple_of(VOCAB_PAD_MULTIPLE);
+    if !fits {
         bail!(
-            "--tokenizer {}: its {} tokens do not fit the model's vocabulary of {}",
+            "--tokenizer {}: its vocabulary of {} does not match the model's {}",
             tokenizer.name(),
             tokenizer.vocab_size(),
             cfg.vocab_size
@@ -185,10 +191,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if args.num_samples == 0 {
         bail!("--num-samples must be at least 1");
     }
-    let dir = resolve_model_dir(&args.model);
-    let cfg = huggingface::load_config(&dir)?;
-    let tokenizer = model_tokenizer(&dir, &cfg, args.tokenizer)?;
-    let params = huggingface::load_params(&dir, &cfg)?;
+    let source = ModelSource::find(&args.model, "--model")?;
+    let cfg = source.config()?;
+    let tokenizer = model_tokenizer(&source, &cfg, args.tokenizer)?;
+    if let ModelSource::Checkpoint { .. } = source {
+        eprintln!("note: sampling from {}", source.describe());
+    }
+    let params = source.params(&cfg)?;
     let mut prompt = tokenizer.encode(&args.prompt);
     if prompt.is_empty() {
         prompt.push(tokenizer.end_of_text().unwrap_or(b'\n' as u32));

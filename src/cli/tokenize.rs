@@ -6,7 +6,8 @@
 //! corpus.
 
 use crate::formats::tokenizer::{gpt2_chunks, is_space, Gpt2, Tokenizer, CHUNK_BYTES, GPT2_EOT};
-use crate::formats::tokens::{LLMC_HEADER_BYTES, LLMC_MAGIC};
+use crate::formats::tokens::{LLMC_HEADER_BYTES, LLMC_MAGIC, META_FILE};
+use crate::formats::trainlog::plural;
 use crate::os::files::{create_dir, write_atomically};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,8 +21,7 @@ use std::time::Instant;
 /// What `--tokenizer bytes` writes between two documents of the same split.
 pub const BYTES_SEPARATOR: &[u8] = b"\n\n";
 /// File name extensions taken from directories (case-insensitive); "jsonl" files are read as JSONL.
-pub const DIR_EXTENSIONS: [&str; 3] = ["txt", "md", "jsonl"];
-pub const META_FILE: &str = "meta.json";
+pub const DIR_EXTENSIONS: [&str; 4] = ["txt", "md", "jsonl", "ndjson"];
 
 /// Text read per batch; tokens of one batch are all that is held in memory.
 const BATCH_BYTES: usize = 16 << 20;
@@ -59,17 +59,20 @@ pub struct TokenizeArgs {
     /// Tokenizer (see Separators below)
     #[arg(long, value_enum, default_value = "gpt2")]
     pub tokenizer: Tokenizer,
-    /// JSONL: the field holding each document's text
-    #[arg(long, value_name = "NAME", default_value = "text")]
-    pub field: String,
+    /// JSONL: the field holding each document's text [default: text]; giving it reads stdin and
+    /// every input file named on the command line as JSONL, like --jsonl
+    #[arg(long, value_name = "NAME")]
+    pub field: Option<String>,
     /// Read stdin and every input file named on the command line as JSONL, whatever its extension
+    /// (.jsonl, .ndjson and .json files are read as JSONL anyway)
     #[arg(long)]
     pub jsonl: bool,
     /// Skip (and count) JSONL lines that are not JSON objects with a string --field, instead of
     /// stopping at the first
     #[arg(long)]
     pub skip_bad_lines: bool,
-    /// Fraction of the documents that go to validation, in [0, 1)
+    /// Fraction of the documents that go to validation, in [0, 1); when that is no document (a
+    /// corpus of fewer than 1/F documents, such as one text file), the last F of the tokens instead
     #[arg(long, value_name = "F", default_value_t = 0.01)]
     pub val_fraction: f64,
     /// Tokens per shard at most; documents may continue into the next shard
@@ -116,8 +119,24 @@ fn has_dir_extension(path: &Path) -> bool {
     DIR_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext))
 }
 
-fn is_jsonl(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("jsonl"))
+/// JSON lines by its name: .jsonl and .ndjson; also .json for a file named on the command line
+/// (not in directories, where a .json is more often a configuration file than data).
+fn is_jsonl(path: &Path, named: bool) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    ["jsonl", "ndjson"].iter().chain(named.then_some(&"json")).any(|e| e.eq_ignore_ascii_case(ext))
+}
+
+impl TokenizeArgs {
+    /// The JSON field holding each document's text.
+    pub fn field(&self) -> &str {
+        self.field.as_deref().unwrap_or("text")
+    }
+
+    /// Whether stdin and the files named on the command line are JSONL whatever their names:
+    /// --jsonl, or a --field, which only JSONL has.
+    fn reads_jsonl(&self) -> bool {
+        self.jsonl || self.field.is_some()
+    }
 }
 
 /// Files under `dir` with a usable extension, depth first in name order; hidden entries and
@@ -156,7 +175,7 @@ fn collect_sources(args: &TokenizeArgs) -> Result<Vec<Source>> {
                 bail!("-: stdin can be read only once");
             }
             stdin_seen = true;
-            let format = if args.jsonl { Format::Jsonl } else { Format::Text };
+            let format = if args.reads_jsonl() { Format::Jsonl } else { Format::Text };
             sources.push(Source { path: None, format, size: None });
             continue;
         }
@@ -169,17 +188,22 @@ fn collect_sources(args: &TokenizeArgs) -> Result<Vec<Source>> {
             let mut found = Vec::new();
             walk(input, &mut found)?;
             if found.is_empty() {
-                bail!("{name}: no .txt, .md or .jsonl files in this directory or below (hidden ones are skipped)");
+                bail!(
+                    "{name}: no .txt, .md, .jsonl or .ndjson files in this directory or below (hidden ones are skipped)"
+                );
             }
             for path in found {
-                let format = if is_jsonl(&path) { Format::Jsonl } else { Format::Text };
+                let format = if is_jsonl(&path, false) { Format::Jsonl } else { Format::Text };
                 let size = fs::metadata(&path).map(|m| m.len()).ok();
                 sources.push(Source { path: Some(path), format, size });
             }
         } else {
-            let format = if args.jsonl || is_jsonl(input) { Format::Jsonl } else { Format::Text };
+            let format = if args.reads_jsonl() || is_jsonl(input, true) { Format::Jsonl } else { Format::Text };
             sources.push(Source { path: Some(input.clone()), format, size: Some(meta.len()) });
         }
+    }
+    if args.field.is_some() && sources.iter().all(|s| s.format == Format::Text) {
+        bail!("--field {}: none of the inputs is JSONL (the directories hold only .txt and .md files)", args.field());
     }
     Ok(sources)
 }
@@ -198,7 +222,7 @@ fn check_flags(args: &TokenizeArgs) -> Result<()> {
     if let Some(n) = args.threads {
         crate::os::resources::check_threads(n)?;
     }
-    if args.field.is_empty() {
+    if args.field().is_empty() {
         bail!("--field must name a JSON field");
     }
     Ok(())
@@ -332,6 +356,11 @@ fn prepare(raw: RawDoc, source: &Source, tokenizer: Tokenizer, field: &str) -> R
 /// The document of one JSONL line: the string at `field`, or why the line is refused (a
 /// message that starts with `at`, "file:line").
 pub fn parse_jsonl_line(line: &[u8], at: &str, field: &str) -> Result<String, String> {
+    if line.trim_ascii_start().starts_with(b"[") {
+        return Err(format!(
+            "{at}: a JSON array, not JSON lines (one object per line); convert it first, e.g. with jq -c '.[]'"
+        ));
+    }
     let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| format!("{at}: not valid JSON ({e})"))?;
     let serde_json::Value::Object(mut object) = value else {
         return Err(format!("{at}: expected a JSON object with a \"{field}\" field"));
@@ -437,6 +466,54 @@ impl SplitWriter {
     fn shard_names(&self) -> Vec<String> {
         self.written.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect()
     }
+}
+
+/// When no document went to validation (a corpus of fewer than 1/F documents, such as one text
+/// file), the last ⌊N·F⌋ of train's N tokens become the validation split: cut from the end of the
+/// last train shards (all closed) and written as val's. False when that is under two tokens.
+fn hold_out_tail(train: &mut SplitWriter, val: &mut SplitWriter, fraction: f64) -> Result<bool> {
+    let mut wanted = (train.tokens as f64 * fraction).floor() as usize;
+    if wanted < 2 {
+        return Ok(false);
+    }
+    let mut tail: Vec<u16> = Vec::with_capacity(wanted);
+    while wanted > 0 {
+        let path = train.written.last().expect("train holds more tokens than the tail").clone();
+        let name = path.display().to_string();
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("{name}: cannot open"))?;
+        let count =
+            (file.metadata().with_context(|| format!("{name}: cannot read"))?.len() as usize - LLMC_HEADER_BYTES) / 2;
+        let take = wanted.min(count);
+        let keep = count - take;
+        let mut bytes = vec![0u8; take * 2];
+        file.seek(SeekFrom::Start((LLMC_HEADER_BYTES + keep * 2) as u64))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .with_context(|| format!("{name}: cannot read"))?;
+        let mut piece: Vec<u16> = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+        piece.append(&mut tail);
+        tail = piece;
+        if keep == 0 {
+            drop(file);
+            fs::remove_file(&path).with_context(|| format!("{name}: cannot remove"))?;
+            train.written.pop();
+        } else {
+            let header: Vec<u8> = [LLMC_MAGIC, 1, keep as i32].iter().flat_map(|v| v.to_le_bytes()).collect();
+            file.set_len((LLMC_HEADER_BYTES + keep * 2) as u64)
+                .and_then(|()| file.seek(SeekFrom::Start(0)))
+                .and_then(|_| file.write_all(&header))
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("{name}: cannot write"))?;
+        }
+        wanted -= take;
+    }
+    train.tokens -= tail.len() as u64;
+    val.push(&tail)?;
+    val.close_shard()?;
+    Ok(true)
 }
 
 /// Whether `name` is a file `finch tokenize` writes into --out.
@@ -604,6 +681,9 @@ struct Meta {
     eot_token: Option<u32>,
     separator: &'static str,
     val_fraction: f64,
+    /// How validation was split off: "documents" (whole ones, by `goes_to_val`), "tail" (the last
+    /// --val-fraction of the tokens, when no document went to validation) or "none".
+    val_split: &'static str,
     shard_tokens: usize,
     documents: SplitCounts<u64>,
     tokens: SplitCounts<u64>,
@@ -615,6 +695,7 @@ struct Meta {
 
 /// What a run did, for the summary.
 struct Summary {
+    val_split: &'static str,
     documents: (u64, u64),
     tokens: (u64, u64),
     shards: (usize, usize),
@@ -665,7 +746,7 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
             .into_par_iter()
             .map(|raw| {
                 let source = &sources[raw.source];
-                prepare(raw, source, tokenizer, &args.field)
+                prepare(raw, source, tokenizer, args.field())
             })
             .collect();
         let mut docs = Vec::with_capacity(prepared.len());
@@ -699,12 +780,18 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
     }
     train.close_shard()?;
     val.close_shard()?;
+    let val_split = match (val.documents, args.val_fraction > 0.0) {
+        (0, true) if hold_out_tail(&mut train, &mut val, args.val_fraction)? => "tail",
+        (0, _) => "none",
+        _ => "documents",
+    };
     let meta = Meta {
         tokenizer,
         vocab_size: tokenizer.vocab_size(),
         eot_token: (tokenizer == Tokenizer::Gpt2).then_some(GPT2_EOT),
         separator,
         val_fraction: args.val_fraction,
+        val_split,
         shard_tokens: args.shard_tokens,
         documents: SplitCounts { train: train.documents, val: val.documents },
         tokens: SplitCounts { train: train.tokens, val: val.tokens },
@@ -717,6 +804,7 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
     staging.commit(&shards, &meta)?;
 
     let summary = Summary {
+        val_split,
         documents: (train.documents, val.documents),
         tokens: (train.tokens, val.tokens),
         shards: (train.written.len(), val.written.len()),
@@ -825,11 +913,6 @@ fn no_text(sources: &[Source], skipped_empty: u64, bad_lines: u64) -> anyhow::Er
     anyhow::anyhow!("{name}: no text to tokenize ({why})")
 }
 
-/// "1 file", "2 files".
-fn plural(n: u64, noun: &str) -> String {
-    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
-}
-
 fn print_summary(args: &TokenizeArgs, s: &Summary, bad_lines: &[String]) {
     let mut skipped = Vec::new();
     if s.skipped_empty > 0 {
@@ -862,12 +945,22 @@ fn print_summary(args: &TokenizeArgs, s: &Summary, bad_lines: &[String]) {
         .flatten()
         .collect();
     println!("wrote:     {}: {}", args.out.display(), written.join(", "));
-    if s.documents.1 == 0 && args.val_fraction > 0.0 {
+    if s.val_split == "tail" {
         println!(
             // {:?}: 1e-300 rather than three hundred digits.
-            "note: no document went to validation: {} × --val-fraction {:?} < 1; give more documents (files or JSONL \
-             lines) or a larger --val-fraction",
+            "validation: the last {:?} of the tokens ({}), since {} × --val-fraction {:?} < 1 leaves no whole \
+             document to hold out",
+            args.val_fraction,
+            s.tokens.1,
             plural(s.documents.0, "document"),
+            args.val_fraction
+        );
+    } else if s.documents.1 == 0 && args.val_fraction > 0.0 {
+        println!(
+            "note: no validation split: {} × --val-fraction {:?} < 1, and too few tokens to hold out the last \
+             {:?} of them",
+            plural(s.documents.0, "document"),
+            args.val_fraction,
             args.val_fraction
         );
     }
@@ -893,7 +986,7 @@ mod tests {
                 inputs: vec![input.clone()],
                 out: out.clone(),
                 tokenizer: Tokenizer::Gpt2,
-                field: "text".into(),
+                field: None,
                 jsonl: false,
                 skip_bad_lines: false,
                 val_fraction: 0.1,
@@ -929,7 +1022,7 @@ mod tests {
             inputs: vec![input],
             out: out.clone(),
             tokenizer: Tokenizer::Gpt2,
-            field: "text".into(),
+            field: None,
             jsonl: false,
             skip_bad_lines: false,
             val_fraction: 0.0,

@@ -115,19 +115,26 @@ pub struct Gpu {
 pub const NO_KERNELS: &str =
     "built without CUDA kernels: nvcc was not found at build time; install the CUDA toolkit, set CUDA_HOME and rebuild";
 
+/// How every "there is no GPU here" error starts, so `--device auto` can say just that.
+pub const NO_GPU: &str = "no GPU found";
+
 impl Gpu {
-    /// Opens device 0 and loads the kernels, or says in one line why it cannot.
+    /// Opens device 0 and loads the kernels, or says in one line why it cannot. No GPU at all is
+    /// said first: advice about building the kernels only matters where there is one.
     pub fn open() -> Result<Arc<Gpu>> {
-        if ptx::FAMILIES.is_empty() {
-            bail!("{NO_KERNELS}");
-        }
         // cudarc loads libcuda lazily and panics if it is missing; ask first.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            bail!("no NVIDIA driver: the CUDA driver library (libcuda.so) could not be loaded");
+            bail!("{NO_GPU}: the NVIDIA driver (libcuda.so) is not installed");
         }
-        let count = CudaContext::device_count().context("cannot initialise the CUDA driver")?;
+        let count = match CudaContext::device_count() {
+            Ok(count) => count,
+            Err(e) => bail!("{NO_GPU}: the NVIDIA driver cannot be initialised ({e})"),
+        };
         if count < 1 {
-            bail!("no CUDA device: the NVIDIA driver reports no GPU");
+            bail!("{NO_GPU}: the NVIDIA driver reports no device");
+        }
+        if ptx::FAMILIES.is_empty() {
+            bail!("{NO_KERNELS}");
         }
         let ctx = CudaContext::new(0).context("cannot open CUDA device 0")?;
         // One stream does everything in order, so cudarc's per-buffer event tracking is not needed.

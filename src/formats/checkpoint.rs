@@ -63,6 +63,8 @@ pub struct CheckpointFile {
     path: PathBuf,
     bytes: MappedFile,
     pub config: GptConfig,
+    /// Where the run stood: its step tells whether a resumed run has anything left to do.
+    pub state: TrainState,
 }
 
 /// Maps `dir/checkpoint.safetensors` and reads its header; `Ok(None)` when there is none yet.
@@ -72,8 +74,10 @@ pub fn open(dir: &Path) -> Result<Option<CheckpointFile>> {
         return Ok(None);
     }
     let bytes = MappedFile::open(&path, "")?;
-    let config = config_of(&metadata(&bytes, &path)?, &path)?;
-    Ok(Some(CheckpointFile { path, bytes, config }))
+    let meta = metadata(&bytes, &path)?;
+    let config = config_of(&meta, &path)?;
+    let state = state_of(&meta, &path)?;
+    Ok(Some(CheckpointFile { path, bytes, config, state }))
 }
 
 impl CheckpointFile {
@@ -107,6 +111,10 @@ fn config_of(meta: &HashMap<String, String>, path: &Path) -> Result<GptConfig> {
     Ok(config)
 }
 
+fn state_of(meta: &HashMap<String, String>, path: &Path) -> Result<TrainState> {
+    serde_json::from_str(get(meta, "state", path)?).with_context(|| format!("{}: bad \"state\"", path.display()))
+}
+
 /// Parses the bytes of a checkpoint file as [`load`] does; `path` only names the file in errors.
 pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
     let name = path.display();
@@ -114,7 +122,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
     let config = config_of(&meta, path)?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow::anyhow!("{name}: not a valid checkpoint: {e}"))?;
     let get = |key: &str| get(&meta, key, path);
-    let state: TrainState = serde_json::from_str(get("state")?).with_context(|| format!("{name}: bad \"state\""))?;
+    let state = state_of(&meta, path)?;
     let adam_t: u64 = get("adam_t")?.parse().with_context(|| format!("{name}: bad \"adam_t\""))?;
     let n = ParamLayout::new(&config).total;
     let tensor = |key: &str| -> Result<Vec<f32>> {

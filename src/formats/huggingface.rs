@@ -1,6 +1,7 @@
 //! Models on disk in Hugging Face's GPT-2 layout: `config.json` + `model.safetensors` (f32).
 //! A directory finch writes loads in `transformers.GPT2LMHeadModel`, and vice versa.
 
+use crate::formats::tokenizer::Tokenizer;
 use crate::model::config::GptConfig;
 use crate::model::layout::ParamLayout;
 use crate::os::files::{create_dir, write_atomically, write_atomically_with};
@@ -51,9 +52,21 @@ pub fn parse_config(text: &str, path: &Path) -> Result<GptConfig> {
     Ok(cfg)
 }
 
-/// The `config.json` finch writes: our fields plus what transformers needs to load GPT-2.
-pub fn config_json(cfg: &GptConfig) -> serde_json::Value {
-    serde_json::json!({
+/// The `config.json` key where finch records the tokenizer a model's ids belong to (transformers
+/// ignores it), so that `finch sample` need not guess.
+pub const TOKENIZER_KEY: &str = "finch_tokenizer";
+
+/// The tokenizer `dir/config.json` records, if any.
+pub fn recorded_tokenizer(dir: &Path) -> Option<Tokenizer> {
+    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    serde_json::from_value(json.get(TOKENIZER_KEY)?.clone()).ok()
+}
+
+/// The `config.json` finch writes: our fields plus what transformers needs to load GPT-2, and the
+/// tokenizer when it is known.
+pub fn config_json(cfg: &GptConfig, tokenizer: Option<Tokenizer>) -> serde_json::Value {
+    let mut json = serde_json::json!({
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
         "n_layer": cfg.n_layer,
@@ -68,7 +81,11 @@ pub fn config_json(cfg: &GptConfig) -> serde_json::Value {
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
         "tie_word_embeddings": true,
-    })
+    });
+    if let Some(t) = tokenizer {
+        json[TOKENIZER_KEY] = t.name().into();
+    }
+    json
 }
 
 /// Buffers in Hugging Face checkpoints that are not parameters (or are tied to wte).
@@ -159,7 +176,7 @@ fn convert_to_f32(view: &TensorView, dst: &mut [f32]) {
 
 /// Writes `dir/config.json` and `dir/model.safetensors` (f32, without wte's padding rows),
 /// each atomically; creates `dir` if needed.
-pub fn save_model(dir: &Path, cfg: &GptConfig, params: &[f32], flag: &str) -> Result<()> {
+pub fn save_model(dir: &Path, cfg: &GptConfig, params: &[f32], tokenizer: Option<Tokenizer>, flag: &str) -> Result<()> {
     create_dir(dir, flag)?;
     let layout = ParamLayout::new(cfg);
     let mut views = Vec::with_capacity(layout.specs.len());
@@ -172,6 +189,6 @@ pub fn save_model(dir: &Path, cfg: &GptConfig, params: &[f32], flag: &str) -> Re
     write_atomically_with(&path, |tmp| {
         safetensors::serialize_to_file(views, None, tmp).with_context(|| format!("{}: cannot write", tmp.display()))
     })?;
-    let config = serde_json::to_string_pretty(&config_json(cfg))? + "\n";
+    let config = serde_json::to_string_pretty(&config_json(cfg, tokenizer))? + "\n";
     write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())
 }

@@ -1,6 +1,8 @@
 //! Token files, memory-mapped: llm.c's format (a 256 × int32 header, then uint16 or uint32
 //! tokens) or raw little-endian uint16 (nanoGPT's train.bin). Several shards read as one stream.
 
+use crate::formats::tokenizer::Tokenizer;
+use crate::formats::trainlog::human_duration;
 use crate::os::mapfile::MappedFile;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -9,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// What `finch tokenize` writes beside its shards, describing them.
+pub const META_FILE: &str = "meta.json";
 
 pub const LLMC_MAGIC: i32 = 20240520;
 pub const LLMC_HEADER_BYTES: usize = 256 * 4;
@@ -31,6 +36,7 @@ struct Shard {
     /// Bytes per token: 2 or 4.
     width: usize,
     len: usize,
+    largest_id: u32,
 }
 
 impl Shard {
@@ -40,8 +46,8 @@ impl Shard {
         if file.is_empty() {
             bail!("{}: the file is empty", path.display());
         }
-        let TokenLayout { start, width, len } = parse_token_file(&file, path, format, vocab_size)?;
-        Ok(Shard { path: path.to_owned(), file, start, width, len })
+        let TokenLayout { start, width, len, largest_id } = parse_token_file(&file, path, format, vocab_size)?;
+        Ok(Shard { path: path.to_owned(), file, start, width, len, largest_id })
     }
 
     fn bytes(&self) -> &[u8] {
@@ -62,6 +68,15 @@ fn token_at(bytes: &[u8], width: usize, i: usize) -> u32 {
     }
 }
 
+/// The largest token id of `bytes`, little-endian tokens `width` bytes wide.
+fn largest_id(bytes: &[u8], width: usize) -> u32 {
+    match width {
+        2 => bytes.par_chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).max(),
+        _ => bytes.par_chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).max(),
+    }
+    .unwrap_or(0)
+}
+
 /// The first token ≥ `vocab_size` of `bytes`, as (index, id).
 fn first_out_of_vocab(bytes: &[u8], width: usize, vocab_size: usize) -> Option<(usize, u32)> {
     let index = match width {
@@ -74,21 +89,27 @@ fn first_out_of_vocab(bytes: &[u8], width: usize, vocab_size: usize) -> Option<(
 }
 
 /// Checks that every token id of `bytes`, a file laid out as `layout`, is below `vocab_size`, in
-/// slices so that `report` (over the whole file) can show the progress of a long check.
+/// slices so that `report` (over the whole file) can show the progress of a long check. Returns
+/// the largest id.
 fn check_token_ids(
     bytes: &[u8],
     path: &Path,
     layout: TokenLayout,
     vocab_size: usize,
     report: &mut ScanReport,
-) -> Result<()> {
-    let TokenLayout { start, width, len } = layout;
+) -> Result<u32> {
+    let TokenLayout { start, width, len, .. } = layout;
     let tokens = &bytes[start..start + len * width];
     // About a hundred slices, each a whole number of tokens: fine-grained progress on a slow disk,
     // and large enough that the parallel scan of each costs little to start.
     let slice = (tokens.len() / 100).clamp(1 << 20, 64 << 20) / 4 * 4;
+    let mut largest = 0;
     for (i, part) in tokens.chunks(slice).enumerate() {
-        if let Some((index, id)) = first_out_of_vocab(part, width, vocab_size) {
+        // One pass finds the largest id; only a file that fails reads a slice twice.
+        largest = largest.max(largest_id(part, width));
+        if let Some((index, id)) =
+            (largest as usize >= vocab_size).then(|| first_out_of_vocab(part, width, vocab_size)).flatten()
+        {
             report.finish(false);
             let index = i * slice / width + index;
             bail!(
@@ -100,7 +121,7 @@ fn check_token_ids(
         report.progress(start + i * slice + part.len());
     }
     report.finish(true);
-    Ok(())
+    Ok(largest)
 }
 
 /// Shows a long check of a token file: nothing for the first seconds (most files take less),
@@ -190,14 +211,6 @@ impl ScanReport {
     }
 }
 
-fn human_duration(seconds: f64) -> String {
-    match seconds {
-        s if s < 90.0 => format!("{s:.0} s"),
-        s if s < 5400.0 => format!("{:.0} min", s / 60.0),
-        s => format!("{:.1} h", s / 3600.0),
-    }
-}
-
 /// Where the tokens of a token file lie in its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenLayout {
@@ -207,6 +220,8 @@ pub struct TokenLayout {
     pub width: usize,
     /// Number of tokens.
     pub len: usize,
+    /// The largest token id (0 until the ids are checked).
+    pub largest_id: u32,
 }
 
 /// Checks the bytes of one token file as [`TokenStream::open`] does: the llm.c header (or, for
@@ -215,8 +230,8 @@ pub struct TokenLayout {
 pub fn parse_token_file(bytes: &[u8], path: &Path, format: DataFormat, vocab_size: usize) -> Result<TokenLayout> {
     let mut report = ScanReport::new(path, bytes.len());
     let layout = parse_token_layout(bytes, path, format)?;
-    check_token_ids(bytes, path, layout, vocab_size, &mut report)?;
-    Ok(layout)
+    let largest_id = check_token_ids(bytes, path, layout, vocab_size, &mut report)?;
+    Ok(TokenLayout { largest_id, ..layout })
 }
 
 /// Where the tokens lie in the bytes of a token file: its llm.c header, or for raw uint16 its size.
@@ -225,6 +240,13 @@ fn parse_token_layout(bytes: &[u8], path: &Path, format: DataFormat) -> Result<T
     let size = bytes.len();
     if size == 0 {
         bail!("{name}: the file is empty");
+    }
+    if let Some(kind) = text_kind(bytes) {
+        bail!(
+            "{name}: this is {kind}, not tokens; turn it into token files first: finch tokenize {name}{} --out DIR, \
+             then train on 'DIR/train_*.bin'",
+            if kind == "JSON" { " --field FIELD" } else { "" }
+        );
     }
     let (start, width, len) = match format {
         DataFormat::RawU16 => {
@@ -235,7 +257,28 @@ fn parse_token_layout(bytes: &[u8], path: &Path, format: DataFormat) -> Result<T
         }
         DataFormat::Llmc => parse_llmc_header(bytes, path)?,
     };
-    Ok(TokenLayout { start, width, len })
+    Ok(TokenLayout { start, width, len, largest_id: 0 })
+}
+
+/// "JSON lines" or "text" when the start of a file is clearly that: valid UTF-8 (a character cut at
+/// the end of the sample aside) with no NUL byte and no control character but tab, CR, LF and FF,
+/// and with whitespace in it. Token files never are: any id below 256 puts a NUL byte in a uint16
+/// file, GPT-2's <|endoftext|> (50256) is not UTF-8, and an llm.c header holds NULs.
+pub fn text_kind(bytes: &[u8]) -> Option<&'static str> {
+    let sample = &bytes[..bytes.len().min(64 << 10)];
+    let text = match std::str::from_utf8(sample) {
+        Ok(text) => text,
+        // A character cut by the end of the sample is still text.
+        Err(e) if e.error_len().is_none() && sample.len() - e.valid_up_to() < 4 => {
+            std::str::from_utf8(&sample[..e.valid_up_to()]).ok()?
+        }
+        Err(_) => return None,
+    };
+    let controls = text.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r' | '\x0c'));
+    if text.is_empty() || controls || !text.contains([' ', '\n']) {
+        return None;
+    }
+    Some(if text.trim_start().starts_with(['{', '[']) { "JSON" } else { "text" })
 }
 
 /// Validates an llm.c header; returns (first token byte, bytes per token, token count).
@@ -333,6 +376,7 @@ impl TokenStream {
             start: 0,
             width: 4,
             len: tokens.len(),
+            largest_id: tokens.iter().copied().max().unwrap_or(0),
         };
         Self::from_shards(vec![shard])
     }
@@ -343,6 +387,16 @@ impl TokenStream {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The largest token id in the stream.
+    pub fn largest_id(&self) -> u32 {
+        self.shards.iter().map(|s| s.largest_id).max().unwrap_or(0)
+    }
+
+    /// The paths of the shards, in stream order.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|s| s.path.as_path())
     }
 
     pub fn describe(&self) -> String {
@@ -391,6 +445,40 @@ impl BatchWalker {
         x.copy_from_slice(&buf[..n]);
         y.copy_from_slice(&buf[1..]);
         self.position += n;
+    }
+}
+
+/// The part of `finch tokenize`'s meta.json that training and sampling read: which tokenizer
+/// made the tokens, and so the vocabulary a model of them needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct DataMeta {
+    pub tokenizer: Tokenizer,
+    pub vocab_size: usize,
+}
+
+/// The meta.json in the directory of `token_file`, if `finch tokenize` wrote it, with its path.
+/// Another tool's file of that name (without "tokenizer") is none of ours and is ignored; one of
+/// ours that does not add up is ignored with a warning.
+pub fn read_meta(token_file: &Path) -> Option<(PathBuf, DataMeta)> {
+    let path = token_file.parent().unwrap_or(Path::new(".")).join(META_FILE);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+    json.get("tokenizer")?;
+    match serde_json::from_value::<DataMeta>(json) {
+        Ok(meta) if meta.vocab_size == meta.tokenizer.vocab_size() => Some((path, meta)),
+        Ok(meta) => {
+            eprintln!(
+                "warning: {}: vocab_size {} is not the {} tokenizer's {}; ignoring the file",
+                path.display(),
+                meta.vocab_size,
+                meta.tokenizer.name(),
+                meta.tokenizer.vocab_size()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("warning: {}: {e}; ignoring it", path.display());
+            None
+        }
     }
 }
 

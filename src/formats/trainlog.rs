@@ -4,9 +4,11 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// One training step, as logged. Floats print as the shortest string that round-trips.
 #[derive(Debug, Clone, Serialize)]
@@ -95,29 +97,53 @@ impl JsonlLog {
 
 /// Console output for a run of `total` steps.
 pub enum Console {
-    Bar(ProgressBar),
-    Lines { total: usize },
+    Bar { bar: ProgressBar, first: usize },
+    Lines(Lines),
 }
 
+/// Plain lines, off a terminal: one every `every` steps (and at validation, skipped updates and the
+/// last step, and at least once a minute), each with the time so far and an estimate of the rest.
+pub struct Lines {
+    total: usize,
+    every: usize,
+    first: usize,
+    started: Instant,
+    last_line: Cell<Instant>,
+}
+
+/// A line at least this often, however slow the steps.
+const LINE_SECONDS: f64 = 60.0;
+
 impl Console {
-    pub fn new(first_step: usize, total: usize) -> Console {
+    /// For a run whose next step is `first_step + 1`.
+    pub fn new(first_step: usize, total: usize, every: usize) -> Console {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total as u64).with_position(first_step as u64);
             bar.set_style(
                 ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
                     .expect("valid template"),
             );
-            Console::Bar(bar)
+            bar.reset_eta();
+            Console::Bar { bar, first: first_step }
         } else {
-            Console::Lines { total }
+            let now = Instant::now();
+            Console::Lines(Lines { total, every, first: first_step, started: now, last_line: Cell::new(now) })
+        }
+    }
+
+    /// The steps already done when the run (this process) started.
+    pub fn first_step(&self) -> usize {
+        match self {
+            Console::Bar { first, .. } => *first,
+            Console::Lines(l) => l.first,
         }
     }
 
     /// Prints a message above the bar (or as a plain line).
     pub fn println(&self, msg: &str) {
         match self {
-            Console::Bar(bar) => bar.println(msg),
-            Console::Lines { .. } => println!("{msg}"),
+            Console::Bar { bar, .. } => bar.println(msg),
+            Console::Lines(_) => println!("{msg}"),
         }
     }
 
@@ -133,19 +159,59 @@ impl Console {
             if r.skipped { " | update skipped" } else { "" }
         );
         match self {
-            Console::Bar(bar) => {
+            Console::Bar { bar, .. } => {
                 bar.set_message(text);
                 bar.set_position(r.step as u64);
             }
-            Console::Lines { total } => {
-                println!("step {:>width$}/{total} | {text}", r.step, width = total.to_string().len())
+            Console::Lines(l) => {
+                let elapsed = l.started.elapsed().as_secs_f64();
+                let quiet = l.last_line.get().elapsed().as_secs_f64();
+                let due = r.step == l.first + 1
+                    || r.step % l.every == 0
+                    || r.step == l.total
+                    || r.val_loss.is_some()
+                    || r.skipped
+                    || quiet >= LINE_SECONDS;
+                if due {
+                    l.last_line.set(Instant::now());
+                    let left = elapsed / (r.step - l.first) as f64 * (l.total - r.step) as f64;
+                    println!(
+                        "step {:>width$}/{} | {text} | {} elapsed, {} left",
+                        r.step,
+                        l.total,
+                        human_duration(elapsed),
+                        human_duration(left),
+                        width = l.total.to_string().len()
+                    )
+                }
             }
         }
     }
 
     pub fn finish(&self) {
-        if let Console::Bar(bar) = self {
+        if let Console::Bar { bar, .. } = self {
             bar.finish();
         }
     }
+}
+
+/// "45 s", "12 min", "3 h 20 min", "9 days 11 h".
+pub fn human_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..90 => format!("{s} s"),
+        90..5400 => format!("{} min", (s + 30) / 60),
+        5400..172_800 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} days {} h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// "1 step", "3 steps", "2 batches".
+pub fn plural(n: u64, noun: &str) -> String {
+    let suffix = match (n, noun.ends_with(['s', 'h'])) {
+        (1, _) => "",
+        (_, true) => "es",
+        _ => "s",
+    };
+    format!("{n} {noun}{suffix}")
 }

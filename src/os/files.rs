@@ -19,11 +19,26 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp"))
 }
 
+/// The mode a new file gets from `File::create`: rw for all, less the process's umask (read from
+/// /proc, since umask(2) can only be read by setting it).
+fn new_file_mode() -> u32 {
+    let umask = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    });
+    0o666 & !umask.unwrap_or(0o022)
+}
+
 /// Creates `path` atomically; `write` receives the temporary path and must create that file.
-/// On failure the temporary file is removed and `path` is left as it was.
+/// On failure the temporary file is removed and `path` is left as it was. The file gets the mode
+/// any new file would (0644 under the usual umask), however `write` created it: the safetensors
+/// crate's temporary files are 0600.
 pub fn write_atomically_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let tmp = temp_path(path);
     let result = write(&tmp).and_then(|()| {
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(new_file_mode()))
+            .with_context(|| format!("{}: cannot set its permissions", tmp.display()))?;
         File::open(&tmp)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("{}: cannot sync to disk", tmp.display()))?;

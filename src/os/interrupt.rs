@@ -92,8 +92,8 @@ impl StopOnSignal {
             }),
             again_before_any_checkpoint: SIGNALS.map(|(_, name)| {
                 format!(
-                    "{name} again: stopped at once, before the run's first checkpoint: start it again with finch train \
-                     --resume {dir}\n"
+                    "{name} again: stopped at once, before the run's first checkpoint, so nothing is saved: start it \
+                     again from step 1 with finch train --resume {dir} --restart\n"
                 )
                 .into_bytes()
                 .into()

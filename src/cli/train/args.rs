@@ -5,6 +5,8 @@ use super::memory::host_memory_plan;
 use super::schedule::{learning_rate, LrSchedule};
 use crate::cuda::model::memory_plan as gpu_memory_plan;
 use crate::cuda::Precision;
+use crate::formats::rundir::ARGS_FILE;
+use crate::formats::tokenizer::Tokenizer;
 use crate::formats::tokens::DataFormat;
 use crate::model::config::{GptConfig, Preset};
 use crate::model::layout::activation_count;
@@ -39,22 +41,34 @@ pub struct TrainArgs {
     #[arg(long, value_name = "M", default_value_t = 20)]
     pub val_batches: usize,
 
-    /// Start from a Hugging Face GPT-2 directory (config.json + model.safetensors)
+    /// Start from a model: a Hugging Face GPT-2 directory (config.json + model.safetensors), or a
+    /// finch run directory (its model/, or its checkpoint's weights if it has no model yet)
     #[arg(long, value_name = "DIR")]
     pub init: Option<PathBuf>,
-    /// Random init of a GPT-2 size [default: gpt2]; the flags below override its fields
+    /// Random init of a GPT-2 size [default: gpt2]: gpt2 124M (12 layers, 12 heads, 768 channels),
+    /// gpt2-medium 350M (24, 16, 1024), gpt2-large 774M (36, 20, 1280), gpt2-xl 1558M (48, 25, 1600);
+    /// the flags below override its fields
     #[arg(long, value_enum)]
     pub model: Option<Preset>,
+    /// Transformer blocks
     #[arg(long, value_name = "L")]
     pub n_layer: Option<usize>,
+    /// Attention heads per block (must divide --n-embd)
     #[arg(long, value_name = "NH")]
     pub n_head: Option<usize>,
+    /// Channels: the width of the model
     #[arg(long, value_name = "C")]
     pub n_embd: Option<usize>,
+    /// Vocabulary size [default: from meta.json beside --data (finch tokenize writes it), else 50257]
     #[arg(long, value_name = "V")]
     pub vocab_size: Option<usize>,
+    /// Longest sequence the model can see [default: 1024]
     #[arg(long, value_name = "maxT")]
     pub context_length: Option<usize>,
+    /// What the token ids mean, recorded in the saved model for `finch sample` [default: from
+    /// meta.json beside --data, else gpt2 for vocabulary 50257 and bytes for 256]
+    #[arg(long, value_enum)]
+    pub tokenizer: Option<Tokenizer>,
     /// Seed of the random init
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
@@ -75,6 +89,8 @@ pub struct TrainArgs {
     /// Peak learning rate
     #[arg(long, default_value_t = 6e-4)]
     pub lr: f64,
+    /// How the learning rate falls after warm-up: cosine or linear down to --min-lr at the last
+    /// step, or constant
     #[arg(long, value_enum, default_value = "cosine")]
     pub lr_schedule: LrSchedule,
     /// Linear warm-up steps before the schedule
@@ -86,10 +102,13 @@ pub struct TrainArgs {
     /// AdamW decoupled weight decay, applied to 2-D tensors only
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f64,
+    /// AdamW's first-moment decay
     #[arg(long, default_value_t = 0.9)]
     pub beta1: f64,
+    /// AdamW's second-moment decay
     #[arg(long, default_value_t = 0.95)]
     pub beta2: f64,
+    /// AdamW's epsilon
     #[arg(long, default_value_t = 1e-8)]
     pub eps: f64,
     /// Clip the global gradient norm to this (0: no clipping)
@@ -115,20 +134,53 @@ pub struct TrainArgs {
     /// Run directory: flags, log, checkpoints and the final model
     #[arg(long, value_name = "RUN_DIR")]
     pub out: Option<PathBuf>,
-    /// Checkpoint to RUN_DIR every K steps (and always after the last)
+    /// Also checkpoint to RUN_DIR every K steps (0: only by time, and after the last step)
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub checkpoint_every: usize,
+    /// Checkpoint to RUN_DIR when M minutes have passed since the last checkpoint (0: never by
+    /// time); there is always one after the last step
+    #[arg(long, value_name = "M", default_value_t = 10.0)]
+    pub checkpoint_minutes: f64,
     /// Continue the run in RUN_DIR from its last checkpoint, with its saved flags;
     /// flags given now override them
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    /// With --resume of a run that stopped before its first checkpoint: start it again from step 1
+    #[arg(long, requires = "resume")]
+    #[serde(skip)]
+    pub restart: bool,
+    /// With --resume and a larger --steps: a new warm-up and decay of the learning rate over the
+    /// added steps, rather than stretching the schedule to the new last step
+    #[arg(long, requires = "resume")]
+    #[serde(skip)]
+    pub new_schedule: bool,
+    /// The step after which the learning-rate schedule starts (set by --new-schedule)
+    #[arg(skip)]
+    #[serde(default)]
+    pub schedule_start: usize,
+    /// For --resume: the --steps the run had before this command line
+    #[arg(skip)]
+    #[serde(skip)]
+    pub previous_steps: Option<usize>,
+    /// Off a terminal, print a line every N steps (and at validation and the last step); the
+    /// JSONL log has every step
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub print_every: usize,
     /// When a step's loss or gradient norm is not finite, skip its update (the data position
     /// still advances) instead of stopping the run; skipped steps are logged and counted
     #[arg(long)]
     pub skip_nonfinite: bool,
 }
 
-pub(super) const ARGS_FILE: &str = "train_args.json";
+impl TrainArgs {
+    /// The learning rate of step `step` (1-based) of `steps`: the schedule runs from the step after
+    /// `schedule_start` (0, or where --new-schedule began a new segment) to `steps`.
+    pub fn learning_rate(&self, step: usize, steps: usize) -> f64 {
+        let start = self.schedule_start.min(step.saturating_sub(1));
+        learning_rate(self.lr_schedule, step - start, steps - start, self.lr, self.min_lr, self.warmup_steps)
+    }
+}
+
 const MODEL_FLAGS: [&str; 6] = ["model", "n_layer", "n_head", "n_embd", "vocab_size", "context_length"];
 
 /// For --resume: the run's saved flags, overridden by those given on this command line.
@@ -161,6 +213,10 @@ fn merge_saved_args(cli: &TrainArgs, text: &str, path: &Path, is_explicit: impl 
         serde_json::from_value(merged).with_context(|| format!("{}: unreadable flags", path.display()))?;
     args.resume = Some(dir.clone());
     args.out = Some(dir.clone());
+    // One-shot flags: never taken from the file.
+    args.restart = cli.restart;
+    args.new_schedule = cli.new_schedule;
+    args.previous_steps = saved.get("steps").and_then(|s| s.as_u64()).map(|s| s as usize);
     Ok(args)
 }
 
@@ -200,6 +256,12 @@ pub(super) fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> 
     if a.checkpoint_every > 0 && a.out.is_none() {
         bail!("--checkpoint-every needs --out RUN_DIR to write the checkpoints to");
     }
+    if !(a.checkpoint_minutes.is_finite() && a.checkpoint_minutes >= 0.0) {
+        bail!("--checkpoint-minutes must be a finite number ≥ 0, got {}", a.checkpoint_minutes);
+    }
+    if a.print_every == 0 {
+        bail!("--print-every must be at least 1");
+    }
     if a.val.is_none() && (is_explicit("val_every") || is_explicit("val_batches")) {
         bail!("--val-every and --val-batches need --val FILE");
     }
@@ -214,8 +276,11 @@ pub(super) fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> 
     }
 }
 
-pub(super) fn model_config(a: &TrainArgs) -> Result<GptConfig> {
+/// The model the flags describe; `data_vocab` (from the data's meta.json) is the vocabulary when
+/// --vocab-size is not given.
+pub(super) fn model_config(a: &TrainArgs, data_vocab: Option<usize>) -> Result<GptConfig> {
     let mut cfg = GptConfig::preset(a.model.unwrap_or(Preset::Gpt2));
+    cfg.vocab_size = data_vocab.unwrap_or(cfg.vocab_size);
     let overrides = [
         (&mut cfg.n_layer, a.n_layer),
         (&mut cfg.n_head, a.n_head),
@@ -274,7 +339,7 @@ pub fn check_saved_args(text: &str) -> Result<()> {
     if args.init.is_some() {
         return Ok(()); // the model comes from files
     }
-    let config = model_config(&args)?;
+    let config = model_config(&args, None)?;
     let shape = batch_shape(&args, &config)?;
     for on_gpu in [false, true] {
         host_memory_plan(on_gpu, &config, shape.b, shape.t);
@@ -284,7 +349,7 @@ pub fn check_saved_args(text: &str) -> Result<()> {
     }
     let steps = args.steps.unwrap_or(1);
     for step in [1, steps / 2, steps] {
-        learning_rate(args.lr_schedule, step, steps, args.lr, args.min_lr, args.warmup_steps);
+        args.learning_rate(step, steps);
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ use crate::cli::device::Device;
 use crate::cpu::optimizer::{AdamW, AdamWConfig};
 use crate::formats::checkpoint::TrainState;
 use crate::formats::tokens::{BatchWalker, TokenStream};
-use crate::formats::trainlog::{Console, JsonlLog, StepRecord};
+use crate::formats::trainlog::{human_duration, plural, Console, JsonlLog, StepRecord};
 use crate::model::config::GptConfig;
 use crate::model::layout::ParamLayout;
 use crate::model::rng::Rng;
@@ -29,16 +29,15 @@ use engine::Engine;
 use outputs::{
     check_writable, final_outputs_are_current, mid_run, save_checkpoint, write_final_outputs, HEADER_ALLOWANCE,
 };
-use schedule::learning_rate;
-use setup::{out_flag, plan, prepare_run_dir, print_setup, real_params, Plan};
-use std::fs::File;
+use schedule::LrSchedule;
+use setup::{out_flag, plan, prepare_run_dir, print_setup, real_params, save_args, Plan, ValSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
 /// Runs `finch train`. `is_explicit(id)` tells whether a flag was given on the command line.
 pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     // Load: the flags, the run directory, the device, the data and the initial weights.
-    let args = match &cli.resume {
+    let mut args = match &cli.resume {
         Some(_) => merge_resumed_args(&cli, is_explicit)?,
         None => cli,
     };
@@ -49,7 +48,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
             .build_global()
             .context("--threads: cannot start the thread pool")?;
     }
-    let lock = prepare_run_dir(&args)?;
+    let mut run_dir = prepare_run_dir(&args)?;
     // A token file that shrinks or fails mid-run stops it (see sigbus); say how to go on.
     crate::os::sigbus::set_advice(match &args.out {
         Some(dir) => format!("; restore it, then continue with --resume {}", dir.display()),
@@ -57,10 +56,22 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     });
     let (device, device_reason) = Device::choose(&args.device, args.precision)?;
     let plan = plan(&args, &device)?;
+    if let Some((_, state)) = plan.resumed.as_ref().filter(|(_, s)| s.step >= plan.steps) {
+        return finish_finished_run(&args, &plan, state.step);
+    }
+    args.tokenizer = plan.tokenizer;
+    args.steps = Some(plan.steps);
+    let schedule_note = schedule_segment(&mut args, &plan);
     print_setup(&args, &plan, &device, device_reason);
-    let Some(mut run) = Run::start(&args, plan, &device, lock)? else {
-        return Ok(()); // it had finished; its final outputs are written now
-    };
+    if let Some(note) = schedule_note {
+        println!("{note}");
+    }
+    save_args(&args)?;
+    let explicit: Vec<String> = explicit_flags(&args, is_explicit);
+    let mut run = Run::start(&args, plan, &device, &explicit)?;
+    if let Some(dir) = &mut run_dir {
+        dir.started();
+    }
     let hp = AdamWConfig { beta1: args.beta1, beta2: args.beta2, eps: args.eps, weight_decay: args.weight_decay };
 
     while run.state.step < run.steps {
@@ -68,7 +79,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         let started = Instant::now();
         // Each step: forward and backward over its micro-batches, the gradient norm, the update.
         let (loss, grad_norm) = run.forward_backward()?;
-        let lr = learning_rate(args.lr_schedule, step, run.steps, args.lr, args.min_lr, args.warmup_steps);
+        let lr = args.learning_rate(step, run.steps);
         let finite = loss.is_finite() && grad_norm.is_finite();
         if finite {
             run.engine.update(lr, &hp, grad_norm, args.grad_clip)?;
@@ -96,6 +107,52 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     run.finish()
 }
 
+/// A resumed run at or past its last step: it errs if its outputs are all there (nothing left to
+/// do), else (killed after its last checkpoint, before its outputs were complete) writes them.
+fn finish_finished_run(args: &TrainArgs, plan: &Plan, step: usize) -> Result<()> {
+    if step > plan.steps || final_outputs_are_current(args, &plan.config, &plan.params) {
+        bail!("the run already completed {step} of {} steps; pass a larger --steps to continue it", plan.steps);
+    }
+    println!("the run completed its {step} steps before it was interrupted; writing its final outputs");
+    write_final_outputs(args, &plan.config, &plan.params, plan.log_path.as_deref(), real_params(&plan.config))
+}
+
+/// For a resumed run given a new --steps: with --new-schedule, a new learning-rate schedule over
+/// the steps from here (warm-up and decay again); otherwise the line that says how the old one
+/// stretches to the new last step.
+fn schedule_segment(args: &mut TrainArgs, plan: &Plan) -> Option<String> {
+    let (_, state) = plan.resumed.as_ref()?;
+    let (from, to) = (state.step, plan.steps);
+    let next = from + 1;
+    if args.new_schedule {
+        args.schedule_start = from;
+        return Some(format!(
+            "learning rate: a new {} schedule over steps {next}–{to}: {:.2e} at step {next}, {:.2e} at {to}",
+            args.lr_schedule.name(),
+            args.learning_rate(next, to),
+            args.learning_rate(to, to)
+        ));
+    }
+    let previous = args.previous_steps.filter(|&p| p != to && args.lr_schedule != LrSchedule::Constant)?;
+    Some(format!(
+        "learning rate: the {} schedule of steps 1–{previous} now stretches to step {to}: {:.2e} at step {next} \
+         (it was {:.2e} at step {from}), {:.2e} at {to}; pass --new-schedule for a new warm-up and decay over \
+         steps {next}–{to}",
+        args.lr_schedule.name(),
+        args.learning_rate(next, to),
+        args.learning_rate(from, previous.max(from)),
+        args.learning_rate(to, to)
+    ))
+}
+
+/// The flags given on this command line, for the log's resume event.
+fn explicit_flags(args: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let value = serde_json::to_value(args).unwrap_or_default();
+    let mut flags: Vec<String> = value.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    flags.retain(|f| is_explicit(f) && f != "resume");
+    flags
+}
+
 /// A run under way: what the loop reads and updates from one step to the next.
 struct Run<'a> {
     args: &'a TrainArgs,
@@ -105,7 +162,7 @@ struct Run<'a> {
     t: usize,
     steps: usize,
     train: TokenStream,
-    val: Option<TokenStream>,
+    val: Option<ValSet>,
     log_path: Option<PathBuf>,
     engine: Engine,
     /// The step finished last, the data position and the RNG: what a checkpoint saves.
@@ -119,35 +176,24 @@ struct Run<'a> {
     checkpoint_bytes: u64,
     /// The batch buffer and one micro-batch's inputs and targets.
     batch: (Vec<u32>, Vec<u32>, Vec<u32>),
-    /// Held for the whole run: the run directory's lock.
-    _lock: Option<File>,
+    /// When the run (this process) started, and when it last checkpointed, for --checkpoint-minutes.
+    started: Instant,
+    last_checkpoint_at: Instant,
+    /// The last step's record and the last validation loss, for the summary.
+    last: Option<StepRecord>,
+    last_val: Option<f64>,
 }
 
 impl<'a> Run<'a> {
     /// Builds the model on its device and opens the log, after checking the disk has room for
-    /// what the run will write. None when a resumed run had already finished its steps: its final
-    /// outputs are written (if an interruption kept them from being) instead.
-    fn start(args: &'a TrainArgs, plan: Plan, device: &Device, lock: Option<File>) -> Result<Option<Run<'a>>> {
+    /// what the run will write. A resumed run's log gets an event naming the flags given now.
+    fn start(args: &'a TrainArgs, plan: Plan, device: &Device, explicit: &[String]) -> Result<Run<'a>> {
         let cfg = plan.config;
         let layout = ParamLayout::new(&cfg);
         let (optimizer, state): (Option<AdamW<f32>>, TrainState) = match plan.resumed {
             Some((optimizer, state)) => (Some(optimizer), state),
             None => (None, TrainState { step: 0, walker: BatchWalker { position: 0 }, rng: Rng::new(args.seed) }),
         };
-        if state.step >= plan.steps {
-            // A run killed after its last checkpoint but before its final outputs were complete is
-            // finished now; one whose outputs are all there has nothing left to do.
-            if state.step > plan.steps || final_outputs_are_current(args, &cfg, &plan.params) {
-                bail!(
-                    "the run already completed {} of {} steps; pass a larger --steps to continue it",
-                    state.step,
-                    plan.steps
-                );
-            }
-            println!("the run completed its {} steps before it was interrupted; writing its final outputs", state.step);
-            write_final_outputs(args, &cfg, &plan.params, plan.log_path.as_deref(), real_params(&cfg))?;
-            return Ok(None);
-        }
         // Fail now, not after hours of training, when the checkpoint and the model cannot fit.
         let checkpoint_bytes = 3 * 4 * layout.total as u64 + HEADER_ALLOWANCE;
         let model_bytes = 4 * real_params(&cfg) as u64 + HEADER_ALLOWANCE;
@@ -168,8 +214,8 @@ impl<'a> Run<'a> {
         if state.step > 0 {
             println!("resuming after step {} (data position {})", state.step, state.walker.position);
         }
-        let log = match &plan.log_path {
-            // A resumed run without a checkpoint (killed before its first) starts its log afresh.
+        let mut log = match &plan.log_path {
+            // A resumed run without a checkpoint (--restart) starts its log afresh.
             Some(path) if args.resume.is_some() && state.step > 0 => Some(JsonlLog::resume(path, state.step)?),
             Some(path) => {
                 let mut log = JsonlLog::create(path)?;
@@ -181,13 +227,23 @@ impl<'a> Run<'a> {
             }
             None => None,
         };
+        if let (Some(log), Some(_)) = (&mut log, &args.resume) {
+            let given: serde_json::Map<String, serde_json::Value> = explicit
+                .iter()
+                .filter_map(|f| Some((f.clone(), serde_json::to_value(args).ok()?.get(f).cloned()?)))
+                .collect();
+            log.write(&serde_json::json!({
+                "event": "resume", "at_step": state.step, "steps": plan.steps, "restart": args.restart,
+                "new_schedule": args.new_schedule, "flags": given,
+            }))?;
+        }
         let skipped = log.as_ref().map(|l| l.skipped_before.clone()).unwrap_or_default();
-        let console = Console::new(state.step, plan.steps);
+        let console = Console::new(state.step, plan.steps, args.print_every);
         // From here on Ctrl-C or SIGTERM finishes the step under way and checkpoints it (see
         // interrupt); before, there is nothing to save, and a signal stops the run at once.
         let stop_on_signal = args.out.as_deref().map(|dir| StopOnSignal::install(dir, last_checkpoint.is_some()));
         let window = plan.b * plan.t;
-        Ok(Some(Run {
+        Ok(Run {
             args,
             cfg,
             layout,
@@ -206,8 +262,11 @@ impl<'a> Run<'a> {
             skipped,
             checkpoint_bytes,
             batch: (Vec::new(), vec![0; window], vec![0; window]),
-            _lock: lock,
-        }))
+            started: Instant::now(),
+            last_checkpoint_at: Instant::now(),
+            last: None,
+            last_val: None,
+        })
     }
 
     fn tokens_per_step(&self) -> usize {
@@ -255,31 +314,38 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// The mean loss over --val-batches of the validation data, every --val-every steps and after
-    /// the last.
+    /// The mean loss over the validation batches, every --val-every steps and after the last.
     fn validate_if_due(&mut self, step: usize) -> Result<Option<f64>> {
         let due = self.args.val_every > 0 && step % self.args.val_every == 0 || step == self.steps;
         match &self.val {
-            Some(val) if due => Ok(Some(mean_loss_over(&mut self.engine, val, self.b, self.t, self.args.val_batches)?)),
+            Some(val) if due => {
+                let loss = mean_loss_over(&mut self.engine, &val.stream, val.b, val.t, val.batches)?;
+                self.last_val = Some(loss);
+                Ok(Some(loss))
+            }
             _ => Ok(None),
         }
     }
 
     fn log_step(&mut self, record: &StepRecord) -> Result<()> {
         self.console.step(record);
+        self.last = Some(record.clone());
         if let Some(log) = &mut self.log {
             log.write(record).map_err(|e| mid_run(e, self.args.out.as_deref(), self.last_checkpoint))?;
         }
         Ok(())
     }
 
-    /// Checkpoints every --checkpoint-every steps, after the last, and when Ctrl-C or SIGTERM asked
-    /// the run to stop; in that last case returns `Interrupted` once the checkpoint is written.
+    /// Checkpoints every --checkpoint-every steps, when --checkpoint-minutes have passed since the
+    /// last checkpoint (or the start), after the last step, and when Ctrl-C or SIGTERM asked the run
+    /// to stop; in that last case returns `Interrupted` once the checkpoint is written.
     fn checkpoint_if_due(&mut self, step: usize) -> Result<()> {
         let stop = self.stop_on_signal.as_ref().and_then(StopOnSignal::requested).filter(|_| step < self.steps);
         let Some(dir) = &self.args.out else { return Ok(()) };
         let every = self.args.checkpoint_every;
-        let due = every > 0 && step % every == 0 || step == self.steps;
+        let minutes = self.args.checkpoint_minutes;
+        let timely = minutes > 0.0 && self.last_checkpoint_at.elapsed().as_secs_f64() >= minutes * 60.0;
+        let due = every > 0 && step % every == 0 || timely || step == self.steps;
         if due || stop.is_some() {
             save_checkpoint(
                 dir,
@@ -292,6 +358,7 @@ impl<'a> Run<'a> {
             )
             .map_err(|e| mid_run(e, Some(dir), self.last_checkpoint))?;
             self.last_checkpoint = Some(step);
+            self.last_checkpoint_at = Instant::now();
             if let Some(watch) = &self.stop_on_signal {
                 watch.checkpoint_written();
             }
@@ -313,7 +380,8 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// After the last step: the model, the plot and --save, then what --skip-nonfinite skipped.
+    /// After the last step: the model, the plot and --save, what --skip-nonfinite skipped, and a
+    /// summary with the commands to try next.
     fn finish(self) -> Result<()> {
         // A signal now lets the final outputs be written; a second one stops at once, and --resume
         // writes them from the last checkpoint.
@@ -334,7 +402,40 @@ impl<'a> Run<'a> {
                 list.join(", ")
             );
         }
+        self.print_summary();
         Ok(())
+    }
+
+    /// "done: …" with the time, tokens and final losses, then what to run next.
+    fn print_summary(&self) {
+        let Some(last) = &self.last else { return };
+        let first = self.console.first_step();
+        let steps = self.steps - first;
+        let tokens = steps * self.tokens_per_step();
+        let val = self.last_val.map(|v| format!(", val loss {v:.4}")).unwrap_or_default();
+        println!(
+            "done: {} in {} ({} tokens{}); final loss {:.4}{val}",
+            plural(steps as u64, "step"),
+            human_duration(self.started.elapsed().as_secs_f64()),
+            tokens,
+            if first > 0 { format!(", after resuming at step {first}") } else { String::new() },
+            last.loss
+        );
+        let finch = crate::cli::finch_command();
+        let model = match (&self.args.out, &self.args.save) {
+            (Some(dir), _) => dir.display().to_string(),
+            (None, Some(dir)) => dir.display().to_string(),
+            (None, None) => return,
+        };
+        let prompt = match self.args.tokenizer {
+            Some(_) => " --prompt 'Once upon a time'",
+            None => "",
+        };
+        println!("next:\n  {finch} sample --model {model}{prompt}");
+        if let Some(dir) = &self.args.out {
+            println!("  {finch} plot {} --out loss.png", dir.display());
+            println!("  {finch} train --resume {} --steps {}   # train longer", dir.display(), self.steps * 2);
+        }
     }
 }
 

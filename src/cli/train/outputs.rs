@@ -6,6 +6,7 @@ use super::args::TrainArgs;
 use super::engine::{first_nonfinite, Engine};
 use crate::formats::checkpoint::{self, TrainState};
 use crate::formats::huggingface;
+use crate::formats::rundir::MODEL_DIR;
 use crate::formats::trainlog::JsonlLog;
 use crate::model::config::GptConfig;
 use crate::model::layout::ParamLayout;
@@ -73,7 +74,7 @@ pub(super) fn final_outputs_are_current(args: &TrainArgs, cfg: &GptConfig, param
         let config = std::fs::read_to_string(dir.join(huggingface::CONFIG_FILE))
             .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
-        config == Some(huggingface::config_json(cfg))
+        config == Some(huggingface::config_json(cfg, args.tokenizer))
             && huggingface::load_params(dir, cfg).is_ok_and(|saved| {
                 saved.len() == params.len()
                     && saved.iter().zip(params).all(|(a, b)| a.to_bits() == b.to_bits() || *a == 0.0 && *b == 0.0)
@@ -95,7 +96,7 @@ pub(super) fn write_final_outputs(
     }
     let model_bytes = 4 * real_params as u64 + HEADER_ALLOWANCE;
     if let Some(dir) = &args.out {
-        huggingface::save_model(&dir.join("model"), cfg, params, "--out")
+        huggingface::save_model(&dir.join(MODEL_DIR), cfg, params, args.tokenizer, "--out")
             .map_err(|e| explain_write_error(e, "--out", dir, Some((model_bytes, "the model"))))?;
         // The plot is a convenience: a failure to draw it must not fail a finished run.
         let plotted = match log_path {
@@ -111,7 +112,7 @@ pub(super) fn write_final_outputs(
         println!("run directory: {} (log.jsonl, checkpoint, model/{plotted})", dir.display());
     }
     if let Some(dir) = &args.save {
-        huggingface::save_model(dir, cfg, params, "--save")
+        huggingface::save_model(dir, cfg, params, args.tokenizer, "--save")
             .map_err(|e| explain_write_error(e, "--save", dir, Some((model_bytes, "the model"))))?;
         println!("saved model to {}", dir.display());
     }

@@ -13,6 +13,17 @@ pub enum LrSchedule {
     Linear,
 }
 
+impl LrSchedule {
+    /// The flag's value: "cosine", "linear", "constant".
+    pub fn name(self) -> &'static str {
+        match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Cosine => "cosine",
+            LrSchedule::Linear => "linear",
+        }
+    }
+}
+
 /// The learning rate of step `step` (1-based) of `total`: linear warm-up from lr/warmup to lr
 /// over the first `warmup` steps, then the schedule's decay to `min_lr` at step `total`.
 ///
