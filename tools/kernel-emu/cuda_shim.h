@@ -298,9 +298,21 @@ inline Barrier& warp_barrier(const char* op, const void* p, long long q) {
     return b;
 }
 
+// Set false by a launcher that knows the kernel declares no __shared__ memory (the fake driver
+// reads that from the PTX): then the refill below only costs time.
+inline bool refill_shared = true;
+
 __attribute__((no_sanitize_address)) inline void poison_shared() {
     if (__emu_shared_start == nullptr) die("link with -Wl,-T,emu.ld (and compile with -fdata-sections)");
+    if (!refill_shared) return;
+#ifdef EMU_ASAN
+    // Byte by byte: ASan's memset would object to the redzones between the statics.
     for (char* p = __emu_shared_start; p < __emu_shared_end; ++p) *(volatile char*)p = (char)0xff;
+#else
+    // The range holds every kernel's statics (~290 KB with all families in one library): memset
+    // makes a many-block launch of a small kernel ~10x faster than a byte loop.
+    memset(__emu_shared_start, 0xff, (size_t)(__emu_shared_end - __emu_shared_start));
+#endif
 }
 
 [[noreturn]] inline void deadlock() {

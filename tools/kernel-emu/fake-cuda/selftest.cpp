@@ -1,0 +1,887 @@
+// The fake CUDA driver's self-test (run by selftest.sh): each case runs in a child process that
+// loads the library as cudarc does (dlopen, one symbol at a time) and drives it through the
+// driver API. A case asserts the CUDA error codes it gets and the results of the launches it
+// makes; the parent asserts what the child printed on stderr and how it ended (some cases must
+// die: out-of-bounds accesses abort). Covers every refusal, the guard pages, the knobs, and real
+// launches checked against the CPU; with a PTX directory, also the real nvcc PTX of every kernel.
+//
+//   selftest LIBRARY [PTX_DIR]      exit 0 when every case passes
+#include <dirent.h>
+#include <dlfcn.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef void* Handle;
+
+enum {
+    OK = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    NOT_INITIALIZED = 3,
+    INVALID_IMAGE = 200,
+    INVALID_PTX = 218,
+    UNSUPPORTED_PTX_VERSION = 222,
+    NOT_FOUND = 500,
+    ILLEGAL_ADDRESS = 700,
+    LAUNCH_OUT_OF_RESOURCES = 701,
+    MISALIGNED_ADDRESS = 716,
+    NOT_SUPPORTED = 801,
+};
+
+// ---- the library, one symbol at a time (a missing one fails the case, as cudarc would panic) ----
+const char* g_library;
+void* g_lib;
+void* sym(const char* name) {
+    void* p = dlsym(g_lib, name);
+    if (!p) {
+        printf("  missing symbol %s\n", name);
+        exit(1);
+    }
+    return p;
+}
+#define API(ret, name, args)                                                              \
+    template <typename... A>                                                              \
+    ret name(A... a) {                                                                    \
+        typedef ret(*F) args;                                                             \
+        return ((F)sym(#name))(a...);                                                     \
+    }
+API(CUresult, cuInit, (unsigned))
+API(CUresult, cuDeviceGetCount, (int*))
+API(CUresult, cuDeviceGet, (int*, int))
+API(CUresult, cuDeviceGetAttribute, (int*, int, int))
+API(CUresult, cuDeviceGetName, (char*, int, int))
+API(CUresult, cuDevicePrimaryCtxRetain, (Handle*, int))
+API(CUresult, cuDevicePrimaryCtxRelease_v2, (int))
+API(CUresult, cuCtxSetCurrent, (Handle))
+API(CUresult, cuCtxSynchronize, ())
+API(CUresult, cuModuleLoadData, (Handle*, const void*))
+API(CUresult, cuModuleUnload, (Handle))
+API(CUresult, cuModuleGetFunction, (Handle*, Handle, const char*))
+API(CUresult, cuFuncGetAttribute, (int*, int, Handle))
+API(CUresult, cuFuncSetAttribute, (Handle, int, int))
+API(CUresult, cuMemGetInfo_v2, (size_t*, size_t*))
+API(CUresult, cuMemAllocAsync, (CUdeviceptr*, size_t, Handle))
+API(CUresult, cuMemFreeAsync, (CUdeviceptr, Handle))
+API(CUresult, cuMemsetD8Async, (CUdeviceptr, unsigned char, size_t, Handle))
+API(CUresult, cuMemcpyHtoDAsync_v2, (CUdeviceptr, const void*, size_t, Handle))
+API(CUresult, cuMemcpyDtoHAsync_v2, (void*, CUdeviceptr, size_t, Handle))
+API(CUresult, cuMemcpyDtoDAsync_v2, (CUdeviceptr, CUdeviceptr, size_t, Handle))
+API(CUresult, cuLaunchKernel, (Handle, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, Handle, void**, void**))
+API(CUresult, cuStreamSynchronize, (Handle))
+API(CUresult, cuEventCreate, (Handle*, unsigned))
+API(CUresult, cuEventRecord, (Handle, Handle))
+API(CUresult, cuEventSynchronize, (Handle))
+API(CUresult, cuEventElapsedTime_v2, (float*, Handle, Handle))
+API(CUresult, cuEventDestroy_v2, (Handle))
+API(CUresult, cuGetErrorName, (CUresult, const char**))
+API(size_t, fake_cuda_counters_json, (char*, size_t))
+
+// ---- checks inside a case ------------------------------------------------------------------------
+int g_failures;
+void fail(int line, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("  FAIL (selftest.cpp:%d): ", line);
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+    g_failures++;
+}
+#define EXPECT(expr, want)                                                                                   \
+    do {                                                                                                     \
+        CUresult r_ = (expr);                                                                                \
+        if (r_ != (want)) fail(__LINE__, "%s returned %d, expected %d", #expr, r_, (int)(want));          \
+    } while (0)
+#define TRUE(cond, ...)                       \
+    do {                                      \
+        if (!(cond)) fail(__LINE__, __VA_ARGS__); \
+    } while (0)
+
+// ---- PTX for the kernels the cases launch: their real signatures and limits, empty bodies -------
+// matmul_f32 names three module-scope .shared arrays (36,864 bytes, as nvcc's PTX), and
+// crossentropy_forward_f32 has a demoted one and a .f32 parameter.
+std::string mini_ptx(const char* target = "sm_90a", const char* version = "9.0", const char* encoder_params = nullptr,
+                     const char* crossentropy_last = ".f32", const char* extra = "") {
+    std::string s = "//\n// Generated by hand for the fake driver's self-test\n//\n\n.version ";
+    s += version;
+    s += "\n.target ";
+    s += target;
+    s += "\n.address_size 64\n\n";
+    s += ".shared .align 128 .b8 mm_c_tile[17408];\n.shared .align 4 .b8 mm_a_tile[10240];\n"
+         ".shared .align 4 .b8 mm_b_tile[9216];\n\n";
+    s += ".visible .entry encoder_forward_f32(\n";
+    s += encoder_params ? encoder_params
+                        : "\t.param .u64 e0,\n\t.param .u64 e1,\n\t.param .u64 e2,\n\t.param .u64 e3,\n"
+                          "\t.param .u32 e4,\n\t.param .u32 e5,\n\t.param .u32 e6\n";
+    s += ")\n.maxntid 256, 1, 1\n{\n\tret;\n}\n\n";
+    s += ".visible .entry matmul_f32(\n";
+    for (int i = 0; i < 14; i++) {
+        const bool is32 = i == 6 || i == 7 || i == 8 || i == 13;
+        s += std::string("\t.param ") + (is32 ? ".u32" : ".u64") + " m" + std::to_string(i) + (i < 13 ? ",\n" : "\n");
+    }
+    s += ")\n.maxntid 128, 1, 1\n{\n\t.reg .b64 %rd<4>;\n\tmov.u64 %rd1, mm_c_tile;\n\tmov.u64 %rd2, mm_a_tile;\n"
+         "\tcall.uni helper, ();\n\tret;\n}\n\n";
+    s += ".func helper()\n{\n\tmov.u64 %rd3, mm_b_tile;\n\tret;\n}\n\n";
+    s += ".visible .entry attention_forward_f32(\n\t.param .u64 a0,\n\t.param .u64 a1,\n\t.param .u64 a2,\n"
+         "\t.param .u32 a3,\n\t.param .u32 a4,\n\t.param .u32 a5,\n\t.param .u32 a6\n)\n.maxntid 128, 1, 1\n"
+         "{\n\tret;\n}\n\n";
+    s += ".visible .entry crossentropy_forward_f32(\n\t.param .u64 c0,\n\t.param .u64 c1,\n\t.param .u64 c2,\n"
+         "\t.param .u64 c3,\n\t.param .u32 c4,\n\t.param .u32 c5,\n\t.param ";
+    s += crossentropy_last;
+    s += " c6\n)\n.maxntid 256, 1, 1\n{\n\t// demoted variable\n\t.shared .align 4 .b8 ce_scratch[128];\n"
+         "\tst.shared.f32 [ce_scratch+4], %f1;\n\tret;\n}\n";
+    s += extra;
+    return s;
+}
+
+// ---- a session: context, module, and small helpers ------------------------------------------------
+Handle g_ctx, g_module;
+void open_device() {
+    int dev = -1;
+    EXPECT(cuInit(0u), OK);
+    EXPECT(cuDeviceGet(&dev, 0), OK);
+    EXPECT(cuDevicePrimaryCtxRetain(&g_ctx, dev), OK);
+    EXPECT(cuCtxSetCurrent(g_ctx), OK);
+}
+void open_with_module(const std::string& ptx = mini_ptx()) {
+    open_device();
+    EXPECT(cuModuleLoadData(&g_module, ptx.c_str()), OK);
+}
+Handle function(const char* name) {
+    Handle f = nullptr;
+    EXPECT(cuModuleGetFunction(&f, g_module, name), OK);
+    return f;
+}
+CUdeviceptr alloc(size_t bytes) {
+    CUdeviceptr p = 0;
+    EXPECT(cuMemAllocAsync(&p, bytes, (Handle) nullptr), OK);
+    return p;
+}
+template <typename T>
+CUdeviceptr upload(const std::vector<T>& v) {
+    CUdeviceptr p = alloc(v.size() * sizeof(T));
+    EXPECT(cuMemcpyHtoDAsync_v2(p, v.data(), v.size() * sizeof(T), (Handle) nullptr), OK);
+    return p;
+}
+
+// encoder_forward_f32: out[n, c] = wte[inp[n], c] + wpe[n % T, c], launched as ops.rs does.
+struct Encoder {
+    int N = 14, T = 7, C = 33, V = 50;
+    std::vector<float> wte, wpe;
+    std::vector<int> tokens;
+    CUdeviceptr out = 0, inp = 0, d_wte = 0, d_wpe = 0;
+    void* args[7];
+    Encoder() {
+        for (int i = 0; i < V * C; i++) wte.push_back((float)i / 7);
+        for (int i = 0; i < T * C; i++) wpe.push_back((float)i / 3);
+        for (int i = 0; i < N; i++) tokens.push_back(i * 13 % V);
+    }
+    void upload_all(size_t out_bytes = 0, size_t inp_bytes = 0) {
+        out = alloc(out_bytes ? out_bytes : 4 * N * C);
+        inp = alloc(inp_bytes ? inp_bytes : 4 * N);
+        EXPECT(cuMemcpyHtoDAsync_v2(inp, tokens.data(), std::min(inp_bytes ? inp_bytes : 4 * N, 4 * tokens.size()),
+                                    (Handle) nullptr),
+               OK);
+        d_wte = upload(wte);
+        d_wpe = upload(wpe);
+    }
+    CUresult launch(unsigned grid, unsigned block = 256, unsigned gy = 1, unsigned gz = 1, unsigned smem = 0) {
+        void* a[7] = {&out, &inp, &d_wte, &d_wpe, &N, &T, &C};
+        memcpy(args, a, sizeof a);
+        return cuLaunchKernel(function("encoder_forward_f32"), grid, gy, gz, block, 1u, 1u, smem, (Handle) nullptr,
+                              args, (void**)nullptr);
+    }
+    unsigned grid() const { return (unsigned)(N * C + 255) / 256; }
+    int wrong() {
+        std::vector<float> got(N * C);
+        EXPECT(cuMemcpyDtoHAsync_v2(got.data(), out, 4 * got.size(), (Handle) nullptr), OK);
+        int bad = 0;
+        for (int n = 0; n < N; n++)
+            for (int c = 0; c < C; c++) bad += got[n * C + c] != wte[tokens[n] * C + c] + wpe[(n % T) * C + c];
+        return bad;
+    }
+};
+
+// matmul_f32 (out = a·b + bias, row-major) through the fake, against a double loop.
+double matmul_error(int M, int N, int K) {
+    std::vector<float> a(M * K), b(K * N), bias(N), c(M * N);
+    for (int i = 0; i < M * K; i++) a[i] = (float)((i * 37 % 17) - 8) / 8;
+    for (int i = 0; i < K * N; i++) b[i] = (float)((i * 11 % 13) - 6) / 8;
+    for (int i = 0; i < N; i++) bias[i] = (float)i / N;
+    CUdeviceptr da = upload(a), db = upload(b), dbias = upload(bias), dc = alloc(4 * M * N), null = 0;
+    long long ars = K, acs = 1, brs = N, bcs = 1;
+    int accumulate = 0;
+    void* p[] = {&dc, &da, &db, &dbias, &null, &null, &M, &N, &K, &ars, &acs, &brs, &bcs, &accumulate};
+    EXPECT(cuLaunchKernel(function("matmul_f32"), (unsigned)(N + 63) / 64, (unsigned)(M + 63) / 64, 1u, 128u, 1u, 1u,
+                          0u, (Handle) nullptr, p, (void**)nullptr),
+           OK);
+    EXPECT(cuStreamSynchronize((Handle) nullptr), OK);
+    EXPECT(cuMemcpyDtoHAsync_v2(c.data(), dc, 4 * c.size(), (Handle) nullptr), OK);
+    double worst = 0, scale = 0;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double want = bias[j];
+            for (int k = 0; k < K; k++) want += (double)a[i * K + k] * b[k * N + j];
+            worst = fmax(worst, fabs(c[i * N + j] - want));
+            scale = fmax(scale, fabs(want));
+        }
+    for (CUdeviceptr q : {da, db, dbias, dc}) EXPECT(cuMemFreeAsync(q, (Handle) nullptr), OK);
+    return worst / scale;
+}
+
+std::string read_file(const std::string& path) {
+    std::string s;
+    if (FILE* f = fopen(path.c_str(), "rb")) {
+        char buf[65536];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+        fclose(f);
+    }
+    return s;
+}
+
+// ---- the cases -------------------------------------------------------------------------------------
+const char* g_ptx_dir;
+std::string g_tmp;  // a scratch directory for files the cases write
+
+void case_launches() {
+    open_with_module();
+    int v = -1;
+    EXPECT(cuFuncGetAttribute(&v, 1, function("matmul_f32")), OK);  // SHARED_SIZE_BYTES
+    TRUE(v == 36864, "matmul_f32 static shared memory %d, expected 36864 (incl. the .func's)", v);
+    EXPECT(cuFuncGetAttribute(&v, 0, function("matmul_f32")), OK);  // MAX_THREADS_PER_BLOCK
+    TRUE(v == 128, "matmul_f32 max threads %d, expected 128", v);
+    EXPECT(cuFuncGetAttribute(&v, 1, function("crossentropy_forward_f32")), OK);
+    TRUE(v == 128, "crossentropy_forward_f32 static shared memory %d, expected 128 (demoted)", v);
+    EXPECT(cuFuncGetAttribute(&v, 8, function("matmul_f32")), OK);  // MAX_DYNAMIC_SHARED_SIZE_BYTES
+    TRUE(v == 49152 - 36864, "matmul_f32 default dynamic shared memory limit %d, expected %d", v, 49152 - 36864);
+    Encoder e;
+    e.upload_all();
+    EXPECT(cuMemsetD8Async(e.out, 0xff, 4 * e.N * e.C, (Handle) nullptr), OK);
+    EXPECT(e.launch(e.grid()), OK);
+    EXPECT(cuStreamSynchronize((Handle) nullptr), OK);
+    const int bad = e.wrong();
+    TRUE(bad == 0, "encoder_forward_f32: %d of %d outputs wrong", bad, e.N * e.C);
+    const double err = matmul_error(70, 100, 50);
+    TRUE(err < 2e-6, "matmul_f32 70x100x50: relative error %.2e", err);
+    printf("  encoder_forward_f32 exact, matmul_f32 70x100x50 relative error %.1e\n", err);
+    char json[4096];
+    fake_cuda_counters_json(json, sizeof json);
+    TRUE(strstr(json, "\"launches\": 2,") != nullptr, "counters: %s", json);
+}
+
+void case_block_too_big() {
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    EXPECT(e.launch(e.grid(), 2048), INVALID_VALUE);
+    EXPECT(e.launch(e.grid(), 512), LAUNCH_OUT_OF_RESOURCES);  // __launch_bounds__(256)
+    EXPECT(e.launch(e.grid(), 256), OK);                       // not sticky
+}
+
+void case_grid_too_big() {
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    EXPECT(e.launch(e.grid(), 256, 65536), INVALID_VALUE);
+    EXPECT(e.launch(e.grid(), 256, 1, 65536), INVALID_VALUE);
+    EXPECT(e.launch(2147483648u), INVALID_VALUE);
+    EXPECT(e.launch(e.grid(), 256, 2, 3), OK);
+}
+
+void case_dynamic_smem() {
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    Handle mm = function("matmul_f32"), enc = function("encoder_forward_f32");
+    EXPECT(e.launch(e.grid(), 256, 1, 1, 49152), OK);  // 48 KiB without opting in
+    EXPECT(e.launch(e.grid(), 256, 1, 1, 49153), INVALID_VALUE);
+    EXPECT(cuFuncSetAttribute(enc, 8, 100000), OK);
+    EXPECT(e.launch(e.grid(), 256, 1, 1, 100000), OK);
+    EXPECT(e.launch(e.grid(), 256, 1, 1, 100001), INVALID_VALUE);
+    EXPECT(cuFuncSetAttribute(enc, 8, 232448), OK);        // 227 KiB on sm_90
+    EXPECT(cuFuncSetAttribute(enc, 8, 232449), INVALID_VALUE);
+    EXPECT(cuFuncSetAttribute(mm, 8, 232448 - 36864), OK);  // static + dynamic
+    EXPECT(cuFuncSetAttribute(mm, 8, 232448 - 36864 + 1), INVALID_VALUE);
+    EXPECT(e.launch(e.grid(), 256, 1, 1, 232449), INVALID_VALUE);
+}
+
+void case_bad_pointers_host() {
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    e.d_wte = (CUdeviceptr)(uintptr_t)e.wte.data();  // a host pointer
+    EXPECT(e.launch(e.grid()), ILLEGAL_ADDRESS);
+    // The context is dead after a fault, as on a GPU.
+    EXPECT(cuStreamSynchronize((Handle) nullptr), ILLEGAL_ADDRESS);
+    EXPECT(cuMemcpyHtoDAsync_v2(e.inp, e.tokens.data(), 4, (Handle) nullptr), ILLEGAL_ADDRESS);
+}
+
+void case_bad_pointers_misaligned() {
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    e.d_wte += 2;  // a float* must be 4-byte aligned
+    EXPECT(e.launch(e.grid()), MISALIGNED_ADDRESS);
+}
+
+void case_bad_pointers_freed() {
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    EXPECT(cuMemFreeAsync(e.d_wpe, (Handle) nullptr), OK);
+    EXPECT(e.launch(e.grid()), ILLEGAL_ADDRESS);
+}
+
+void case_copies() {
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    std::vector<char> host(4096);
+    const size_t n = 4 * e.N;
+    EXPECT(cuMemcpyHtoDAsync_v2(e.inp, host.data(), n + 4, (Handle) nullptr), INVALID_VALUE);
+    EXPECT(cuMemcpyDtoHAsync_v2(host.data(), e.inp + 8, n, (Handle) nullptr), INVALID_VALUE);
+    EXPECT(cuMemsetD8Async(e.inp, 0, n + 1, (Handle) nullptr), INVALID_VALUE);
+    EXPECT(cuMemcpyDtoDAsync_v2(e.out, e.inp, n + 4, (Handle) nullptr), INVALID_VALUE);
+    EXPECT(cuMemcpyHtoDAsync_v2(e.inp, host.data(), n, (Handle) nullptr), OK);  // exactly the size
+    EXPECT(cuMemFreeAsync(e.inp, (Handle) nullptr), OK);
+    EXPECT(cuMemcpyHtoDAsync_v2(e.inp, host.data(), 4, (Handle) nullptr), INVALID_VALUE);  // after free
+    EXPECT(cuMemFreeAsync(e.inp, (Handle) nullptr), INVALID_VALUE);                         // double free
+    EXPECT(cuMemFreeAsync(e.out + 4, (Handle) nullptr), INVALID_VALUE);                     // not a start
+    CUdeviceptr none = 0;
+    EXPECT(cuMemAllocAsync(&none, (size_t)0, (Handle) nullptr), INVALID_VALUE);
+}
+
+void case_signature() {
+    open_device();
+    Handle m = nullptr;
+    // One parameter fewer than the C++ source.
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90a", "9.0",
+                                         "\t.param .u64 e0,\n\t.param .u64 e1,\n\t.param .u64 e2,\n\t.param .u64 e3,\n"
+                                         "\t.param .u32 e4,\n\t.param .u32 e5\n")
+                                    .c_str()),
+           INVALID_IMAGE);
+    // An int where the source has a long long.
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90a", "9.0",
+                                         "\t.param .u64 e0,\n\t.param .u64 e1,\n\t.param .u64 e2,\n\t.param .u64 e3,\n"
+                                         "\t.param .u32 e4,\n\t.param .u32 e5,\n\t.param .u64 e6\n")
+                                    .c_str()),
+           INVALID_IMAGE);
+    // An integer where the source has a float.
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90a", "9.0", nullptr, ".u32").c_str()), INVALID_IMAGE);
+    // A kernel the fake was not built with.
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90a", "9.0", nullptr, ".f32",
+                                         ".visible .entry no_such_kernel(\n\t.param .u64 x\n)\n{\n\tret;\n}\n")
+                                    .c_str()),
+           INVALID_IMAGE);
+    EXPECT(cuModuleLoadData(&m, mini_ptx().c_str()), OK);
+    Handle f = nullptr;
+    EXPECT(cuModuleGetFunction(&f, m, "no_such_kernel"), NOT_FOUND);
+    EXPECT(cuModuleLoadData(&m, "\x7f" "ELF\x02\x01\x01"), NOT_SUPPORTED);
+    EXPECT(cuModuleLoadData(&m, "not ptx at all"), INVALID_PTX);
+}
+
+void case_ptx_version() {
+    open_device();
+    Handle m = nullptr;
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90a", "9.1").c_str()), UNSUPPORTED_PTX_VERSION);
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90a", "10.0").c_str()), UNSUPPORTED_PTX_VERSION);
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90a", "8.8").c_str()), OK);
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_80", "9.0").c_str()), OK);  // portable PTX runs on 9.0
+}
+
+void case_cc80() {  // FAKE_CUDA_CC=8.0
+    open_device();
+    int v = -1;
+    EXPECT(cuDeviceGetAttribute(&v, 75, 0), OK);
+    TRUE(v == 8, "major %d", v);
+    EXPECT(cuDeviceGetAttribute(&v, 76, 0), OK);
+    TRUE(v == 0, "minor %d", v);
+    EXPECT(cuDeviceGetAttribute(&v, 97, 0), OK);
+    TRUE(v == 166912, "opt-in shared memory %d, expected 166912 (163 KiB)", v);
+    EXPECT(cuDeviceGetAttribute(&v, 16, 0), OK);
+    TRUE(v == 108, "SMs %d", v);
+    Handle m = nullptr;
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90a").c_str()), INVALID_PTX);
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_90").c_str()), INVALID_PTX);
+    EXPECT(cuModuleLoadData(&m, mini_ptx("sm_86").c_str()), INVALID_PTX);
+    EXPECT(cuModuleLoadData(&g_module, mini_ptx("sm_80").c_str()), OK);
+    Handle enc = function("encoder_forward_f32");
+    EXPECT(cuFuncSetAttribute(enc, 8, 166912), OK);
+    EXPECT(cuFuncSetAttribute(enc, 8, 166913), INVALID_VALUE);
+    char name[128];
+    EXPECT(cuDeviceGetName(name, 128, 0), OK);
+    TRUE(strstr(name, "sm_80") != nullptr, "name %s", name);
+}
+
+void case_cc90() {  // the default
+    open_device();
+    int v = -1;
+    EXPECT(cuDeviceGetAttribute(&v, 75, 0), OK);
+    TRUE(v == 9, "major %d", v);
+    EXPECT(cuDeviceGetAttribute(&v, 76, 0), OK);
+    TRUE(v == 0, "minor %d", v);
+    EXPECT(cuDeviceGetAttribute(&v, 97, 0), OK);
+    TRUE(v == 232448, "opt-in shared memory %d, expected 232448 (227 KiB)", v);
+    EXPECT(cuDeviceGetAttribute(&v, 115, 0), OK);
+    TRUE(v == 1, "memory pools %d", v);
+    EXPECT(cuDeviceGetAttribute(&v, 9999, 0), INVALID_VALUE);
+}
+
+void case_bad_cc() {  // FAKE_CUDA_CC=5.2
+    EXPECT(cuInit(0u), INVALID_VALUE);
+}
+
+void case_not_initialised() {
+    int n = 0;
+    EXPECT(cuDeviceGetCount(&n), NOT_INITIALIZED);
+    EXPECT(cuInit(0u), OK);
+    EXPECT(cuDeviceGetCount(&n), OK);
+    TRUE(n == 1, "%d devices", n);
+}
+
+void case_memory_limit() {  // FAKE_CUDA_MEM_MB=64
+    open_device();
+    size_t free_b = 0, total = 0;
+    EXPECT(cuMemGetInfo_v2(&free_b, &total), OK);
+    TRUE(total == 64u << 20 && free_b == total, "memory %zu free of %zu", free_b, total);
+    CUdeviceptr big = alloc(60u << 20), more = 0;
+    EXPECT(cuMemGetInfo_v2(&free_b, &total), OK);
+    TRUE(free_b == 4u << 20, "%zu free after 60 MiB", free_b);
+    EXPECT(cuMemAllocAsync(&more, (size_t)8 << 20, (Handle) nullptr), OUT_OF_MEMORY);
+    EXPECT(cuMemFreeAsync(big, (Handle) nullptr), OK);
+    EXPECT(cuMemAllocAsync(&more, (size_t)8 << 20, (Handle) nullptr), OK);
+}
+
+void case_counters() {  // FAKE_CUDA_COUNTERS=<file>
+    open_with_module();
+    Encoder e;
+    e.upload_all();  // 4 allocations, 3 uploads
+    EXPECT(cuMemsetD8Async(e.out, 0, 4 * e.N * e.C, (Handle) nullptr), OK);
+    EXPECT(e.launch(e.grid()), OK);
+    EXPECT(cuStreamSynchronize((Handle) nullptr), OK);
+    TRUE(e.wrong() == 0, "wrong results");  // 1 download
+    EXPECT(cuStreamSynchronize((Handle) nullptr), OK);
+    EXPECT(cuCtxSynchronize(), OK);
+    Handle a, b;
+    float ms = -1;
+    EXPECT(cuEventCreate(&a, 0u), OK);
+    EXPECT(cuEventCreate(&b, 0u), OK);
+    EXPECT(cuEventRecord(a, (Handle) nullptr), OK);
+    EXPECT(cuEventRecord(b, (Handle) nullptr), OK);
+    EXPECT(cuEventSynchronize(b), OK);
+    EXPECT(cuEventElapsedTime_v2(&ms, a, b), OK);
+    TRUE(ms >= 0, "elapsed %f ms", ms);
+    EXPECT(cuEventDestroy_v2(a), OK);
+    EXPECT(cuEventDestroy_v2(b), OK);
+    EXPECT(cuMemFreeAsync(e.out, (Handle) nullptr), OK);
+}
+void case_counters_stderr() {  // FAKE_CUDA_COUNTERS=1
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    EXPECT(e.launch(e.grid()), OK);
+}
+
+void case_log() {  // FAKE_CUDA_LOG=<file>
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    EXPECT(e.launch(e.grid()), OK);
+    EXPECT(e.launch(e.grid(), 2048), INVALID_VALUE);
+}
+
+// Out-of-bounds accesses: these children must die, naming kernel, block, thread and allocation.
+void case_oob_write_guard() {
+    open_with_module();
+    Encoder e;
+    e.upload_all(4096);  // 1024 floats (a whole page: it ends at the guard page)
+    e.N = 40;            // then write 40 × 33 = 1320 of them
+    e.tokens.assign(40, 1);
+    e.inp = upload(e.tokens);
+    e.launch(e.grid());
+    fail(__LINE__, "the out-of-bounds write did not abort");
+}
+void case_oob_read_guard() {
+    open_with_module();
+    Encoder e;
+    e.N = 100;  // reads inp[0..99] from a 64-int (256-byte) buffer
+    e.tokens.assign(100, 1);
+    e.upload_all(4 * 100 * 33, 256);
+    e.launch(e.grid());
+    fail(__LINE__, "the out-of-bounds read did not abort");
+}
+void* oob_thread(void*) {
+    case_oob_read_guard();
+    return nullptr;
+}
+void case_oob_in_thread() {  // the reporter needs an alternate signal stack on every launching thread
+    pthread_t t;
+    pthread_create(&t, nullptr, oob_thread, nullptr);
+    pthread_join(t, nullptr);
+}
+void case_oob_write_slack() {
+    open_with_module();
+    Encoder e;
+    e.upload_all(4 * e.N * e.C - 8);  // 1840 bytes (slack to 2048): the last 2 floats land in the slack
+    e.launch(e.grid());
+    fail(__LINE__, "the out-of-bounds write into the slack was not reported");
+}
+// A __shared__ array indexed out of bounds (the default build has -fsanitize=bounds): attention
+// with a head dimension above the kernel's maximum of 128 overruns its tiles.
+void case_shared_bounds() {
+    open_with_module();
+    int B = 1, T = 16, C = 136, NH = 1;
+    CUdeviceptr out = alloc(4 * T * C), lse = alloc(4 * T), qkv = alloc(4 * T * 3 * C);
+    EXPECT(cuMemsetD8Async(qkv, 0, 4 * T * 3 * C, (Handle) nullptr), OK);
+    void* p[] = {&out, &lse, &qkv, &B, &T, &C, &NH};
+    cuLaunchKernel(function("attention_forward_f32"), 1u, 1u, 1u, 128u, 1u, 1u, 0u, (Handle) nullptr, p, (void**)nullptr);
+    fail(__LINE__, "the out-of-bounds shared-memory index was not reported");
+}
+void case_host_access() {
+    open_device();
+    CUdeviceptr p = alloc(1024);
+    volatile char* host = (volatile char*)(uintptr_t)p;
+    printf("  (reading the guard page from the host)\n");
+    fflush(stdout);
+    (void)host[1024];
+    fail(__LINE__, "the host read past the allocation did not abort");
+}
+void case_not_ours() {
+    open_device();
+    volatile int* null = nullptr;
+    (void)*(null + 1);  // not device memory, not in a launch: the default action (SIGSEGV)
+    fail(__LINE__, "a NULL dereference did not crash");
+}
+
+// Host threads at once (cargo test runs tests in parallel threads): the fake serialises them.
+void* thread_main(void* arg) {
+    EXPECT(cuCtxSetCurrent(g_ctx), OK);
+    const int m = 33 + (int)(intptr_t)arg;
+    const double err = matmul_error(m, 70, 40);
+    TRUE(err < 2e-6, "thread %d: matmul_f32 error %.2e", (int)(intptr_t)arg, err);
+    return nullptr;
+}
+void case_threads() {
+    open_with_module();
+    pthread_t t[3];
+    for (intptr_t i = 0; i < 3; i++) pthread_create(&t[i], nullptr, thread_main, (void*)i);
+    for (auto& x : t) pthread_join(x, nullptr);
+}
+
+// cudarc's probe: dlopen by name (LD_LIBRARY_PATH), dlclose, then the real load.
+void case_probe_reload() {
+    void* probe = dlopen("libcuda.so", RTLD_LAZY | RTLD_LOCAL);
+    TRUE(probe != nullptr, "dlopen(\"libcuda.so\") through LD_LIBRARY_PATH failed: %s", dlerror());
+    if (probe) dlclose(probe);
+    open_with_module();
+    Encoder e;
+    e.upload_all();
+    EXPECT(e.launch(e.grid()), OK);
+    TRUE(e.wrong() == 0, "wrong results after a reload");
+}
+
+// The real nvcc PTX (selftest.sh compiles kernels/*.cu as build.rs does): every entry loads, has
+// the C++ source's parameters, and the fake's static shared memory equals ptxas -v's.
+void case_real_ptx() {
+    open_device();
+    std::map<std::string, int> ptxas;  // "sm_90a NAME" -> bytes
+    {
+        const std::string report = read_file(std::string(g_ptx_dir) + "/ptxas.txt");
+        std::string name, arch;
+        size_t pos = 0;
+        while (pos < report.size()) {
+            size_t eol = report.find('\n', pos);
+            if (eol == std::string::npos) eol = report.size();
+            const std::string line = report.substr(pos, eol - pos);
+            pos = eol + 1;
+            if (size_t q = line.find("Compiling entry function '"); q != std::string::npos) {
+                const size_t a = q + 26, b = line.find('\'', a), c = line.find('\'', b + 1), d = line.find('\'', c + 1);
+                name = line.substr(a, b - a);
+                arch = line.substr(c + 1, d - c - 1);
+                ptxas[arch + " " + name] = 0;  // ptxas leaves out "0 bytes smem"
+            } else if (size_t s = line.find(" bytes smem"); s != std::string::npos && !name.empty()) {
+                const size_t comma = line.rfind(',', s);
+                ptxas[arch + " " + name] = atoi(line.c_str() + comma + 1);
+            }
+        }
+    }
+    DIR* dir = opendir(g_ptx_dir);
+    TRUE(dir != nullptr, "no directory %s", g_ptx_dir);
+    if (!dir) return;
+    int entries = 0, compared = 0;
+    while (dirent* de = readdir(dir)) {
+        const std::string file = de->d_name;
+        if (file.size() < 4 || file.substr(file.size() - 4) != ".ptx") continue;
+        const std::string text = read_file(std::string(g_ptx_dir) + "/" + file);
+        const std::string arch = file.find("compute_90a") != std::string::npos ? "sm_90a" : "sm_80";
+        Handle m = nullptr;
+        EXPECT(cuModuleLoadData(&m, text.c_str()), OK);
+        if (!m) {
+            printf("  %s did not load\n", file.c_str());
+            continue;
+        }
+        for (size_t q = text.find(".visible .entry "); q != std::string::npos; q = text.find(".visible .entry ", q + 1)) {
+            const size_t a = q + 16, b = text.find('(', a);
+            const std::string name = text.substr(a, b - a);
+            Handle f = nullptr;
+            EXPECT(cuModuleGetFunction(&f, m, name.c_str()), OK);
+            int smem = -1, threads = -1;
+            EXPECT(cuFuncGetAttribute(&smem, 1, f), OK);
+            EXPECT(cuFuncGetAttribute(&threads, 0, f), OK);
+            entries++;
+            auto it = ptxas.find(arch + " " + name);
+            if (it != ptxas.end()) {
+                compared++;
+                TRUE(it->second == smem, "%s %s: %d bytes of static shared memory, ptxas says %d", arch.c_str(),
+                     name.c_str(), smem, it->second);
+            }
+        }
+        EXPECT(cuModuleUnload(m), OK);
+    }
+    closedir(dir);
+    TRUE(entries > 0, "no .ptx files in %s", g_ptx_dir);
+    printf("  %d entries loaded from the real PTX; static shared memory equals ptxas -v for %d of them\n", entries,
+           compared);
+}
+
+// ---- the table of cases, and the parent's side ------------------------------------------------------
+enum Ending { PASSES, ABORTS, CRASHES, EXITS };  // EXITS: non-zero, as a sanitizer does
+struct Case {
+    const char* name;
+    void (*run)();
+    std::vector<std::pair<std::string, std::string>> env;
+    std::vector<std::string> stderr_has;  // substrings, in any order
+    Ending ending = PASSES;
+    std::vector<std::string> stderr_lacks;
+};
+
+std::vector<Case> cases() {
+    const std::string counters = g_tmp + "/counters.%p.json", log = g_tmp + "/calls.log";
+    std::vector<Case> c = {
+        {"a normal launch: encoder_forward_f32 and matmul_f32 match the CPU", case_launches, {}, {}},
+        {"more than 1024 threads, or more than __launch_bounds__", case_block_too_big, {},
+         {"cuLaunchKernel: encoder_forward_f32 grid (2,1,1) block (2048,1,1) smem 0: a block must be within",
+          "(CUDA_ERROR_INVALID_VALUE)",
+          "encoder_forward_f32 grid (2,1,1) block (512,1,1) smem 0: 512 threads per block exceed the kernel's "
+          "__launch_bounds__ (.maxntid 256) (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES)"}},
+        {"gridDim.y or .z above 65535, .x above 2^31-1", case_grid_too_big, {},
+         {"grid (2,65536,1) block (256,1,1) smem 0: the grid must be within",
+          "grid (2,1,65536) block (256,1,1) smem 0: the grid must be within",
+          "grid (2147483648,1,1) block (256,1,1)"}},
+        {"dynamic shared memory: 48 KiB unless raised, 227 KiB in all", case_dynamic_smem, {},
+         {"smem 49153: 49153 bytes of dynamic shared memory exceed the kernel's limit of 49152",
+          "raise it with cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)",
+          "smem 100001: 100001 bytes of dynamic shared memory exceed the kernel's limit of 100000",
+          "cuFuncSetAttribute: encoder_forward_f32: 232449 bytes of dynamic shared memory + 0 static exceed the "
+          "232448 bytes a block may have on sm_90",
+          "matmul_f32: 195585 bytes of dynamic shared memory + 36864 static exceed",
+          "smem 232449: 232449 bytes of dynamic + 0 of static shared memory exceed the sm_90 maximum of 232448"}},
+        {"a host pointer as a kernel argument; the context then stays dead", case_bad_pointers_host, {},
+         {"encoder_forward_f32 grid (2,1,1) block (256,1,1) smem 0: argument 2",
+          "points into no live device allocation (a host pointer, or not a pointer?) (CUDA_ERROR_ILLEGAL_ADDRESS)"}},
+        {"a misaligned float* argument", case_bad_pointers_misaligned, {},
+         {"encoder_forward_f32 grid (2,1,1) block (256,1,1) smem 0: argument 2",
+          "is not 4-byte aligned for its type (CUDA_ERROR_MISALIGNED_ADDRESS)"}},
+        {"a freed buffer as a kernel argument", case_bad_pointers_freed, {},
+         {"encoder_forward_f32 grid (2,1,1) block (256,1,1) smem 0: argument 3",
+          "points into allocation #4 (924 bytes), which was freed (use after free) (CUDA_ERROR_ILLEGAL_ADDRESS)"}},
+        {"copies and memsets past the end, after free; double free", case_copies, {},
+         {"cuMemcpyHtoDAsync_v2: destination", "runs 4 bytes past the end of allocation #2 (56 bytes",
+          "cuMemcpyDtoHAsync_v2: source", "runs 8 bytes past the end of allocation #2",
+          "cuMemsetD8Async: destination", "runs 1 bytes past the end",
+          "cuMemcpyDtoDAsync_v2: source", "is in allocation #2, already freed (use after free)",
+          "double free of allocation #2 (56 bytes) (CUDA_ERROR_INVALID_VALUE)",
+          "is inside allocation #1 (1848 bytes", "not its start",
+          "cuMemAllocAsync: 0 bytes: the driver refuses empty allocations"}},
+        {"PTX parameters that differ from the C++ source's", case_signature, {},
+         {"kernel encoder_forward_f32: the PTX's parameters (.u64 .u64 .u64 .u64 .u32 .u32) differ from those of the "
+          "C++ source compiled into the fake (ptr ptr ptr ptr int32 int32 int32), from parameter 6",
+          "(.u64 .u64 .u64 .u64 .u32 .u32 .u64) differ",
+          "kernel crossentropy_forward_f32: the PTX's parameters (.u64 .u64 .u64 .u64 .u32 .u32 .u32) differ from "
+          "those of the C++ source compiled into the fake (ptr ptr ptr ptr int32 int32 float), from parameter 6",
+          "kernel no_such_kernel is in the PTX but not compiled into the fake driver",
+          "(CUDA_ERROR_INVALID_IMAGE)", "cuModuleGetFunction: no kernel no_such_kernel in this module (", "(CUDA_ERROR_NOT_FOUND)",
+          "no .version or .target directive: not PTX text (CUDA_ERROR_INVALID_PTX)"}},
+        {"PTX newer than driver 580 accepts", case_ptx_version, {},
+         {"PTX ISA 9.1 is newer than driver 580 (CUDA 13.0) compiles (at most 9.0)",
+          "PTX ISA 10.0 is newer", "(CUDA_ERROR_UNSUPPORTED_PTX_VERSION)"}},
+        {"FAKE_CUDA_CC=8.0: A100 limits, sm_90a and sm_86 PTX refused", case_cc80, {{"FAKE_CUDA_CC", "8.0"}},
+         {"PTX for .target sm_90a cannot run on this sm_80 device (arch-specific PTX runs only on its exact compute "
+          "capability) (CUDA_ERROR_INVALID_PTX)",
+          "PTX for .target sm_90 cannot run on this sm_80 device (CUDA_ERROR_INVALID_PTX)",
+          "PTX for .target sm_86 cannot run", "166913 bytes of dynamic shared memory + 0 static exceed the 166912"}},
+        {"FAKE_CUDA_CC unset: H100 limits", case_cc90, {}, {"attribute 9999 is not emulated"}},
+        {"FAKE_CUDA_CC=5.2 is refused", case_bad_cc, {{"FAKE_CUDA_CC", "5.2"}},
+         {"cuInit: FAKE_CUDA_CC=5.2 is not an emulated device"}},
+        {"calls before cuInit", case_not_initialised, {}, {"cuDeviceGetCount: cuInit has not been called"}},
+        {"FAKE_CUDA_MEM_MB=64: cuMemGetInfo and CUDA_ERROR_OUT_OF_MEMORY", case_memory_limit,
+         {{"FAKE_CUDA_MEM_MB", "64"}},
+         {"cuMemAllocAsync: 8388608 bytes: 62914560 bytes in use + 8388608 asked > 67108864 bytes of device memory "
+          "(FAKE_CUDA_MEM_MB sets the device's size) (CUDA_ERROR_OUT_OF_MEMORY)"}},
+        {"FAKE_CUDA_COUNTERS=<file>: the JSON written at exit", case_counters, {{"FAKE_CUDA_COUNTERS", counters}}, {}},
+        {"FAKE_CUDA_COUNTERS=1: the summary on stderr", case_counters_stderr, {{"FAKE_CUDA_COUNTERS", "1"}},
+         {"[fake-cuda] counters of process", "kernel launches            1", "encoder_forward_f32",
+          "host->device copies        3", "[fake-cuda] counters {\"pid\": "}},
+        {"FAKE_CUDA_LOG=<file>: one line per call", case_log, {{"FAKE_CUDA_LOG", log}},
+         {"block (2048,1,1)"}},
+        {"an out-of-bounds write hits the guard page", case_oob_write_guard, {},
+         {"[fake-cuda] out-of-bounds write in kernel encoder_forward_f32 (grid (6,1,1), block (256,1,1), smem 0) at "
+          "block (4,0,0), thread (",
+          "bytes past the end of allocation #1 (4096 bytes at"},
+         ABORTS},
+        {"an out-of-bounds read hits the guard page", case_oob_read_guard, {},
+         {"[fake-cuda] out-of-bounds read in kernel encoder_forward_f32 (grid (13,1,1), block (256,1,1), smem 0) at "
+          "block (",
+          "bytes past the end of allocation #2 (256 bytes at"},
+         ABORTS},
+        {"an out-of-bounds read in a second host thread", case_oob_in_thread, {},
+         {"[fake-cuda] out-of-bounds read in kernel encoder_forward_f32 (grid (13,1,1)"},
+         ABORTS},
+        {"an out-of-bounds write into the slack before the guard page", case_oob_write_slack, {},
+         {"[fake-cuda] out-of-bounds write in kernel encoder_forward_f32 grid (2,1,1) block (256,1,1) smem 0 (found "
+          "after it ran, so the block and thread are unknown): bytes 0..7 past the end of allocation #1 (1840 bytes"},
+         ABORTS},
+        {"a __shared__ array indexed out of bounds (UBSan bounds)", case_shared_bounds, {},
+         {"kernels/attention.cu:", "out of bounds for type 'float [128]'",
+          "[fake-cuda] the error above happened in kernel attention_forward_f32 (grid (1,1,1), block (128,1,1), smem 0) "
+          "at block (0,0,0), thread ("},
+         EXITS},
+        {"a host access to device memory", case_host_access, {},
+         {"[fake-cuda] host read of device memory outside any kernel launch: address",
+          "is 0 bytes past the end of allocation #1 (1024 bytes at"},
+         ABORTS},
+        {"a segfault that is not the fake's is left alone", case_not_ours, {}, {}, CRASHES, {"[fake-cuda]"}},
+        {"three host threads at once", case_threads, {}, {}},
+        {"loaded by name, unloaded and loaded again (cudarc's probe)", case_probe_reload, {}, {}},
+    };
+    if (g_ptx_dir) c.push_back({"the real nvcc PTX of kernels/*.cu", case_real_ptx, {}, {}});
+    return c;
+}
+
+// Runs one case in a child; returns true if it passed.
+bool run_case(const Case& c) {
+    int err_pipe[2];
+    if (pipe(err_pipe) != 0) return false;
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+        close(err_pipe[0]);
+        dup2(err_pipe[1], 2);
+        for (auto& [k, v] : c.env) setenv(k.c_str(), v.c_str(), 1);
+        g_lib = dlopen(g_library, RTLD_LAZY | RTLD_LOCAL);
+        if (!g_lib) {
+            printf("  cannot load %s: %s\n", g_library, dlerror());
+            exit(1);
+        }
+        c.run();
+        fflush(stdout);
+        exit(g_failures ? 1 : 0);
+    }
+    close(err_pipe[1]);
+    std::string err;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(err_pipe[0], buf, sizeof buf)) > 0) err.append(buf, (size_t)n);
+    close(err_pipe[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    bool ok = true;
+    auto problem = [&](const std::string& what) {
+        printf("  FAIL: %s\n", what.c_str());
+        ok = false;
+    };
+    switch (c.ending) {
+        case PASSES:
+            if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+                problem(WIFSIGNALED(status) ? "died of signal " + std::to_string(WTERMSIG(status)) : "failed");
+            break;
+        case ABORTS:
+            if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGABRT)
+                problem("should have aborted (SIGABRT); status " + std::to_string(status));
+            break;
+        case EXITS:
+            if (!WIFEXITED(status) || WEXITSTATUS(status) == 0)
+                problem("should have exited with an error; status " + std::to_string(status));
+            break;
+        case CRASHES:
+            if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGSEGV)
+                problem("should have died of SIGSEGV; status " + std::to_string(status));
+            break;
+    }
+    for (const std::string& s : c.stderr_has)
+        if (err.find(s) == std::string::npos) problem("stderr lacks \"" + s + "\"");
+    for (const std::string& s : c.stderr_lacks)
+        if (err.find(s) != std::string::npos) problem("stderr has \"" + s + "\"");
+    // Files the knobs write.
+    if (c.run == case_counters) {
+        std::string json = read_file(g_tmp + "/counters." + std::to_string(pid) + ".json");
+        for (const char* want :
+             {"\"compute_capability\": \"9.0\", \"launches\": 1, \"per_kernel\": {\"encoder_forward_f32\": "
+              "{\"launches\": 1, \"blocks\": 2, \"threads\": 512, \"seconds\": ",
+              "\"htod\": {\"count\": 3, \"bytes\": 7580}", "\"dtoh\": {\"count\": 1, \"bytes\": 1848}",
+              "\"memsets\": {\"count\": 1, \"bytes\": 1848}",
+              "\"syncs\": {\"total\": 4, \"stream\": 2, \"context\": 1, \"event\": 1, \"blocking_copies\": 0}",
+              "\"memory\": {\"allocs\": 4, \"alloc_bytes\": 9428, \"frees\": 1, ", "\"errors\": 0"})
+            if (json.find(want) == std::string::npos) problem(std::string("counters JSON lacks ") + want);
+        if (json.empty()) problem("no counters file " + g_tmp + "/counters." + std::to_string(pid) + ".json");
+    }
+    if (c.run == case_log) {
+        const std::string log = read_file(g_tmp + "/calls.log");
+        for (const char* want : {"[fake-cuda] cuInit(0) = CUDA_SUCCESS", "[fake-cuda] cuMemAllocAsync(1848 bytes) -> ",
+                                 "[fake-cuda] cuLaunchKernel(encoder_forward_f32 grid (2,1,1) block (256,1,1) smem 0) ",
+                                 "block (2048,1,1) smem 0: a block must be within", "= CUDA_ERROR_INVALID_VALUE",
+                                 "entry matmul_f32: 14 params, at most 128 threads, 36864 bytes static shared memory"})
+            if (log.find(want) == std::string::npos) problem(std::string("the call log lacks ") + want);
+    }
+    if (!ok) {
+        printf("  --- its stderr:\n%s  ---\n", err.c_str());
+    } else if (c.ending != PASSES && !err.empty()) {
+        // Show what a death looks like.
+        const size_t at = err.find("[fake-cuda]");
+        const std::string line = at == std::string::npos ? "" : err.substr(at, err.find('\n', at) - at);
+        if (!line.empty()) printf("  %s\n", line.c_str());
+    }
+    return ok;
+}
+
+int main(int argc, char** argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: selftest LIBRARY [PTX_DIR]\n");
+        return 2;
+    }
+    g_library = argv[1];
+    g_ptx_dir = argc > 2 ? argv[2] : nullptr;
+    const char* tmpdir = getenv("TMPDIR");
+    std::string tmpl = std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/fake-cuda-selftest.XXXXXX";
+    if (!mkdtemp(tmpl.data())) {
+        perror(tmpl.c_str());
+        return 2;
+    }
+    g_tmp = tmpl;
+    int failed = 0, n = 0;
+    for (const Case& c : cases()) {
+        printf("%s\n", c.name);
+        const bool ok = run_case(c);
+        failed += !ok;
+        n++;
+    }
+    if (system(("rm -rf '" + g_tmp + "'").c_str()) != 0) fprintf(stderr, "cannot remove %s\n", g_tmp.c_str());
+    printf("%s: %d of %d cases passed\n", failed ? "FAILED" : "ok", n - failed, n);
+    return failed ? 1 : 0;
+}
