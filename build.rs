@@ -3,9 +3,11 @@
 //! and TMA). The library embeds the PTX (`src/cuda/ptx.rs`) and cudarc loads it at run time, so
 //! the binary itself needs no CUDA to build or to start.
 //!
-//! Where ptxas sits beside nvcc, each PTX is also assembled (`ptxas -v`) and the register,
-//! shared-memory and spill report is written to `$OUT_DIR/ptxas-report.txt` (and embedded, so
-//! `finch check` can show it). Spills are warnings, or errors with `DENY_SPILLS=1`.
+//! Where ptxas sits beside nvcc, each PTX is also assembled (`ptxas -v`) to a cubin for sm_80 and
+//! sm_90a, which the library embeds too: a GPU of those families then loads machine code at
+//! start, with no JIT (and no PTX-versus-driver question), and falls back to the PTX otherwise.
+//! The register, shared-memory and spill report is written to `$OUT_DIR/ptxas-report.txt` (and
+//! embedded, so `finch check` can show it). Spills are warnings, or errors with `DENY_SPILLS=1`.
 //!
 //! Without nvcc the build succeeds with no kernels (GPU commands then say so), unless
 //! `REQUIRE_NVCC=1`, which CI sets so that every CI run compiles and assembles every kernel.
@@ -34,7 +36,7 @@ fn main() {
         println!(
             "cargo:warning=nvcc not found: building finch without CUDA kernels (set CUDA_HOME or NVCC to build them)"
         );
-        write_embedding(&out_dir, None, &[], "");
+        write_embedding(&out_dir, None, &[], "", false);
         return;
     };
     let version = nvcc_version(&nvcc);
@@ -92,7 +94,7 @@ fn main() {
         }
         println!("cargo:warning=register spill: {s}");
     }
-    write_embedding(&out_dir, Some(&version), &kernels, &summary);
+    write_embedding(&out_dir, Some(&version), &kernels, &summary, ptxas.is_some());
 }
 
 fn fail(message: &str) -> ! {
@@ -145,7 +147,7 @@ fn nvcc_version(nvcc: &Path) -> String {
     format!("{} ({release})", nvcc.display())
 }
 
-/// nvcc → PTX, then ptxas -v on it (when present). Returns ptxas's report.
+/// nvcc → PTX, then ptxas -v on it to a cubin (when ptxas is present). Returns ptxas's report.
 fn compile(
     nvcc: &Path,
     ptxas: Option<&Path>,
@@ -171,7 +173,8 @@ fn compile(
     }
     let Some(ptxas) = ptxas else { return Ok(String::new()) };
     let out = Command::new(ptxas)
-        .args(["-v", &format!("-arch={real}"), "-o", "/dev/null"])
+        .args(["-v", &format!("-arch={real}"), "-o"])
+        .arg(out_dir.join(format!("{stem}.{real}.cubin")))
         .arg(&ptx)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", ptxas.display()))?;
@@ -226,8 +229,8 @@ fn parse_ptxas(report: &str) -> Vec<FunctionReport> {
 }
 
 /// Writes `$OUT_DIR/kernels.rs`, included by src/cuda/ptx.rs: the nvcc used, each family's two
-/// PTX texts, and the ptxas summary.
-fn write_embedding(out_dir: &Path, nvcc: Option<&str>, kernels: &[PathBuf], ptxas_summary: &str) {
+/// PTX texts and (when ptxas made them) two cubins, and the ptxas summary.
+fn write_embedding(out_dir: &Path, nvcc: Option<&str>, kernels: &[PathBuf], ptxas_summary: &str, cubins: bool) {
     let mut code = String::new();
     writeln!(code, "pub const NVCC: Option<&str> = {nvcc:?};").unwrap();
     writeln!(code, "pub const PTXAS_REPORT: &str = {ptxas_summary:?};").unwrap();
@@ -236,11 +239,21 @@ fn write_embedding(out_dir: &Path, nvcc: Option<&str>, kernels: &[PathBuf], ptxa
         for src in kernels {
             let stem = src.file_stem().unwrap().to_string_lossy();
             let path = |virt: &str| out_dir.join(format!("{stem}.{virt}.ptx")).display().to_string();
+            let cubin = |real: &str| match cubins {
+                true => format!(
+                    "Some(include_bytes!({:?}))",
+                    out_dir.join(format!("{stem}.{real}.cubin")).display().to_string()
+                ),
+                false => "None".to_string(),
+            };
             writeln!(
                 code,
-                "    KernelFamily {{ name: {stem:?}, portable: include_str!({:?}), hopper: include_str!({:?}) }},",
+                "    KernelFamily {{ name: {stem:?}, portable: include_str!({:?}), hopper: include_str!({:?}), \
+                 cubin_sm80: {}, cubin_sm90a: {} }},",
                 path(ARCHES[0].0),
-                path(ARCHES[1].0)
+                path(ARCHES[1].0),
+                cubin(ARCHES[0].1),
+                cubin(ARCHES[1].1)
             )
             .unwrap();
         }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_one_line_error, finch, text, tokens, TempDir, FIXTURE, TINY_MODEL};
+use common::{assert_one_line_error, finch, fixture, text, tokens, TempDir, TINY_MODEL};
 use finch::formats::tokens::{llmc_header, write_llmc_u16};
 
 /// Runs `finch train` with a tiny model and asserts it fails with one line containing `wants`.
@@ -101,7 +101,7 @@ fn bad_flag_values_are_refused_by_name() {
     fails_with(&["--data", d, "--checkpoint-every", "5"], &["--checkpoint-every", "--out"]);
     fails_with(&["--data", d, "--val-every", "5"], &["--val"]);
     fails_with(&["--data", d, "--n-head", "3"], &["n_embd (8)", "multiple of n_head (3)"]);
-    fails_with(&["--data", d, "--init", &format!("{FIXTURE}/init")], &["--init", "--n-layer"]);
+    fails_with(&["--data", d, "--init", &format!("{}/init", fixture())], &["--init", "--n-layer"]);
     // clap's own messages for values that are not numbers are one line too (plus a usage hint).
     let out = finch(&["train", "--data", d, "--batch-size", "-3"]);
     assert_eq!(out.status.code(), Some(2));
@@ -138,12 +138,12 @@ fn model_directory_errors_name_the_file() {
     run(&init, &["config.json", "not valid JSON"]);
     std::fs::write(init.join("config.json"), r#"{"n_layer":2,"n_head":4,"n_embd":32,"vocab_size":97}"#).unwrap();
     run(&init, &["config.json", "n_positions"]);
-    let good_config = std::fs::read(format!("{FIXTURE}/init/config.json")).unwrap();
+    let good_config = std::fs::read(format!("{}/init/config.json", fixture())).unwrap();
     std::fs::write(init.join("config.json"), &good_config).unwrap();
     std::fs::write(init.join("model.safetensors"), b"garbage").unwrap();
     run(&init, &["model.safetensors", "not a valid safetensors file"]);
     // A model with one layer fewer than config.json says.
-    let weights = std::fs::read(format!("{FIXTURE}/init/model.safetensors")).unwrap();
+    let weights = std::fs::read(format!("{}/init/model.safetensors", fixture())).unwrap();
     std::fs::write(init.join("model.safetensors"), &weights).unwrap();
     let three_layers = String::from_utf8(good_config)
         .unwrap()

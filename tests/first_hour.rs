@@ -140,7 +140,7 @@ fn runs_checkpoint_by_time_and_a_resume_never_restarts_silently() {
     // observable: the run is killed long before its last step, yet has a checkpoint.
     let mut args: Vec<&str> = vec!["train", "--device", "cpu", "--data", d, "--steps", "100000", "--batch-size", "2"];
     args.extend(TINY_MODEL.iter().chain(&["--checkpoint-minutes", "0.002", "--out", r]));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_finch"))
+    let mut child = std::process::Command::new(common::finch_bin())
         .args(&args)
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -208,7 +208,7 @@ fn jsonl_is_recognised_by_field_and_by_ndjson_and_json_names() {
     let count = |out: &Path| json(&out.join("meta.json"))["documents"]["train"].as_u64().unwrap();
     // From stdin with --field (no --jsonl).
     let stdin_out = dir.path("stdin");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finch"))
+    let out = std::process::Command::new(common::finch_bin())
         .args(["tokenize", "-", "--field", "body", "--val-fraction", "0", "--out", stdin_out.to_str().unwrap()])
         .stdin(std::fs::File::open(&dump).unwrap())
         .output()
@@ -458,7 +458,7 @@ fn the_readme_walkthrough_runs_on_a_few_thousand_posts() {
     let out = std::process::Command::new("bash")
         .args(["-c", &script])
         .current_dir(&dir.0)
-        .env("FINCH", env!("CARGO_BIN_EXE_finch"))
+        .env("FINCH", common::finch_bin())
         .output()
         .unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{finch, step_lines, text, TempDir, FIXTURE};
+use common::{finch, fixture, step_lines, text, TempDir};
 use finch::cpu::model::Gpt;
 use finch::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 use finch::formats::huggingface;
@@ -21,7 +21,7 @@ struct Expected {
 
 impl Expected {
     fn load() -> Expected {
-        Expected { bytes: std::fs::read(format!("{FIXTURE}/expected.safetensors")).unwrap() }
+        Expected { bytes: std::fs::read(format!("{}/expected.safetensors", fixture())).unwrap() }
     }
 
     fn get(&self, name: &str) -> Vec<f64> {
@@ -32,14 +32,14 @@ impl Expected {
 }
 
 fn init_model<F: finch::cpu::real::Real>() -> Gpt<F> {
-    let dir = Path::new(FIXTURE).join("init");
+    let dir = Path::new(&fixture()).join("init");
     let cfg = huggingface::load_config(&dir).unwrap();
     let params = huggingface::load_params(&dir, &cfg).unwrap();
     Gpt::new(cfg, params.iter().map(|&p| F::from_f64(p as f64)).collect())
 }
 
 fn stream() -> TokenStream {
-    TokenStream::open(&format!("{FIXTURE}/tokens.bin"), "--data", DataFormat::Llmc, 97).unwrap()
+    TokenStream::open(&format!("{}/tokens.bin", fixture()), "--data", DataFormat::Llmc, 97).unwrap()
 }
 
 /// Largest |a − b| over the largest |b|: an error relative to the tensor's scale.
@@ -150,9 +150,9 @@ fn cli_training_contract_matches_pytorch_in_f32() {
     let out = finch(&[
         "train",
         "--data",
-        &format!("{FIXTURE}/tokens.bin"),
+        &format!("{}/tokens.bin", fixture()),
         "--init",
-        &format!("{FIXTURE}/init"),
+        &format!("{}/init", fixture()),
         "--batch-size",
         "2",
         "--seq-len",

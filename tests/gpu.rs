@@ -3,7 +3,8 @@
 //!
 //! Without a usable GPU (no driver, no device, or a build without kernels) each test writes
 //! "skipped: no CUDA device" with the reason straight to the terminal (past the test harness's
-//! output capture, so it is always visible) and returns.
+//! output capture, so it is always visible) and returns, unless FINCH_REQUIRE_GPU=1 makes that a
+//! failure. CI runs them through the fake CUDA driver (tools/kernel-emu/fake-cuda) that way.
 
 mod common;
 
@@ -15,9 +16,15 @@ use finch::formats::tokens::write_llmc_u16;
 use finch::model::init::init_params;
 use std::sync::Arc;
 
+/// The GPU, or None after saying why the test skips. With FINCH_REQUIRE_GPU=1 (CI, under the
+/// fake CUDA driver, and the GPU machine's first-light script) there is no skipping: a GPU that
+/// cannot be opened fails the test.
 fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {
     match Gpu::open() {
         Ok(gpu) => Some(gpu),
+        Err(e) if std::env::var("FINCH_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("test {test}: FINCH_REQUIRE_GPU=1 but no GPU can be opened: {e:#}")
+        }
         Err(e) => {
             report(&format!("test {test} ... skipped: no CUDA device ({e:#})"));
             None
@@ -140,4 +147,196 @@ fn gpu_resume_is_bit_exact() {
     assert_eq!(log(whole), log(split));
     let weights = |d: &str| std::fs::read(std::path::Path::new(d).join("model/model.safetensors")).unwrap();
     assert!(weights(whole) == weights(split), "final weights differ");
+}
+
+/// A kernel name the loaded modules lack is a one-line error, not a panic.
+#[test]
+fn a_missing_kernel_is_an_error_naming_it() {
+    let Some(gpu) = gpu_or_skip("a_missing_kernel_is_an_error_naming_it") else { return };
+    let e = gpu.launch("no_such_kernel_f32", (1, 1, 1), 32, &[]).unwrap_err();
+    assert!(format!("{e:#}").starts_with("kernel no_such_kernel_f32 is not among the "), "{e:#}");
+}
+
+/// Run only by `a_faulting_kernel_is_named_with_its_launch`, in a process of its own: it breaks
+/// the GPU context for good.
+#[test]
+#[ignore]
+fn launch_a_kernel_on_a_bad_pointer() {
+    let gpu = Gpu::open().unwrap();
+    let bad = finch::cuda::DPtr(0x10);
+    let result =
+        gpu.launch("floatx_to_f32_f32", (4, 1, 1), 256, &[bad.into(), bad.into(), finch::cuda::Arg::I64(1024)]);
+    let result = result.and_then(|()| gpu.synchronize());
+    println!("result: {:#}", result.unwrap_err());
+}
+
+/// A kernel that faults is named, with its launch, when FINCH_SYNC_EACH_LAUNCH=1: a real GPU
+/// reports a fault at the next synchronisation, so without the option the error names whatever
+/// waited next (the fake driver refuses the pointer at the launch itself).
+#[test]
+fn a_faulting_kernel_is_named_with_its_launch() {
+    if gpu_or_skip("a_faulting_kernel_is_named_with_its_launch").is_none() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "launch_a_kernel_on_a_bad_pointer", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env("FINCH_SYNC_EACH_LAUNCH", "1")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    let line =
+        stdout.lines().find(|l| l.contains("result: ")).unwrap_or_else(|| panic!("{stdout}{}", text(&out.stderr)));
+    assert!(line.contains("kernel floatx_to_f32_f32 (grid (4, 1, 1), block 256) failed"), "{line}");
+}
+
+/// `finch train --device cuda` through the CLI, as a user runs it: at f32 each step's loss
+/// follows the CPU run within `training_tolerance` (bf16 within its own), also across a
+/// `--resume` in the middle.
+#[test]
+fn gpu_training_through_the_cli_follows_the_cpu_and_resumes() {
+    if gpu_or_skip("gpu_training_through_the_cli_follows_the_cpu_and_resumes").is_none() {
+        return;
+    }
+    let dir = TempDir::new("gpu-cli");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(8_000, 97, 9)).unwrap();
+    let d = data.to_str().unwrap();
+    let run = |device: &str, precision: &str, out: &str, steps: &str| {
+        let args = [
+            "train",
+            "--device",
+            device,
+            "--precision",
+            precision,
+            "--data",
+            d,
+            "--n-layer",
+            "2",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--vocab-size",
+            "97",
+            "--context-length",
+            "16",
+            "--batch-size",
+            "4",
+            "--steps",
+            steps,
+            "--lr-schedule",
+            "constant",
+            "--out",
+            out,
+        ];
+        let out = finch(&args);
+        assert!(out.status.success(), "{device} {precision}: {}", text(&out.stderr));
+    };
+    let losses = |out: &str| -> Vec<f64> {
+        let log = std::path::Path::new(out).join("log.jsonl");
+        deterministic_step_lines(&log).iter().map(|l| l["loss"].as_f64().unwrap()).collect()
+    };
+    let cpu = dir.path("cpu");
+    run("cpu", "f32", cpu.to_str().unwrap(), "6");
+    for precision in [Precision::F32, Precision::Bf16] {
+        let out = dir.path(&format!("gpu-{precision}"));
+        let o = out.to_str().unwrap();
+        run("cuda", &precision.to_string(), o, "3");
+        let resumed = finch(&["train", "--resume", o, "--steps", "6"]);
+        assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+        let (want, got) = (losses(cpu.to_str().unwrap()), losses(o));
+        assert_eq!(got.len(), 6);
+        for (step, (w, g)) in want.iter().zip(&got).enumerate() {
+            let tolerance = finch::cuda::check::training_tolerance(precision);
+            assert!((w - g).abs() <= tolerance, "{precision} step {}: cpu {w}, gpu {g}", step + 1);
+        }
+    }
+}
+
+/// `finch sample --device cuda` gives the CPU's greedy text, and a model whose head dimension the
+/// kernels cannot take is refused under `--device cuda` and sampled on the CPU under `auto`.
+#[test]
+fn gpu_sampling_matches_the_cpu() {
+    if gpu_or_skip("gpu_sampling_matches_the_cpu").is_none() {
+        return;
+    }
+    let dir = TempDir::new("gpu-sample");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(4_000, 256, 10)).unwrap();
+    let d = data.to_str().unwrap();
+    let train = |model: &str, heads: &str, channels: &str| {
+        let args = [
+            "train",
+            "--device",
+            "cpu",
+            "--data",
+            d,
+            "--vocab-size",
+            "256",
+            "--n-layer",
+            "1",
+            "--n-head",
+            heads,
+            "--n-embd",
+            channels,
+            "--context-length",
+            "32",
+            "--batch-size",
+            "4",
+            "--steps",
+            "5",
+            "--save",
+            model,
+        ];
+        let out = finch(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    let model = dir.path("model");
+    let m = model.to_str().unwrap();
+    train(m, "2", "32");
+    let sample = |device: &str, model: &str| {
+        finch(&[
+            "sample",
+            "--model",
+            model,
+            "--device",
+            device,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--prompt",
+            "ab",
+        ])
+    };
+    let (on_cpu, on_gpu) = (sample("cpu", m), sample("cuda", m));
+    assert!(on_gpu.status.success(), "{}", text(&on_gpu.stderr));
+    assert_eq!(text(&on_gpu.stdout), text(&on_cpu.stdout));
+
+    let wide = dir.path("wide");
+    let w = wide.to_str().unwrap();
+    train(w, "1", "136"); // head dimension 136 > 128
+    let refused = sample("cuda", w);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr)
+        .contains("--device cuda: the GPU kernels support head dimensions up to 128, and this model's is 136"));
+    assert!(sample("auto", w).status.success());
+}
+
+/// A run whose buffers exceed the GPU's free memory is refused in one line, before it allocates.
+#[test]
+fn a_run_beyond_the_gpu_memory_is_refused_in_one_line() {
+    if gpu_or_skip("a_run_beyond_the_gpu_memory_is_refused_in_one_line").is_none() {
+        return;
+    }
+    let dir = TempDir::new("gpu-oom");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(1_000, 97, 11)).unwrap();
+    // GPT-2 XL at B=512, T=1024: its activations alone are terabytes, more than any GPU has.
+    let args =
+        ["train", "--device", "cuda", "--data", data.to_str().unwrap(), "--model", "gpt2-xl", "--batch-size", "512"];
+    let out = finch(&args);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.trim_end().lines().count() == 1, "{err}");
+    assert!(err.contains("not enough GPU memory: training needs ") && err.contains(" is free on "), "{err}");
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 /// finch with `args`, its atomic writes held `pause_ms` between sync and rename, stdout dropped.
 fn finch_command(args: &[String], pause_ms: u64) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_finch"));
+    let mut command = Command::new(common::finch_bin());
     command.args(args).env(PAUSE_BEFORE_RENAME_ENV, pause_ms.to_string()).stdout(Stdio::null());
     command
 }
@@ -543,7 +543,7 @@ fn a_full_disk_is_refused_up_front_or_stops_the_run_keeping_its_checkpoint() {
     // numbers, the last one stays whole, and the run resumes once there is room again.
     let run = format!("{small}/run");
     let run_dir = PathBuf::from(&run);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_finch"))
+    let mut child = Command::new(common::finch_bin())
         .args(run_args(&run, "32", "100000"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

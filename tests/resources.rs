@@ -9,7 +9,7 @@
 mod common;
 
 use common::{
-    assert_one_line_error, deterministic_step_lines, finch, report, text, tokens, TempDir, FIXTURE, TINY_MODEL,
+    assert_one_line_error, deterministic_step_lines, finch, fixture, report, text, tokens, TempDir, TINY_MODEL,
 };
 use finch::formats::checkpoint;
 use finch::formats::tokens::write_llmc_u16;
@@ -43,10 +43,10 @@ fn data_that_is_a_directory_a_pipe_or_a_device_gets_one_line() {
         // So are the model weights of --init (and checkpoints): they are mapped the same way.
         let model = dir.path("model");
         std::fs::create_dir(&model).unwrap();
-        std::fs::copy(format!("{FIXTURE}/init/config.json"), model.join("config.json")).unwrap();
+        std::fs::copy(format!("{}/init/config.json", fixture()), model.join("config.json")).unwrap();
         std::fs::rename(&pipe, model.join("model.safetensors")).unwrap();
         let m = model.to_str().unwrap();
-        let tokens = format!("{FIXTURE}/tokens.bin");
+        let tokens = format!("{}/tokens.bin", fixture());
         let out = finch_within(
             &["train", "--device", "cpu", "--data", &tokens, "--init", m, "--steps", "1", "--batch-size", "1"],
             Duration::from_secs(60),
@@ -60,12 +60,8 @@ fn data_that_is_a_directory_a_pipe_or_a_device_gets_one_line() {
 
 /// Runs finch and kills it if it takes longer than `limit` (the test then fails on its output).
 fn finch_within(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_finch"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(common::finch_bin()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -97,7 +93,7 @@ fn a_token_file_beyond_the_address_space_limit_gets_one_line_with_the_numbers() 
         .arg("-c")
         .arg("ulimit -v 2000000 && exec \"$@\"")
         .arg("sh")
-        .arg(env!("CARGO_BIN_EXE_finch"))
+        .arg(common::finch_bin())
         .args(train_args(data, "2", &[]))
         .output()
         .unwrap();
@@ -121,7 +117,7 @@ fn a_token_file_that_shrinks_under_a_run_stops_it_in_one_line_and_resume_recover
     let steps = "2000";
     assert!(finch(&train_args(d, steps, &["--out", reference])).status.success());
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_finch"))
+    let mut child = Command::new(common::finch_bin())
         .args(train_args(d, steps, &["--checkpoint-every", "1", "--out", r]))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -190,7 +186,7 @@ impl Cgroup {
             .arg("echo $$ > \"$1\" && shift && exec \"$@\"")
             .arg("sh")
             .arg(self.dir.join("cgroup.procs"))
-            .arg(env!("CARGO_BIN_EXE_finch"))
+            .arg(common::finch_bin())
             .args(args)
             .output()
             .unwrap()

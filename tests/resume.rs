@@ -68,7 +68,7 @@ fn killed_and_resumed_run_equals_the_uninterrupted_run() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // Start the same run and kill it with SIGKILL once it is past a few checkpoints.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_finch"))
+    let mut child = Command::new(common::finch_bin())
         .args(run_args(data, val, broken.to_str().unwrap()))
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -1,10 +1,13 @@
 //! `--device` and `--precision`: which backend a command (train, sample) runs on.
 
+use crate::cuda::model::GpuGpt;
 use crate::cuda::{Gpu, Precision, NO_GPU};
+use crate::model::config::GptConfig;
 use anyhow::{bail, Result};
 use std::sync::Arc;
 
 /// Where training runs.
+#[derive(Clone)]
 pub enum Device {
     Cpu,
     Cuda(Arc<Gpu>, Precision),
@@ -36,6 +39,17 @@ impl Device {
                 Err(e) => Ok((Device::Cpu, Some(format!("chosen by --device auto: {e:#}")))),
             },
             other => bail!("--device {other}: unknown device (expected cpu, cuda or auto)"),
+        }
+    }
+
+    /// The device for a model of `cfg`: a GPU whose kernels cannot run it (see
+    /// [`GpuGpt::unsupported`]) is refused under `--device cuda` and left for the CPU under
+    /// `--device auto`, with the reason.
+    pub fn fit(self, reason: Option<String>, flag: &str, cfg: &GptConfig) -> Result<(Device, Option<String>)> {
+        match (&self, GpuGpt::unsupported(cfg)) {
+            (Device::Cuda(..), Some(why)) if flag == "auto" => Ok((Device::Cpu, Some(format!("on the CPU: {why}")))),
+            (Device::Cuda(..), Some(why)) => bail!("--device cuda: {why}; use --device cpu"),
+            _ => Ok((self, reason)),
         }
     }
 }

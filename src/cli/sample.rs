@@ -204,7 +204,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     // Only the last context-length tokens of a long prompt can be seen.
     prompt.drain(..prompt.len().saturating_sub(cfg.n_positions));
-    let (device, _) = Device::choose(&args.device, None)?;
+    let (device, reason) = Device::choose(&args.device, None)?;
+    let (device, _) = device.fit(reason, &args.device, &cfg)?;
     let mut runner = match &device {
         Device::Cpu => Runner::Cpu(Box::new(Generator::new(cfg, &params))),
         Device::Cuda(gpu, _) => {

@@ -1,9 +1,10 @@
 //! The matmul benchmark behind `finch bench matmul`: our kernel against cuBLAS on the same data, in
 //! the same run.
 //!
-//! For each shape: random normal bf16 inputs (two sets, alternated so caches do not flatter),
-//! a correctness check of both against an f64 CPU dot product at sampled outputs, then timing
-//! with CUDA events after warm-up, median of the repeats. cuBLAS runs bf16 in, bf16 out, fp32
+//! For each shape: random normal bf16 inputs (two sets, alternated so caches do not flatter,
+//! generated on all cores), a correctness check of both against an f64 CPU dot product at
+//! sampled outputs, then timing with CUDA events after warm-up: the median of the repeats, each
+//! a batch of back-to-back launches lasting about 2 ms. cuBLAS runs bf16 in, bf16 out, fp32
 //! compute (cublasGemmEx). TFLOP/s = 2·M·N·K / time; "% peak" is relative to the best cuBLAS
 //! figure measured in the same run (the achievable peak on this device, not the datasheet's).
 
@@ -99,28 +100,58 @@ pub struct MatmulResult {
     pub device: String,
 }
 
-/// Median of the per-run times of `f`, in ms, with CUDA events.
+/// Back-to-back launches per timed batch aim at this much GPU time: one launch of a small shape
+/// lasts microseconds, less than the launch and event overhead a single timing would include.
+const BATCH_MS: f64 = 2.0;
+/// Launches per batch at most.
+const MAX_BATCH: usize = 200;
+
+/// Median over `repeats` timed batches of the time of one call of `f`, in ms, with CUDA events.
+/// Each batch is `n` back-to-back calls, `n` chosen from the warm-up so that a batch lasts about
+/// [`BATCH_MS`]: small shapes are then timed as cuBLAS is usually quoted, without per-launch
+/// overhead.
 fn time_ms(gpu: &Gpu, warmup: usize, repeats: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
-    for i in 0..warmup {
-        f(i)?;
-    }
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let (start, end) = (gpu.ctx.new_event(flags)?, gpu.ctx.new_event(flags)?);
-    let mut times = Vec::with_capacity(repeats);
-    for i in 0..repeats {
+    let mut one = f64::INFINITY;
+    for i in 0..warmup.max(1) {
         start.record(&gpu.stream)?;
         f(i)?;
         end.record(&gpu.stream)?;
-        times.push(start.elapsed_ms(&end)? as f64);
+        one = one.min(start.elapsed_ms(&end)? as f64);
+    }
+    let n = batch_size(one);
+    let mut times = Vec::with_capacity(repeats);
+    for i in 0..repeats {
+        start.record(&gpu.stream)?;
+        for j in 0..n {
+            f(i * n + j)?;
+        }
+        end.record(&gpu.stream)?;
+        times.push(start.elapsed_ms(&end)? as f64 / n as f64);
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
 }
 
-fn random_bf16(n: usize, rng: &mut Rng) -> Vec<bf16> {
-    let mut x = vec![0f32; n];
-    rng.fill_normal(&mut x, 0.0, 1.0);
-    x.into_iter().map(bf16::from_f32).collect()
+/// Launches per timed batch for a call that takes `one_ms`.
+fn batch_size(one_ms: f64) -> usize {
+    ((BATCH_MS / one_ms.max(1e-6)).ceil() as usize).clamp(1, MAX_BATCH)
+}
+
+/// `n` normal bf16 values, generated in parallel: chunk i draws from its own generator seeded
+/// from `seed` and i, so the values depend on neither the thread count nor the schedule.
+fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    let mut x = vec![bf16::ZERO; n];
+    x.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+        let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut values = vec![0f32; chunk.len()];
+        rng.fill_normal(&mut values, 0.0, 1.0);
+        chunk.iter_mut().zip(values).for_each(|(out, v)| *out = bf16::from_f32(v));
+    });
+    x
 }
 
 fn ptr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> DPtr {
@@ -153,8 +184,9 @@ pub fn bench_shape(
     rng: &mut Rng,
 ) -> Result<MatmulResult> {
     let (a_len, b_len) = shape.sizes();
+    // Several billion values for the largest shapes: generated on all cores.
     let host: Vec<(Vec<bf16>, Vec<bf16>)> =
-        (0..2).map(|_| (random_bf16(a_len, rng), random_bf16(b_len, rng))).collect();
+        (0..2).map(|_| (random_bf16(a_len, rng.next_u64()), random_bf16(b_len, rng.next_u64()))).collect();
     let dev: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)> = host
         .iter()
         .map(|(a, b)| Ok((gpu.stream.clone_htod(a)?, gpu.stream.clone_htod(b)?)))
@@ -265,6 +297,24 @@ mod tests {
         let logits_dw = all.iter().find(|s| s.name == "logits dW" && s.k == 16384).unwrap();
         assert_eq!((logits_dw.op, logits_dw.m, logits_dw.n), (Op::TN, 768, 50304));
         assert!(shapes("bogus").is_err());
+    }
+
+    #[test]
+    fn inputs_are_normal_and_the_same_on_any_thread_count() {
+        let x = random_bf16(3 << 20, 5);
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert!(x == one_thread.install(|| random_bf16(3 << 20, 5)));
+        let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / x.len() as f64;
+        let var = x.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / x.len() as f64;
+        assert!(mean.abs() < 2e-3 && (var - 1.0).abs() < 5e-3, "mean {mean}, variance {var}");
+        assert!(x[..1 << 20] != x[1 << 20..2 << 20], "chunks must not repeat");
+    }
+
+    #[test]
+    fn batches_last_about_two_milliseconds() {
+        assert_eq!(batch_size(0.01), 200);
+        assert_eq!(batch_size(0.5), 4);
+        assert_eq!(batch_size(5.0), 1);
     }
 
     #[test]

@@ -517,8 +517,6 @@ pub fn training_check(gpu: &Arc<Gpu>, precision: Precision) -> Result<Vec<CheckR
         let cpu_loss = cpu_model.forward(x, Some(y), b, t).expect("targets given");
         cpu_model.backward(1.0);
         let norm = global_norm(&cpu_model.grads);
-        clip_grad_norm(&mut cpu_model.grads, norm, 1.0);
-        cpu_opt.update(&mut cpu_model.params, &cpu_model.grads, &layout, lr, &hp);
 
         gpu_model.zero_grad()?;
         gpu_model.poison_activations()?;
@@ -527,9 +525,12 @@ pub fn training_check(gpu: &Arc<Gpu>, precision: Precision) -> Result<Vec<CheckR
         let gpu_norm = gpu_model.grad_norm()?;
         let shape = format!("L=2 C=64 NH=4 V=500 B={b} T={t}");
         if step == 1 {
-            // From identical weights, every parameter gradient, tensor by tensor.
+            // From identical weights, every parameter gradient, tensor by tensor, both before
+            // clipping (the fake CUDA driver found this comparing the CPU's clipped gradients).
             rows.extend(gradient_rows(&layout, &cpu_model.grads, &gpu_model.grads()?, precision, &shape));
         }
+        clip_grad_norm(&mut cpu_model.grads, norm, 1.0);
+        cpu_opt.update(&mut cpu_model.params, &cpu_model.grads, &layout, lr, &hp);
         gpu_model.update(lr, &hp, gpu_norm, 1.0)?;
         let row = |what: &str, max_error, tolerance| CheckRow {
             kernel: format!("training step {step} {what}"),

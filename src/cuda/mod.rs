@@ -107,9 +107,12 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub capability: (i32, i32),
-    /// Which embedded PTX was loaded: "compute_90a" on Hopper (9.0), "compute_80" elsewhere.
+    /// Which embedded kernels were loaded: "sm_90a cubin" (or "compute_90a PTX" when the cubin
+    /// would not load) on Hopper (9.0), "sm_80 cubin" on other 8.x GPUs, "compute_80 PTX" elsewhere.
     pub ptx_arch: &'static str,
     functions: HashMap<String, CudaFunction>,
+    /// FINCH_SYNC_EACH_LAUNCH=1: wait for each kernel, so a fault names the kernel that made it.
+    sync_each_launch: bool,
 }
 
 pub const NO_KERNELS: &str =
@@ -150,12 +153,24 @@ impl Gpu {
         }
         let hopper = capability == (9, 0);
         let mut functions = HashMap::new();
+        let mut all_cubins = true;
         for family in ptx::FAMILIES {
-            let text = if hopper { family.hopper } else { family.portable };
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(text))
-                .with_context(|| format!("cannot load the {} kernels on {name}", family.name))?;
-            for entry in ptx::entry_names(text) {
+            let (ptx_text, cubin) = match capability {
+                (9, 0) => (family.hopper, family.cubin_sm90a),
+                (8, _) => (family.portable, family.cubin_sm80),
+                _ => (family.portable, None),
+            };
+            // Machine code first: no JIT at start. Any failure (a driver too old for the cubin,
+            // a fake driver that reads PTX only) falls back to the PTX.
+            let from_cubin = cubin.and_then(|c| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(c.to_vec())).ok());
+            all_cubins &= from_cubin.is_some();
+            let module = match from_cubin {
+                Some(module) => module,
+                None => ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx_text))
+                    .map_err(|e| ptx_load_error(e, family.name, ptx_text, &name))?,
+            };
+            for entry in ptx::entry_names(ptx_text) {
                 let f = module
                     .load_function(entry)
                     .with_context(|| format!("cannot load kernel {entry} from the {} family", family.name))?;
@@ -163,14 +178,14 @@ impl Gpu {
             }
         }
         let stream = ctx.default_stream();
-        Ok(Arc::new(Gpu {
-            ctx,
-            stream,
-            name,
-            capability,
-            ptx_arch: if hopper { "compute_90a" } else { "compute_80" },
-            functions,
-        }))
+        let ptx_arch = match (hopper, all_cubins) {
+            (true, true) => "sm_90a cubin",
+            (true, false) => "compute_90a PTX",
+            (false, true) => "sm_80 cubin",
+            (false, false) => "compute_80 PTX",
+        };
+        let sync_each_launch = std::env::var("FINCH_SYNC_EACH_LAUNCH").is_ok_and(|v| v == "1");
+        Ok(Arc::new(Gpu { ctx, stream, name, capability, ptx_arch, functions, sync_each_launch }))
     }
 
     /// Bytes of device memory (free, total).
@@ -194,14 +209,21 @@ impl Gpu {
         Ok(DeviceBuffer { slice, ptr, bytes })
     }
 
-    fn function(&self, name: &str) -> &CudaFunction {
-        self.functions.get(name).unwrap_or_else(|| panic!("kernel {name} is not in the embedded PTX"))
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).with_context(|| {
+            format!(
+                "kernel {name} is not among the {} kernels finch loaded ({}); the build's kernels/*.cu and \
+                 src/cuda/ops.rs disagree: rebuild finch",
+                self.functions.len(),
+                self.ptx_arch
+            )
+        })
     }
 
     /// Launches kernel `name` on the stream.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
         assert!(grid.0 > 0 && grid.1 > 0 && grid.2 > 0, "{name}: empty grid {grid:?}");
-        let f = self.function(name);
+        let f = self.function(name)?;
         let mut builder = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -214,7 +236,11 @@ impl Gpu {
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         // Safety: every kernel's argument list is matched by its wrapper in ops.rs, and every
         // pointer comes from a live DeviceBuffer sized for the launch.
-        unsafe { builder.launch(cfg) }.with_context(|| format!("kernel {name} failed to launch"))?;
+        let shape = || format!("kernel {name} (grid {grid:?}, block {block})");
+        unsafe { builder.launch(cfg) }.with_context(|| format!("{} failed to launch", shape()))?;
+        if self.sync_each_launch {
+            self.stream.synchronize().with_context(|| format!("{} failed (FINCH_SYNC_EACH_LAUNCH)", shape()))?;
+        }
         Ok(())
     }
 
@@ -254,4 +280,43 @@ impl DeviceBuffer {
 /// "cuda" when a GPU and kernels are usable, with the reason when not.
 pub fn availability() -> std::result::Result<Arc<Gpu>, String> {
     Gpu::open().map_err(|e| format!("{e:#}"))
+}
+
+/// The error of a PTX module the driver refused, in one line; a PTX ISA newer than the driver
+/// knows (nvcc newer than the driver) names both versions.
+fn ptx_load_error(e: cudarc::driver::DriverError, family: &str, ptx_text: &str, gpu: &str) -> anyhow::Error {
+    use cudarc::driver::sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION;
+    if e.0 != CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+        return anyhow::anyhow!("cannot load the {family} kernels on {gpu}: {e}");
+    }
+    let mut version = 0;
+    // SAFETY: cuDriverGetVersion writes one int; it is called only when the driver library loads
+    // (cudarc would panic otherwise).
+    let driver = match unsafe { cudarc::driver::sys::is_culib_present() } {
+        true => match unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) } {
+            cudarc::driver::sys::CUresult::CUDA_SUCCESS => format!("CUDA {}.{}", version / 1000, version % 1000 / 10),
+            _ => "unknown".to_string(),
+        },
+        false => "unknown".to_string(),
+    };
+    anyhow::anyhow!(
+        "the {family} kernels are PTX ISA {} from {}, newer than this NVIDIA driver ({driver}) accepts: update the \
+         driver, or build finch with the nvcc of the driver's CUDA version",
+        ptx::ptx_isa(ptx_text).unwrap_or("?"),
+        ptx::NVCC.unwrap_or("an unknown nvcc")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::sys::CUresult;
+
+    #[test]
+    fn a_ptx_newer_than_the_driver_names_both_versions() {
+        let e = cudarc::driver::DriverError(CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION);
+        let message = ptx_load_error(e, "matmul", "//\n.version 9.9\n.target sm_80\n", "H100").to_string();
+        assert!(message.starts_with("the matmul kernels are PTX ISA 9.9 from "), "{message}");
+        assert!(message.contains("newer than this NVIDIA driver (") && message.contains("update the driver"));
+    }
 }

@@ -136,6 +136,9 @@ fn token_buffer_len(bt: usize) -> usize {
     5 * bt + 1
 }
 
+/// The largest head dimension (n_embd / n_head) kernels/attention.cu supports: ATT_HD_MAX.
+pub const MAX_HEAD_DIM: usize = 128;
+
 /// Buffers that depend on the batch shape.
 struct BatchBuffers {
     b: usize,
@@ -201,7 +204,23 @@ pub struct GpuGpt {
 
 impl GpuGpt {
     /// Allocates the model and uploads `params` (f32, `ParamLayout` order) as master weights.
+    /// Why the kernels cannot run a model of `config`, if they cannot: attention keeps a head's
+    /// rows in shared-memory tiles of [`MAX_HEAD_DIM`] columns.
+    pub fn unsupported(config: &GptConfig) -> Option<String> {
+        let hd = config.head_dim();
+        (hd > MAX_HEAD_DIM).then(|| {
+            format!(
+                "the GPU kernels support head dimensions up to {MAX_HEAD_DIM}, and this model's is {hd} \
+                 (n_embd {} / n_head {}); more heads would fit",
+                config.n_embd, config.n_head
+            )
+        })
+    }
+
     pub fn new(gpu: Arc<Gpu>, config: GptConfig, precision: Precision, params: &[f32]) -> Result<Self> {
+        if let Some(why) = Self::unsupported(&config) {
+            bail!("{why}");
+        }
         let layout = ParamLayout::new(&config);
         assert_eq!(params.len(), layout.total, "parameter buffer does not match the layout");
         let n = layout.total;

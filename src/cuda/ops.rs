@@ -6,6 +6,7 @@
 //! Unlike the CPU ops, GPU activation gradients are written, not accumulated (each is produced
 //! once per backward); parameter gradients are fp32 and accumulated, as on the CPU.
 
+use super::model::MAX_HEAD_DIM;
 use super::{Arg, DPtr, Gpu, Precision};
 use crate::cpu::matmul::WeightLayout;
 use anyhow::Result;
@@ -303,6 +304,7 @@ impl Ops<'_> {
         c: usize,
         nh: usize,
     ) -> Result<()> {
+        assert!(c / nh <= MAX_HEAD_DIM, "attention: head dim {} above {MAX_HEAD_DIM}", c / nh);
         let args = [out.into(), lse.into(), qkv.into(), i32_of(b), i32_of(t), i32_of(c), i32_of(nh)];
         self.launch("attention_forward", attention_grid(b, t, nh), ATTENTION_THREADS, &args)
     }
@@ -320,6 +322,7 @@ impl Ops<'_> {
         c: usize,
         nh: usize,
     ) -> Result<()> {
+        assert!(c / nh <= MAX_HEAD_DIM, "attention: head dim {} above {MAX_HEAD_DIM}", c / nh);
         let args =
             [dqkv.into(), dout.into(), qkv.into(), out.into(), lse.into(), i32_of(b), i32_of(t), i32_of(c), i32_of(nh)];
         self.launch("attention_backward_dkdv", attention_grid(b, t, nh), ATTENTION_THREADS, &args)?;

@@ -8,7 +8,19 @@ use std::process::{Command, Output};
 pub const TINY_MODEL: [&str; 10] =
     ["--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--vocab-size", "50", "--context-length", "8"];
 
-pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_gpt2");
+/// The PyTorch fixture's directory: `$FINCH_FIXTURES/tiny_gpt2` when set (a test binary carried to
+/// another machine, as tools/gpu-first-light.sh does), else this checkout's.
+pub fn fixture() -> String {
+    match std::env::var("FINCH_FIXTURES") {
+        Ok(dir) => format!("{dir}/tiny_gpt2"),
+        Err(_) => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_gpt2").to_string(),
+    }
+}
+
+/// The finch binary the tests run: `$FINCH_BIN` when set (see [`fixture`]), else cargo's build.
+pub fn finch_bin() -> PathBuf {
+    std::env::var_os("FINCH_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_finch")))
+}
 
 /// A fresh directory under the system temp dir, removed when dropped.
 pub struct TempDir(pub PathBuf);
@@ -39,7 +51,7 @@ impl Drop for TempDir {
 }
 
 pub fn finch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_finch")).args(args).output().expect("run finch")
+    Command::new(finch_bin()).args(args).output().expect("run finch")
 }
 
 /// Prints past the test harness's capture, so the line is always visible (a skipped test says so).

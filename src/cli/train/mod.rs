@@ -55,20 +55,20 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         None => "; restore it and start again".to_string(),
     });
     let (device, device_reason) = Device::choose(&args.device, args.precision)?;
-    let plan = plan(&args, &device)?;
+    let plan = plan(&args, device, device_reason)?;
     if let Some((_, state)) = plan.resumed.as_ref().filter(|(_, s)| s.step >= plan.steps) {
         return finish_finished_run(&args, &plan, state.step);
     }
     args.tokenizer = plan.tokenizer;
     args.steps = Some(plan.steps);
     let schedule_note = schedule_segment(&mut args, &plan);
-    print_setup(&args, &plan, &device, device_reason);
+    print_setup(&args, &plan);
     if let Some(note) = schedule_note {
         println!("{note}");
     }
     save_args(&args)?;
     let explicit: Vec<String> = explicit_flags(&args, is_explicit);
-    let mut run = Run::start(&args, plan, &device, &explicit)?;
+    let mut run = Run::start(&args, plan, &explicit)?;
     if let Some(dir) = &mut run_dir {
         dir.started();
     }
@@ -187,7 +187,7 @@ struct Run<'a> {
 impl<'a> Run<'a> {
     /// Builds the model on its device and opens the log, after checking the disk has room for
     /// what the run will write. A resumed run's log gets an event naming the flags given now.
-    fn start(args: &'a TrainArgs, plan: Plan, device: &Device, explicit: &[String]) -> Result<Run<'a>> {
+    fn start(args: &'a TrainArgs, plan: Plan, explicit: &[String]) -> Result<Run<'a>> {
         let cfg = plan.config;
         let layout = ParamLayout::new(&cfg);
         let (optimizer, state): (Option<AdamW<f32>>, TrainState) = match plan.resumed {
@@ -210,7 +210,7 @@ impl<'a> Run<'a> {
             check_free_space(dir, "--save", model_bytes, "the model")?;
         }
         let last_checkpoint = (state.step > 0).then_some(state.step);
-        let engine = Engine::new(device, cfg, plan.params, optimizer)?;
+        let engine = Engine::new(&plan.device, cfg, plan.params, optimizer)?;
         if state.step > 0 {
             println!("resuming after step {} (data position {})", state.step, state.walker.position);
         }

@@ -105,6 +105,9 @@ pub(super) struct Plan {
     pub resumed: Option<(AdamW<f32>, TrainState)>,
     /// What the token ids mean, when known: recorded with the saved model.
     pub tokenizer: Option<Tokenizer>,
+    pub device: Device,
+    /// Why `device` was chosen, for the console (under `--device auto`).
+    pub device_reason: Option<String>,
 }
 
 /// The validation data and what one validation evaluates: `batches` batches of B×T tokens, or
@@ -162,7 +165,9 @@ pub(super) fn val_set(stream: TokenStream, flag: &str, b: usize, t: usize, val_b
     Ok(ValSet { stream, b: vb, t: vt, batches, note })
 }
 
-pub(super) fn plan(a: &TrainArgs, device: &Device) -> Result<Plan> {
+/// Everything the run needs before its first step; `device` gives way to the CPU under `--device
+/// auto` when the GPU's kernels cannot run the model.
+pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>) -> Result<Plan> {
     let data = a.data.as_deref().context("--data is required")?;
     let meta = read_meta(&expand_paths(data, "--data")?[0]);
     // A resumed run's model is read from its checkpoint's header: the memory check below comes
@@ -182,6 +187,8 @@ pub(super) fn plan(a: &TrainArgs, device: &Device) -> Result<Plan> {
         (None, None) => (model_config(a, meta.as_ref().map(|(_, m)| m.vocab_size))?, a.tokenizer),
     };
     let tokenizer = resolve_tokenizer(a, meta.as_ref(), recorded, &config, init.as_ref())?;
+    let (device, device_reason) = device.fit(device_reason, &a.device, &config)?;
+    let device = &device;
     let BatchShape { b, t, window, step_tokens } = batch_shape(a, &config)?;
     // The CPU's needs depend on the batch shape; a GPU run's host needs do not.
     let on_gpu = matches!(device, Device::Cuda(..));
@@ -211,7 +218,22 @@ pub(super) fn plan(a: &TrainArgs, device: &Device) -> Result<Plan> {
         (None, None) => (init_params(&config, a.seed), format!("random init, seed {}", a.seed), None),
     };
     let log_path = a.log.clone().or_else(|| a.out.as_ref().map(|d| d.join("log.jsonl")));
-    Ok(Plan { config, init_source, params, b, t, steps, train, val, log_path, resumed, tokenizer })
+    let device = device.clone();
+    Ok(Plan {
+        config,
+        init_source,
+        params,
+        b,
+        t,
+        steps,
+        train,
+        val,
+        log_path,
+        resumed,
+        tokenizer,
+        device,
+        device_reason,
+    })
 }
 
 /// What the token ids mean: meta.json beside --data when `finch tokenize` wrote one (refusing a
@@ -292,7 +314,8 @@ fn check_val_meta(pattern: &str, train: Option<&(PathBuf, DataMeta)>) -> Result<
 }
 
 /// The start-up lines: the model, the data, the device and its memory plan.
-pub(super) fn print_setup(args: &TrainArgs, plan: &Plan, device: &Device, device_reason: Option<String>) {
+pub(super) fn print_setup(args: &TrainArgs, plan: &Plan) {
+    let (device, device_reason) = (&plan.device, plan.device_reason.as_ref());
     let cfg = &plan.config;
     let (b, t) = (plan.b, plan.t);
     println!(
