@@ -1,7 +1,8 @@
 //! `finch bench`: the flags, and the table of our kernels against cuBLAS (the benchmark itself is
 //! in `cuda::bench`).
 
-use crate::cuda::bench::{bench_shape, shapes, MatmulResult, TOLERANCE};
+use crate::cuda::bench::{bench_shape, gpt2_shapes, shapes, square_shapes, MatmulResult, SWEEP_ROWS, TOLERANCE};
+use crate::cuda::ops::{MatmulVariant, MATMUL_VARIANTS};
 use crate::cuda::Gpu;
 use crate::model::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -17,12 +18,17 @@ pub enum BenchKind {
 #[command(after_help = "Examples:
   finch bench matmul                     # table: ours vs cuBLAS, TFLOP/s, ratio, % of peak
   finch bench matmul --json > mm.jsonl   # one JSON object per shape
-  finch bench matmul --shapes square --repeats 100")]
+  finch bench matmul --shapes square --repeats 100
+  finch bench matmul --sweep             # every variant on GPT-2 shapes at B·T 8K-64K and squares")]
 pub struct BenchArgs {
     pub kind: BenchKind,
     /// Which shapes: gpt2 (forward, dX and dW of GPT-2 124M at B·T = 8192 and 16384), square, or all
     #[arg(long, default_value = "all")]
     pub shapes: String,
+    /// Every tensor-core variant on every GPT-2 124M training shape at B·T = 8192 to 65536, and
+    /// 4096³ and 8192³: TFLOP/s and % of cuBLAS per variant, and the best per shape
+    #[arg(long, conflicts_with = "shapes")]
+    pub sweep: bool,
     /// Timed runs per kernel and shape (the median is reported)
     #[arg(long, default_value_t = 30)]
     pub repeats: usize,
@@ -40,7 +46,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    let shapes = shapes(&args.shapes)?;
+    let shapes = match args.sweep {
+        true => [gpt2_shapes(&SWEEP_ROWS), square_shapes()].concat(),
+        false => shapes(&args.shapes)?,
+    };
     let gpu = Gpu::open()?;
     // cudarc loads libcublas lazily and panics if it is missing; ask first.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -53,60 +62,110 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut results = Vec::new();
     if !args.json {
         println!(
-            "device: {} ({} kernels); bf16 in and out, fp32 accumulate; median of {} runs",
+            "device: {} ({} kernels); bf16 in and out, fp32 accumulate; median of {} timed batches",
             gpu.name, gpu.ptx_arch, args.repeats
         );
     }
     for shape in &shapes {
-        let r = bench_shape(&gpu, &blas, shape, (args.warmup, args.repeats), &mut rng)?;
+        let variants: Vec<&'static MatmulVariant> = match args.sweep {
+            true => MATMUL_VARIANTS.iter().collect(),
+            false => vec![MatmulVariant::for_shape(shape.m, shape.n, shape.k)],
+        };
+        let r = bench_shape(&gpu, &blas, shape, &variants, (args.warmup, args.repeats), &mut rng)?;
         if args.json {
             println!("{}", serde_json::to_string(&r)?);
         }
         results.push(r);
     }
-    let peak = results.iter().map(|r| r.cublas_tflops).fold(0.0, f64::max);
     if !args.json {
-        println!(
-            "{:<16} {:>2} {:>6} {:>6} {:>6} {:>9} {:>8} {:>9} {:>8} {:>6} {:>6} {:>9} {:>9}",
-            "shape",
-            "op",
-            "M",
-            "N",
-            "K",
-            "ours ms",
-            "TF/s",
-            "cuBLAS ms",
-            "TF/s",
-            "ratio",
-            "%peak",
-            "err ours",
-            "err cuBLAS"
-        );
-        for r in &results {
-            let s = &r.shape;
-            println!(
-                "{:<16} {:>2?} {:>6} {:>6} {:>6} {:>9.3} {:>8.1} {:>9.3} {:>8.1} {:>6.2} {:>5.0}% {:>9.1e} {:>9.1e}",
-                s.name,
-                s.op,
-                s.m,
-                s.n,
-                s.k,
-                r.ours_ms,
-                r.ours_tflops,
-                r.cublas_ms,
-                r.cublas_tflops,
-                r.ratio,
-                100.0 * r.ours_tflops / peak,
-                r.ours_error,
-                r.cublas_error
-            );
+        match args.sweep {
+            true => print_sweep(&results),
+            false => print_table(&results),
         }
-        println!("peak = the best cuBLAS result of this run: {peak:.1} TFLOP/s");
     }
-    let wrong: Vec<&MatmulResult> =
-        results.iter().filter(|r| r.ours_error.is_nan() || r.ours_error > TOLERANCE).collect();
-    if !wrong.is_empty() {
-        bail!("{} shapes gave wrong results (sampled error above {TOLERANCE})", wrong.len());
+    let wrong = results.iter().flat_map(|r| &r.ours).filter(|v| v.error.is_nan() || v.error > TOLERANCE).count();
+    if wrong > 0 {
+        bail!("{wrong} shape/variant pairs gave wrong results (sampled error above {TOLERANCE})");
     }
     Ok(())
+}
+
+/// One row per shape: the variant finch runs there against cuBLAS.
+fn print_table(results: &[MatmulResult]) {
+    let peak = results.iter().map(|r| r.cublas_tflops).fold(0.0, f64::max);
+    println!(
+        "{:<16} {:>2} {:>6} {:>6} {:>6} {:>10} {:>9} {:>8} {:>9} {:>8} {:>6} {:>6} {:>9} {:>9}",
+        "shape",
+        "op",
+        "M",
+        "N",
+        "K",
+        "variant",
+        "ours ms",
+        "TF/s",
+        "cuBLAS ms",
+        "TF/s",
+        "ratio",
+        "%peak",
+        "err ours",
+        "err cuBLAS"
+    );
+    for r in results {
+        let (s, v) = (&r.shape, &r.ours[0]);
+        println!(
+            "{:<16} {:>2?} {:>6} {:>6} {:>6} {:>10} {:>9.3} {:>8.1} {:>9.3} {:>8.1} {:>6.2} {:>5.0}% {:>9.1e} {:>9.1e}",
+            s.name,
+            s.op,
+            s.m,
+            s.n,
+            s.k,
+            v.variant,
+            v.ms,
+            v.tflops,
+            r.cublas_ms,
+            r.cublas_tflops,
+            v.ratio,
+            100.0 * v.tflops / peak,
+            v.error,
+            r.cublas_error
+        );
+    }
+    println!("peak = the best cuBLAS result of this run: {peak:.1} TFLOP/s");
+}
+
+/// One row per shape: every variant's TFLOP/s and % of cuBLAS, the best, and the one finch
+/// chooses; then the worst shape for each.
+fn print_sweep(results: &[MatmulResult]) {
+    let mut header = format!("{:<16} {:>2} {:>6} {:>6} {:>6} {:>9}", "shape", "op", "M", "N", "K", "cuBLAS");
+    for v in &MATMUL_VARIANTS {
+        header += &format!(" {:>16}", v.name);
+    }
+    println!("{header} {:>10} {:>10}", "best", "chosen");
+    for r in results {
+        let s = &r.shape;
+        let mut row = format!("{:<16} {:>2?} {:>6} {:>6} {:>6} {:>9.1}", s.name, s.op, s.m, s.n, s.k, r.cublas_tflops);
+        for v in &r.ours {
+            row += &format!(" {:>8.1} ({:>4.0}%)", v.tflops, 100.0 * v.ratio);
+        }
+        let chosen = MatmulVariant::for_shape(s.m, s.n, s.k).name;
+        println!("{row} {:>10} {:>10}", r.best().variant, chosen);
+    }
+    let worst = |pick: &dyn Fn(&MatmulResult) -> f64, square: bool| {
+        results.iter().filter(|r| (r.shape.name == "square") == square).map(pick).fold(f64::INFINITY, f64::min)
+    };
+    let chosen = |r: &MatmulResult| {
+        let name = MatmulVariant::for_shape(r.shape.m, r.shape.n, r.shape.k).name;
+        r.ours.iter().find(|v| v.variant == name).map_or(0.0, |v| v.ratio)
+    };
+    let best = |r: &MatmulResult| r.best().ratio;
+    println!(
+        "% of cuBLAS at the worst GPT-2 shape: {:.0}% with the chosen variant, {:.0}% with the best (target ≥ 70%)",
+        100.0 * worst(&chosen, false),
+        100.0 * worst(&best, false)
+    );
+    println!(
+        "% of cuBLAS at the worst square shape: {:.0}% chosen, {:.0}% best (target ≥ 80% at 4096³)",
+        100.0 * worst(&chosen, true),
+        100.0 * worst(&best, true)
+    );
 }

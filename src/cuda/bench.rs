@@ -1,14 +1,15 @@
 //! The matmul benchmark behind `finch bench matmul`: our kernel against cuBLAS on the same data, in
 //! the same run.
 //!
-//! For each shape: random normal bf16 inputs (two sets, alternated so caches do not flatter,
+//! For each shape and each tensor-core variant timed (the one finch runs for the shape, or with
+//! `--sweep` every one): random normal bf16 inputs (two sets, alternated so caches do not flatter,
 //! generated on all cores), a correctness check of both against an f64 CPU dot product at
 //! sampled outputs, then timing with CUDA events after warm-up: the median of the repeats, each
 //! a batch of back-to-back launches lasting about 2 ms. cuBLAS runs bf16 in, bf16 out, fp32
 //! compute (cublasGemmEx). TFLOP/s = 2·M·N·K / time; "% peak" is relative to the best cuBLAS
 //! figure measured in the same run (the achievable peak on this device, not the datasheet's).
 
-use super::ops::{Epilogue, Ops};
+use super::ops::{Epilogue, MatmulVariant, Ops};
 use super::{DPtr, Gpu, Precision};
 use crate::model::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -37,36 +38,43 @@ pub struct Shape {
     pub k: usize,
 }
 
+/// The rows (B·T) of GPT-2 shapes `--shapes gpt2` times, and the sweep's.
+pub const GPT2_ROWS: [usize; 2] = [8192, 16384];
+pub const SWEEP_ROWS: [usize; 4] = [8192, 16384, 32768, 65536];
+
 /// GPT-2 124M's products at B·T rows: for each layer (C, OC) the forward, dX and dW shapes.
-pub fn shapes(which: &str) -> Result<Vec<Shape>> {
+pub fn gpt2_shapes(rows: &[usize]) -> Vec<Shape> {
+    let layers = [
+        ("qkv", 768, 2304),
+        ("attn_proj", 768, 768),
+        ("fc", 768, 3072),
+        ("mlp_proj", 3072, 768),
+        ("logits", 768, 50304),
+    ];
     let mut out = Vec::new();
-    let gpt2 = which == "gpt2" || which == "all";
-    let square = which == "square" || which == "all";
-    if !gpt2 && !square {
-        bail!("--shapes {which}: expected gpt2, square or all");
-    }
-    if gpt2 {
-        let layers = [
-            ("qkv", 768, 2304),
-            ("attn_proj", 768, 768),
-            ("fc", 768, 3072),
-            ("mlp_proj", 3072, 768),
-            ("logits", 768, 50304),
-        ];
-        for rows in [8192, 16384] {
-            for (name, c, oc) in layers {
-                out.push(Shape { name: format!("{name} fwd"), op: Op::NN, m: rows, n: oc, k: c });
-                out.push(Shape { name: format!("{name} dX"), op: Op::NT, m: rows, n: c, k: oc });
-                out.push(Shape { name: format!("{name} dW"), op: Op::TN, m: c, n: oc, k: rows });
-            }
+    for &rows in rows {
+        for (name, c, oc) in layers {
+            out.push(Shape { name: format!("{name} fwd"), op: Op::NN, m: rows, n: oc, k: c });
+            out.push(Shape { name: format!("{name} dX"), op: Op::NT, m: rows, n: c, k: oc });
+            out.push(Shape { name: format!("{name} dW"), op: Op::TN, m: c, n: oc, k: rows });
         }
     }
-    if square {
-        for s in [4096, 8192] {
-            out.push(Shape { name: "square".into(), op: Op::NN, m: s, n: s, k: s });
-        }
+    out
+}
+
+/// 4096³ and 8192³.
+pub fn square_shapes() -> Vec<Shape> {
+    [4096, 8192].map(|s| Shape { name: "square".into(), op: Op::NN, m: s, n: s, k: s }).to_vec()
+}
+
+/// `--shapes`: gpt2 (at [`GPT2_ROWS`]), square, or all.
+pub fn shapes(which: &str) -> Result<Vec<Shape>> {
+    match which {
+        "gpt2" => Ok(gpt2_shapes(&GPT2_ROWS)),
+        "square" => Ok(square_shapes()),
+        "all" => Ok([gpt2_shapes(&GPT2_ROWS), square_shapes()].concat()),
+        _ => bail!("--shapes {which}: expected gpt2, square or all"),
     }
-    Ok(out)
 }
 
 impl Shape {
@@ -86,18 +94,33 @@ impl Shape {
     }
 }
 
+/// One tensor-core variant on one shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantResult {
+    pub variant: &'static str,
+    pub ms: f64,
+    pub tflops: f64,
+    /// ours / cuBLAS throughput.
+    pub ratio: f64,
+    pub error: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct MatmulResult {
     pub shape: Shape,
-    pub ours_ms: f64,
-    pub ours_tflops: f64,
+    /// One entry per variant timed: the one finch runs for this shape, or all with `--sweep`.
+    pub ours: Vec<VariantResult>,
     pub cublas_ms: f64,
     pub cublas_tflops: f64,
-    /// ours / cuBLAS throughput.
-    pub ratio: f64,
-    pub ours_error: f64,
     pub cublas_error: f64,
     pub device: String,
+}
+
+impl MatmulResult {
+    /// The fastest of the variants timed.
+    pub fn best(&self) -> &VariantResult {
+        self.ours.iter().max_by(|a, b| a.tflops.total_cmp(&b.tflops)).expect("at least one variant")
+    }
 }
 
 /// Back-to-back launches per timed batch aim at this much GPU time: one launch of a small shape
@@ -175,11 +198,12 @@ fn sampled_error(shape: &Shape, a: &[bf16], b: &[bf16], c: &[bf16], rng: &mut Rn
     worst / scale
 }
 
-/// One shape: correctness, then timing of ours and cuBLAS.
+/// One shape: correctness of each variant, then timing of each and of cuBLAS.
 pub fn bench_shape(
     gpu: &Arc<Gpu>,
     blas: &CudaBlas,
     shape: &Shape,
+    variants: &[&'static MatmulVariant],
     (warmup, repeats): (usize, usize),
     rng: &mut Rng,
 ) -> Result<MatmulResult> {
@@ -193,12 +217,13 @@ pub fn bench_shape(
         .collect::<Result<_>>()
         .context("cannot upload the benchmark inputs")?;
     let mut c: CudaSlice<bf16> = gpu.stream.alloc_zeros(shape.m * shape.n)?;
-    let ops = Ops { gpu, precision: Precision::Bf16 };
+    let ops = Ops { gpu, precision: Precision::Bf16, force_variant: None };
     let ((a_rs, a_cs), (b_rs, b_cs)) = shape.strides();
     let c_ptr = ptr(gpu, &c);
-    let ours = |set: usize| {
+    let ours = |variant: &MatmulVariant, set: usize| {
         let (a, b) = &dev[set % 2];
-        ops.matmul(
+        ops.matmul_variant(
+            Some(variant),
             c_ptr,
             false,
             (ptr(gpu, a), a_rs, a_cs),
@@ -256,27 +281,28 @@ pub fn bench_shape(
     };
 
     // Correctness first, on input set 0, with the output poisoned beforehand.
-    gpu.fill_bytes(c_ptr, 0xFF, 2 * shape.m * shape.n)?;
-    ours(0)?;
-    let got = gpu.stream.clone_dtoh(&c)?;
-    let ours_error = sampled_error(shape, &host[0].0, &host[0].1, &got, rng);
-    gpu.fill_bytes(c_ptr, 0xFF, 2 * shape.m * shape.n)?;
-    cublas(0, &mut c)?;
-    let got = gpu.stream.clone_dtoh(&c)?;
-    let cublas_error = sampled_error(shape, &host[0].0, &host[0].1, &got, rng);
+    let mut check = |run: &mut dyn FnMut(&mut CudaSlice<bf16>) -> Result<()>| -> Result<f64> {
+        gpu.fill_bytes(c_ptr, 0xFF, 2 * shape.m * shape.n)?;
+        run(&mut c)?;
+        let got = gpu.stream.clone_dtoh(&c)?;
+        Ok(sampled_error(shape, &host[0].0, &host[0].1, &got, rng))
+    };
+    let cublas_error = check(&mut |c| cublas(0, c))?;
+    let errors: Vec<f64> = variants.iter().map(|v| check(&mut |_| ours(v, 0))).collect::<Result<_>>()?;
 
-    let ours_ms = time_ms(gpu, warmup, repeats, ours)?;
     let cublas_ms = time_ms(gpu, warmup, repeats, |set| cublas(set, &mut c))?;
     let flops = 2.0 * shape.m as f64 * shape.n as f64 * shape.k as f64;
     let tflops = |ms: f64| flops / (ms * 1e-3) / 1e12;
+    let mut results = Vec::new();
+    for (variant, error) in variants.iter().zip(errors) {
+        let ms = time_ms(gpu, warmup, repeats, |set| ours(variant, set))?;
+        results.push(VariantResult { variant: variant.name, ms, tflops: tflops(ms), ratio: cublas_ms / ms, error });
+    }
     Ok(MatmulResult {
         shape: shape.clone(),
-        ours_ms,
-        ours_tflops: tflops(ours_ms),
+        ours: results,
         cublas_ms,
         cublas_tflops: tflops(cublas_ms),
-        ratio: cublas_ms / ours_ms,
-        ours_error,
         cublas_error,
         device: gpu.name.clone(),
     })
@@ -294,6 +320,7 @@ mod tests {
     fn shapes_cover_the_three_products() {
         let all = shapes("all").unwrap();
         assert_eq!(all.len(), 2 * 5 * 3 + 2);
+        assert_eq!(gpt2_shapes(&SWEEP_ROWS).len(), 4 * 5 * 3);
         let logits_dw = all.iter().find(|s| s.name == "logits dW" && s.k == 16384).unwrap();
         assert_eq!((logits_dw.op, logits_dw.m, logits_dw.n), (Op::TN, 768, 50304));
         assert!(shapes("bogus").is_err());

@@ -17,7 +17,7 @@
 //! - bf16: 1.6e-2, about four bf16 ulps (2⁻⁸ each) at the top of the range: outputs are rounded to
 //!   bf16 once, and some kernels round an intermediate (the fused residual, the GELU input).
 
-use super::ops::{layernorm_scratch_len, AdamWScalars, Ops, TokenBuckets, NORM_BLOCKS};
+use super::ops::{layernorm_scratch_len, AdamWScalars, MatmulVariant, Ops, TokenBuckets, MATMUL_VARIANTS, NORM_BLOCKS};
 use super::{DPtr, DeviceBuffer, Gpu, Precision};
 use crate::cpu;
 use crate::cpu::matmul::WeightLayout::{self, InOut, OutIn};
@@ -92,11 +92,13 @@ struct Harness<'a> {
     rng: Rng,
     buffers: Vec<DeviceBuffer>,
     rows: Vec<CheckRow>,
+    /// The tensor-core matmul variant under check (bf16), named in each row's shape.
+    variant: Option<&'static MatmulVariant>,
 }
 
 impl<'a> Harness<'a> {
     fn ops(&self) -> Ops<'a> {
-        Ops { gpu: self.gpu, precision: self.precision }
+        Ops { gpu: self.gpu, precision: self.precision, force_variant: self.variant }
     }
 
     /// n normals × scale, rounded to the storage precision.
@@ -178,18 +180,27 @@ fn f64s(x: &[f32]) -> Vec<f64> {
 
 /// Runs every kernel check at one precision.
 pub fn kernel_checks(gpu: &Gpu, precision: Precision, seed: u64) -> Result<Vec<CheckRow>> {
-    let mut h = Harness { gpu, precision, rng: Rng::new(seed), buffers: Vec::new(), rows: Vec::new() };
+    let mut h = Harness { gpu, precision, rng: Rng::new(seed), buffers: Vec::new(), rows: Vec::new(), variant: None };
     for (b, t, c, v) in [(2, 7, 33, 50), (4, 64, 768, 1000)] {
         check_encoder(&mut h, b, t, c, v)?;
     }
     for (n, c) in [(7, 5), (100, 33), (256, 768), (33, 1600)] {
         check_layernorm(&mut h, n, c)?;
     }
-    for (n, c, oc) in [(7, 5, 11), (100, 33, 65), (130, 96, 200), (256, 768, 2304)] {
-        check_matmul(&mut h, n, c, oc, InOut)?;
+    // bf16: each tensor-core variant on every shape (a shape alone would pick one).
+    let variants: Vec<Option<&'static MatmulVariant>> = match precision {
+        Precision::Bf16 => MATMUL_VARIANTS.iter().map(Some).collect(),
+        Precision::F32 => vec![None],
+    };
+    for variant in variants {
+        h.variant = variant;
+        for (n, c, oc) in [(7, 5, 11), (100, 33, 65), (130, 96, 200), (256, 768, 2304)] {
+            check_matmul(&mut h, n, c, oc, InOut)?;
+        }
+        check_matmul(&mut h, 100, 33, 200, OutIn)?;
+        check_matmul(&mut h, 64, 768, 1024, OutIn)?;
     }
-    check_matmul(&mut h, 100, 33, 200, OutIn)?;
-    check_matmul(&mut h, 64, 768, 1024, OutIn)?;
+    h.variant = None;
     for (b, t, c, nh) in [(1, 7, 16, 2), (2, 33, 24, 2), (2, 100, 128, 2), (1, 257, 256, 2), (1, 64, 36, 1)] {
         check_attention(&mut h, b, t, c, nh)?;
     }
@@ -303,7 +314,8 @@ fn check_layernorm(h: &mut Harness, n: usize, c: usize) -> Result<()> {
 }
 
 fn check_matmul(h: &mut Harness, n: usize, c: usize, oc: usize, layout: WeightLayout) -> Result<()> {
-    let shape = format!("N={n} C={c} OC={oc} {layout:?}");
+    let variant = h.variant.map(|v| format!(" {}", v.name)).unwrap_or_default();
+    let shape = format!("N={n} C={c} OC={oc} {layout:?}{variant}");
     let (inp, w, bias) = (h.random(n * c, 1.0), h.random(c * oc, 1.0 / (c as f64).sqrt()), h.random(oc, 1.0));
     let (inp_d, w_d, bias_d) = (h.stored(&inp)?, h.stored(&w)?, h.stored(&bias)?);
     let mut want = vec![0f64; n * oc];

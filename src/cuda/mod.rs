@@ -113,7 +113,12 @@ pub struct Gpu {
     functions: HashMap<String, CudaFunction>,
     /// FINCH_SYNC_EACH_LAUNCH=1: wait for each kernel, so a fault names the kernel that made it.
     sync_each_launch: bool,
+    /// The dynamic shared memory each kernel has been allowed beyond the default.
+    smem_allowed: std::sync::Mutex<HashMap<String, u32>>,
 }
+
+/// Dynamic shared memory a kernel may use without asking (cuFuncSetAttribute).
+const DEFAULT_DYNAMIC_SMEM: u32 = 48 << 10;
 
 pub const NO_KERNELS: &str =
     "built without CUDA kernels: nvcc was not found at build time; install the CUDA toolkit, set CUDA_HOME and rebuild";
@@ -185,7 +190,8 @@ impl Gpu {
             (false, false) => "compute_80 PTX",
         };
         let sync_each_launch = std::env::var("FINCH_SYNC_EACH_LAUNCH").is_ok_and(|v| v == "1");
-        Ok(Arc::new(Gpu { ctx, stream, name, capability, ptx_arch, functions, sync_each_launch }))
+        let smem_allowed = Default::default();
+        Ok(Arc::new(Gpu { ctx, stream, name, capability, ptx_arch, functions, sync_each_launch, smem_allowed }))
     }
 
     /// Bytes of device memory (free, total).
@@ -222,8 +228,31 @@ impl Gpu {
 
     /// Launches kernel `name` on the stream.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        self.launch_with_smem(name, grid, block, 0, args)
+    }
+
+    /// Launches kernel `name` with `smem` bytes of dynamic shared memory. Above the 48 KiB every
+    /// kernel may have, the kernel is first allowed that much (cuFuncSetAttribute), once.
+    pub fn launch_with_smem(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         assert!(grid.0 > 0 && grid.1 > 0 && grid.2 > 0, "{name}: empty grid {grid:?}");
         let f = self.function(name)?;
+        if smem > DEFAULT_DYNAMIC_SMEM {
+            let mut allowed = self.smem_allowed.lock().unwrap_or_else(|e| e.into_inner());
+            if allowed.get(name).is_none_or(|&a| a < smem) {
+                use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).with_context(|| {
+                    format!("kernel {name} needs {smem} bytes of shared memory, more than {} allows", self.name)
+                })?;
+                allowed.insert(name.to_string(), smem);
+            }
+        }
         let mut builder = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -233,7 +262,7 @@ impl Gpu {
                 Arg::F32(x) => builder.arg(x),
             };
         }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         // Safety: every kernel's argument list is matched by its wrapper in ops.rs, and every
         // pointer comes from a live DeviceBuffer sized for the launch.
         let shape = || format!("kernel {name} (grid {grid:?}, block {block})");

@@ -246,7 +246,7 @@ impl GpuGpt {
     }
 
     fn ops(&self) -> Ops<'_> {
-        Ops { gpu: &self.gpu, precision: self.precision }
+        Ops { gpu: &self.gpu, precision: self.precision, force_variant: None }
     }
 
     /// Replaces the master weights (f32) and their rounded copy.

@@ -69,9 +69,47 @@ impl TokenBuckets {
     }
 }
 
+/// A tensor-core matmul variant of kernels/matmul.cu: its block tile, threads and dynamic shared
+/// memory, as the top of that file states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatmulVariant {
+    /// The kernel name's part: `matmul_{name}_bf16`.
+    pub name: &'static str,
+    pub bm: usize,
+    pub bn: usize,
+    pub threads: u32,
+    pub smem: u32,
+}
+
+/// Every tensor-core variant. The first one is the default; `for_shape` is the one place that
+/// chooses.
+pub const MATMUL_VARIANTS: [MatmulVariant; 2] = [
+    MatmulVariant { name: "tc128x128", bm: 128, bn: 128, threads: 256, smem: 67584 },
+    MatmulVariant { name: "tc128x64", bm: 128, bn: 64, threads: 128, smem: 49152 },
+];
+
+impl MatmulVariant {
+    /// The variant for an M×N×K product. Narrow outputs (GPT-2's N = 768 products) get the
+    /// 128×64 tile, which gives twice the blocks to fill the GPU; the rest the 128×128 tile,
+    /// which reads each loaded element more often. Which variant runs changes no result: each
+    /// output element is summed in the same k order by both. To be tuned with `finch bench
+    /// matmul --sweep` on a GPU.
+    pub fn for_shape(m: usize, n: usize, _k: usize) -> &'static MatmulVariant {
+        let wide_blocks = m.div_ceil(128) * n.div_ceil(128);
+        if n <= 1024 || wide_blocks < 128 {
+            &MATMUL_VARIANTS[1]
+        } else {
+            &MATMUL_VARIANTS[0]
+        }
+    }
+}
+
 pub struct Ops<'a> {
     pub gpu: &'a Gpu,
     pub precision: Precision,
+    /// Runs every bf16 matmul on this variant instead of the one `MatmulVariant::for_shape`
+    /// chooses: `finch check` checks each variant this way.
+    pub force_variant: Option<&'static MatmulVariant>,
 }
 
 impl Ops<'_> {
@@ -220,6 +258,27 @@ impl Ops<'_> {
         n: usize,
         k: usize,
     ) -> Result<()> {
+        let variant = match self.precision {
+            Precision::Bf16 => Some(self.force_variant.unwrap_or_else(|| MatmulVariant::for_shape(m, n, k))),
+            Precision::F32 => None,
+        };
+        self.matmul_variant(variant, out, out_f32, a, b, epilogue, m, n, k)
+    }
+
+    /// [`matmul`](Self::matmul) on a given tensor-core variant (bf16 only; None: the f32 kernel),
+    /// for the benchmark's sweep.
+    pub fn matmul_variant(
+        &self,
+        variant: Option<&MatmulVariant>,
+        out: DPtr,
+        out_f32: bool,
+        a: (DPtr, usize, usize),
+        b: (DPtr, usize, usize),
+        epilogue: Epilogue,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
         let args = [
             out.into(),
             a.0.into(),
@@ -236,8 +295,19 @@ impl Ops<'_> {
             i64_of(b.2),
             Arg::I32(epilogue.accumulate as i32),
         ];
-        let family = if out_f32 { "matmul_f32out" } else { "matmul" };
-        self.launch(family, (blocks(n, 64), blocks(m, 64), 1), 128, &args)
+        let out_suffix = if out_f32 { "_f32out" } else { "" };
+        match variant {
+            Some(v) => {
+                assert!(self.precision == Precision::Bf16, "tensor-core matmuls are bf16");
+                // The kernel reads each operand along a contiguous dimension.
+                assert!(a.2 == 1 || a.1 == 1, "matmul: A has no contiguous dimension (strides {}, {})", a.1, a.2);
+                assert!(b.1 == 1 || b.2 == 1, "matmul: B has no contiguous dimension (strides {}, {})", b.1, b.2);
+                let name = format!("matmul_{}{out_suffix}_bf16", v.name);
+                let grid = (blocks(n, v.bn), blocks(m, v.bm), 1);
+                self.gpu.launch_with_smem(&name, grid, v.threads, v.smem, &args)
+            }
+            None => self.launch(&format!("matmul{out_suffix}"), (blocks(n, 64), blocks(m, 64), 1), 128, &args),
+        }
     }
 
     /// out (N, OC) floatX = inp (N, C) · W + bias, W stored as `layout` says. With `pre_gelu`,

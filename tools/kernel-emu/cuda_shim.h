@@ -16,9 +16,16 @@
 //   - the lanes of a warp calling different collectives, or a WMMA call with different
 //     pointers/ldm across lanes, a pointer not 32-byte aligned or an ldm not a multiple of 16
 //     bytes, or a shuffle with a mask other than all 32 lanes;
-//   - shared memory is filled with 0xFF bytes (NaN as float and bf16) at the start of every
-//     block, so reads of shared memory not written by this block give NaN.
+//   - shared memory (static __shared__ and the launch's dynamic shared memory) is filled with
+//     0xFF bytes (NaN as float and bf16) at the start of every block, so reads of shared memory
+//     not written by this block give NaN;
+//   - the tensor-core instructions of kernels/tensorcore.cuh (mma.sync, ldmatrix, cp.async; see
+//     the section "tensor-core instructions" below and README.md) check what the hardware
+//     requires: all 32 lanes, the same instruction at the same place on every lane, 16-byte
+//     aligned shared-memory rows and copies, and a cp.async copy lands only at its wait_group.
 #pragma once
+// Kernel headers test this to pick the emulated side of an instruction (kernels/tensorcore.cuh).
+#define FINCH_EMULATOR 1
 #if !defined(__x86_64__) || !defined(__linux__)
 #error "tools/kernel-emu: the fiber switch is written for x86-64 Linux"
 #endif
@@ -73,6 +80,20 @@ struct alignas(16) float4 {
 struct alignas(8) float2 {
     float x, y;
 };
+struct alignas(16) int4 {
+    int x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 // CUDA's min/max overloads for mixed integer types (the usual arithmetic conversions).
 template <typename A, typename B>
@@ -170,10 +191,13 @@ struct Fiber {
 struct Barrier {
     unsigned expected = 0, count = 0;
     uint64_t gen = 0;
-    // The collective the current phase is for, and its arguments (all lanes must agree).
+    // The collective the current phase is for, and its arguments (all lanes must agree); for the
+    // tensor-core instructions, the source line that calls it (file nullptr for the others).
     const char* op = nullptr;
     const void* p = nullptr;
     long long q = 0;
+    const char* file = nullptr;
+    int line = 0;
 };
 
 constexpr size_t kStack = 256 * 1024, kGuard = 4096;
@@ -194,6 +218,34 @@ constexpr int kMaxWarps = 32;
 inline float shfl_slot[kMaxWarps][2][32];
 inline double shfl_slot_d[kMaxWarps][2][32];
 inline float wmma_buf[kMaxWarps][2][3][256];
+
+// The launch's dynamic shared memory (FINCH_DYNAMIC_SMEM): `dyn_smem_bytes` bytes at dyn_smem,
+// allocated by launch() and refilled with 0xFF before every block. It starts 128 bytes past a
+// 256-byte boundary: exactly the __align__(128) that kernels/tensorcore.cuh declares, no more.
+// 227 KiB (sm_90's opt-in maximum) is the most any GPU finch supports gives a block.
+constexpr size_t kMaxDynamicSmem = 232448;
+inline char* dyn_smem = nullptr;
+inline size_t dyn_smem_bytes = 0;
+inline void* dyn_smem_alloc = nullptr;
+inline size_t last_dynamic_smem = 0;  // the size the last launch allocated (the fake driver's counters)
+
+// cp.async copies not yet landed, per thread of the block (see "tensor-core instructions").
+struct CpAsyncCopy {
+    char* dst;
+    const char* src;
+    unsigned char data[16];  // the source bytes, read at issue (zeros when not valid)
+    bool valid;
+    uint64_t group;  // the thread's commit-group number; kUncommitted until cp.async.commit_group
+    const char* file;
+    int line;
+};
+constexpr uint64_t kUncommitted = ~0ull;
+struct CpAsyncThread {
+    std::vector<CpAsyncCopy> pending;  // in issue order
+    uint64_t committed = 0;            // groups committed so far
+};
+inline std::vector<CpAsyncThread> cp_async_threads;
+inline void cp_async_thread_exit();
 
 inline void die(const char* fmt, ...) {
     fflush(stdout);
@@ -232,6 +284,7 @@ inline void fiber_entry() {
     __sanitizer_finish_switch_fiber(nullptr, &sched.bottom, &sched.size);
 #endif
     (*kernel_body)();
+    cp_async_thread_exit();  // a copy still in flight when the thread ends is reported
     fibers[current].done = true;
     ++progress;
     switch_ctx(fibers[current].ctx, sched, true);
@@ -284,19 +337,34 @@ inline uint64_t arrive_and_wait(Barrier& b, const char* what) {
     return g;
 }
 
-// The warp's barrier for collective `op` with arguments (p, q) that every lane must pass alike.
-inline Barrier& warp_barrier(const char* op, const void* p, long long q) {
+// "op(p, q)", or "op at file:line" for a collective that names its call site.
+inline void describe_collective(char* buf, size_t n, const char* op, const void* p, long long q, const char* file,
+                                int line) {
+    if (file) snprintf(buf, n, "%s at %s:%d", op, file, line);
+    else snprintf(buf, n, "%s(%p, %lld)", op, p, q);
+}
+
+// The warp's barrier for collective `op` with arguments (p, q), called from file:line (nullptr
+// when not tracked), all of which every lane must pass alike.
+inline Barrier& warp_phase(const char* op, const void* p, long long q, const char* file, int line) {
     Barrier& b = warp_bars[linear_tid() / 32];
     if (b.count == 0) {
         b.op = op;
         b.p = p;
         b.q = q;
-    } else if (strcmp(b.op, op) != 0 || b.p != p || b.q != q) {
-        die("lanes of warp %u disagree: this lane calls %s(%p, %lld), an earlier one %s(%p, %lld)", linear_tid() / 32, op,
-            p, q, b.op, b.p, b.q);
+        b.file = file;
+        b.line = line;
+    } else if (strcmp(b.op, op) != 0 || b.p != p || b.q != q || (b.file == nullptr) != (file == nullptr) ||
+               (file && (b.line != line || strcmp(b.file, file) != 0))) {
+        char mine[512], theirs[512];
+        describe_collective(mine, sizeof mine, op, p, q, file, line);
+        describe_collective(theirs, sizeof theirs, b.op, b.p, b.q, b.file, b.line);
+        die("lanes of warp %u disagree: this lane (%u) calls %s, an earlier one %s", linear_tid() / 32,
+            linear_tid() % 32, mine, theirs);
     }
     return b;
 }
+inline Barrier& warp_barrier(const char* op, const void* p, long long q) { return warp_phase(op, p, q, nullptr, 0); }
 
 // Set false by a launcher that knows the kernel declares no __shared__ memory (the fake driver
 // reads that from the PTX): then the refill below only costs time.
@@ -333,6 +401,12 @@ __attribute__((no_sanitize_address)) inline void poison_shared() {
 
 inline void run_block(int mode, std::mt19937& rng) {
     poison_shared();
+    if (dyn_smem_bytes) memset(dyn_smem, 0xff, dyn_smem_bytes);
+    if (cp_async_threads.size() < nthreads) cp_async_threads.resize(nthreads);
+    for (unsigned i = 0; i < nthreads; i++) {
+        cp_async_threads[i].pending.clear();
+        cp_async_threads[i].committed = 0;
+    }
     block_bar = Barrier{};
     block_bar.expected = nthreads;
     const unsigned nwarps = (nthreads + 31) / 32;
@@ -373,8 +447,39 @@ inline void run_block(int mode, std::mt19937& rng) {
     }
 }
 
-// Launches `body` (which calls the extern "C" kernel with its arguments) on grid × block.
-inline void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
+// Allocates the launch's dynamic shared memory (see dyn_smem), or frees it (bytes ~0).
+inline void set_dynamic_smem(size_t bytes) {
+    if (dyn_smem_alloc) {
+#ifdef EMU_ASAN
+        ASAN_UNPOISON_MEMORY_REGION(dyn_smem_alloc, 128);
+#endif
+        free(dyn_smem_alloc);
+    }
+    dyn_smem_alloc = nullptr;
+    dyn_smem = nullptr;
+    dyn_smem_bytes = 0;
+    if (bytes == ~(size_t)0) return;
+    // Exactly `bytes` after the 128-byte lead-in, so ASan reports an access past the end (and,
+    // with the lead-in poisoned, one before the start), as it does for static __shared__ arrays.
+    if (posix_memalign(&dyn_smem_alloc, 256, 128 + bytes) != 0)
+        die("cannot allocate %zu bytes of dynamic shared memory", bytes);
+#ifdef EMU_ASAN
+    ASAN_POISON_MEMORY_REGION(dyn_smem_alloc, 128);
+#endif
+    dyn_smem = (char*)dyn_smem_alloc + 128;
+    dyn_smem_bytes = bytes;
+}
+
+// The launch's dynamic shared memory, for FINCH_DYNAMIC_SMEM (kernels/tensorcore.cuh).
+inline void* dynamic_smem() {
+    if (!dyn_smem) die("FINCH_DYNAMIC_SMEM outside a kernel launch");
+    return dyn_smem;
+}
+
+// Launches `body` (which calls the extern "C" kernel with its arguments) on grid × block, with
+// `dynamic_smem_bytes` of dynamic shared memory (cuLaunchKernel's sharedMemBytes, CUDA's
+// <<<grid, block, bytes>>>).
+inline void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& body) {
     kernel_name = name;
     kernel_body = &body;
     gridDim = grid;
@@ -383,6 +488,11 @@ inline void launch(const char* name, dim3 grid, dim3 block, const std::function<
     if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
         grid.z > 65535)
         die("invalid launch: grid (%u,%u,%u), block (%u,%u,%u)", grid.x, grid.y, grid.z, block.x, block.y, block.z);
+    if (dynamic_smem_bytes > kMaxDynamicSmem)
+        die("invalid launch: %zu bytes of dynamic shared memory (no GPU gives a block more than %zu)", dynamic_smem_bytes,
+            kMaxDynamicSmem);
+    set_dynamic_smem(dynamic_smem_bytes);
+    last_dynamic_smem = dynamic_smem_bytes;
     if (fibers.size() < nthreads) fibers.resize(nthreads);
     std::mt19937 rng((unsigned)launches * 2654435761u + 1);
     const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
@@ -397,6 +507,10 @@ inline void launch(const char* name, dim3 grid, dim3 block, const std::function<
     }
     ++launches;
     kernel_body = nullptr;
+    set_dynamic_smem(~(size_t)0);
+}
+inline void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
+    launch(name, grid, block, 0, body);
 }
 
 }  // namespace emu
@@ -561,3 +675,226 @@ __attribute__((no_sanitize("address", "undefined"))) inline void mma_sync(fragme
 }
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- tensor-core instructions (kernels/tensorcore.cuh) -----------------------------------------
+// What tensorcore.cuh's tc:: wrappers call under the emulator: mma.sync m16n8k16 (bf16 in, fp32
+// accumulate), ldmatrix (.x1/.x2/.x4, optionally .trans), cp.async.cg 16-byte copies with
+// commit_group / wait_group. The wrappers pass the source line of their call, so lanes that reach
+// the same instruction from different places (divergent code) are caught.
+//
+// mma and ldmatrix are warp collectives, emulated like the WMMA calls: each lane deposits its
+// operands in a per-warp buffer (double-buffered by barrier phase); the LAST lane to arrive
+// performs the whole instruction at once (reads every row, computes every product) before the
+// barrier releases the warp, and each lane then takes its own results. Checked, per lane, with
+// the kernel, block and thread in the message:
+//   - the warp has 32 threads (a block size that is not a multiple of 32 leaves a partial warp),
+//     and all 32 arrive (a lane that exited or waits elsewhere is reported as a deadlock);
+//   - every lane calls the same instruction (mma vs ldmatrix, .x4 vs .x2, .trans or not) from
+//     the same source line;
+//   - ldmatrix: each row address that the instruction uses (lanes 0-7 for .x1, 0-15 for .x2, all
+//     for .x4; the others are ignored, as on sm_80 and later) is 16-byte aligned and its 16 bytes
+//     lie in shared memory (static __shared__ or the launch's dynamic shared memory).
+// Fragment layouts (PTX ISA "Matrix Fragments for mma.m16n8k16 with floating point type" and
+// "ldmatrix"; tools/kernel-emu/tensorcore.cpp checks them element by element against CUTLASS
+// CuTe's tables): with g = lane / 4 and t = lane % 4, element e = 2·i + h is half h (0 = low
+// 16 bits) of register i, and
+//   mma A (16×16, row-major):   row g + 8·(e ∈ {2,3,6,7}), col 2t + (e & 1) + 8·(e ≥ 4)
+//   mma B (16×8, k × n, "col"): k 2t + (e & 1) + 8·(e ≥ 2), n g
+//   mma C, D (16×8 fp32, e = register): row g + 8·(e ≥ 2), col 2t + (e & 1)
+//   ldmatrix, matrix j = register j: row g of the matrix (the address of lane 8j + g), elements
+//     2t and 2t+1; with .trans, element g of rows 2t and 2t+1 (the address of lane 8j + 2t + h).
+// mma computes D = C + A·B in fp32: products of bf16 values are exact, and they are added to C
+// one by one in k order, each addition rounded to nearest. Real tensor cores add in another
+// order and may round differently; see README.md.
+//
+// cp.async is per thread. At issue, the source's 16 bytes are read (nothing is read when not
+// valid: the zero-fill form, src-size 0) and the 16 destination bytes are set to 0xFF, so a read
+// before the copy lands gives NaN. cp.async.commit_group closes the thread's open group;
+// cp.async.wait_group N lands, in issue order, every copy of every committed group but the newest
+// N. Copies not yet committed are not waited for (PTX ISA), and copies of the newest N groups stay
+// pending even though hardware may have finished them (the emulator takes the latest moment the
+// ISA allows). Checked: dst and src 16-byte aligned; dst's 16 bytes in shared memory; src not in
+// shared memory; at landing, the destination still holds the 0xFF written at issue (else a store
+// or another copy wrote it while this copy was in flight) and the source still holds the bytes
+// read at issue (else it was written while the copy was in flight); and a thread that ends with
+// copies not landed is an error (wait with cp_async_wait<0>() first, as CUTLASS's main loops do
+// before an epilogue reuses shared memory).
+namespace emu {
+
+// Which shared memory holds [p, p + n): "static __shared__", "dynamic shared memory" or nullptr.
+inline const char* shared_region(const void* p, size_t n) {
+    const uintptr_t a = (uintptr_t)p;
+    if (__emu_shared_start && a >= (uintptr_t)__emu_shared_start && a + n <= (uintptr_t)__emu_shared_end)
+        return "static __shared__";
+    if (dyn_smem && a >= (uintptr_t)dyn_smem && a + n <= (uintptr_t)dyn_smem + dyn_smem_bytes)
+        return "dynamic shared memory";
+    return nullptr;
+}
+// Whether [p, p + n) overlaps any shared memory.
+inline bool overlaps_shared(const void* p, size_t n) {
+    const uintptr_t a = (uintptr_t)p, e = a + n;
+    if (__emu_shared_start && a < (uintptr_t)__emu_shared_end && e > (uintptr_t)__emu_shared_start) return true;
+    return dyn_smem && a < (uintptr_t)dyn_smem + dyn_smem_bytes && e > (uintptr_t)dyn_smem;
+}
+
+// Per warp and barrier phase: what the lanes deposit and what the last lane computes for them.
+struct TcBuf {
+    const char* rows[32];  // ldmatrix: each lane's row address
+    uint32_t ld[32][4];    // ldmatrix: each lane's registers
+    float a[16][16], b[16][8], c[16][8], d[16][8];  // mma: A (m, k), B (k, n), C and D (m, n)
+};
+inline TcBuf tc_buf[kMaxWarps][2];
+
+// The warp barrier of a tensor-core collective, after the checks every lane must pass.
+inline Barrier& tc_rendezvous(const char* op, const char* file, int line) {
+    const unsigned t = linear_tid(), w = t / 32;
+    Barrier& b = warp_bars[w];
+    if (b.expected != 32)
+        die("%s at %s:%d: warp %u has %u threads (block of %u): warp-wide tensor-core instructions need all 32 lanes",
+            op, file, line, w, b.expected, nthreads);
+    return warp_phase(op, nullptr, 0, file, line);
+}
+
+inline float bf16_bits_to_float(uint32_t bits) {
+    const uint32_t u = bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// ldmatrix: lane `lane`'s registers from the rows in buf.rows (all lanes' addresses deposited).
+inline void ldmatrix_exchange(TcBuf& buf, int n, bool trans) {
+    for (int j = 0; j < n; j++) {
+        uint16_t m[8][8];  // matrix j, as its 8 rows read at once
+        for (int r = 0; r < 8; r++) memcpy(m[r], buf.rows[8 * j + r], 16);
+        for (int l = 0; l < 32; l++) {
+            const int g = l / 4, t = l % 4;
+            const uint32_t lo = trans ? m[2 * t][g] : m[g][2 * t], hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
+            buf.ld[l][j] = lo | hi << 16;
+        }
+    }
+}
+
+template <int N>
+inline void ldmatrix(uint32_t (&r)[N], const void* row, bool trans, const char* file, int line) {
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+    constexpr const char* names[2][3] = {
+        {"ldmatrix.sync.aligned.m8n8.x1.shared.b16", "ldmatrix.sync.aligned.m8n8.x2.shared.b16",
+         "ldmatrix.sync.aligned.m8n8.x4.shared.b16"},
+        {"ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16", "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16",
+         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"}};
+    const char* op = names[trans][N == 1 ? 0 : N == 2 ? 1 : 2];
+    Barrier& b = tc_rendezvous(op, file, line);
+    const unsigned t = linear_tid(), w = t / 32, lane = t % 32;
+    if (lane < 8u * N) {
+        if ((uintptr_t)row % 16 != 0)
+            die("%s at %s:%d: lane %u's row address %p is not 16-byte aligned", op, file, line, lane, row);
+        if (!shared_region(row, 16))
+            die("%s at %s:%d: lane %u's row address %p (16 bytes) is not in shared memory (static __shared__ or the "
+                "launch's dynamic shared memory)",
+                op, file, line, lane, row);
+    }
+    TcBuf& buf = tc_buf[w][b.gen & 1];
+    buf.rows[lane] = lane < 8u * N ? (const char*)row : nullptr;
+    if (b.count + 1 == b.expected) ldmatrix_exchange(buf, N, trans);  // the last lane: the whole load
+    arrive_and_wait(b, op);
+    for (int j = 0; j < N; j++) r[j] = buf.ld[lane][j];
+}
+
+// mma: D = C + A·B for the warp, in fp32, products added in k order.
+__attribute__((no_sanitize("address", "undefined"))) inline void mma_compute(TcBuf& buf) {
+    for (int m = 0; m < 16; m++)
+        for (int n = 0; n < 8; n++) {
+            float acc = buf.c[m][n];
+            for (int k = 0; k < 16; k++) acc += buf.a[m][k] * buf.b[k][n];
+            buf.d[m][n] = acc;
+        }
+}
+
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const char* file,
+                              int line) {
+    const char* op = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
+    Barrier& bar = tc_rendezvous(op, file, line);
+    const unsigned t = linear_tid(), w = t / 32, lane = t % 32, g = lane / 4, tg = lane % 4;
+    TcBuf& buf = tc_buf[w][bar.gen & 1];
+    for (int e = 0; e < 8; e++) {  // A: 4 registers of 2 bf16
+        const uint32_t bits = a[e / 2] >> (16 * (e % 2)) & 0xffffu;
+        const int row = g + ((e / 2) % 2) * 8, col = 2 * tg + (e % 2) + (e >= 4 ? 8 : 0);
+        buf.a[row][col] = bf16_bits_to_float(bits);
+    }
+    for (int e = 0; e < 4; e++) {  // B: 2 registers of 2 bf16
+        const uint32_t bits = b[e / 2] >> (16 * (e % 2)) & 0xffffu;
+        buf.b[2 * tg + (e % 2) + (e >= 2 ? 8 : 0)][g] = bf16_bits_to_float(bits);
+    }
+    for (int e = 0; e < 4; e++) buf.c[g + (e >= 2 ? 8 : 0)][2 * tg + (e % 2)] = d[e];
+    if (bar.count + 1 == bar.expected) mma_compute(buf);  // the last lane: the whole product
+    arrive_and_wait(bar, op);
+    for (int e = 0; e < 4; e++) d[e] = buf.d[g + (e >= 2 ? 8 : 0)][2 * tg + (e % 2)];
+}
+
+inline CpAsyncThread& cp_async_thread() { return cp_async_threads[linear_tid()]; }
+
+inline void cp_async_16(void* dst, const void* src, bool valid, const char* file, int line) {
+    const char* op = "cp.async.cg.shared.global (16 bytes)";
+    if ((uintptr_t)dst % 16 != 0) die("%s at %s:%d: destination %p is not 16-byte aligned", op, file, line, dst);
+    if ((uintptr_t)src % 16 != 0) die("%s at %s:%d: source %p is not 16-byte aligned", op, file, line, src);
+    if (!shared_region(dst, 16))
+        die("%s at %s:%d: destination %p (16 bytes) is not in shared memory (static __shared__ or the launch's "
+            "dynamic shared memory)",
+            op, file, line, dst);
+    if (overlaps_shared(src, 16))
+        die("%s at %s:%d: source %p is in shared memory; cp.async copies global memory to shared memory", op, file,
+            line, src);
+    CpAsyncCopy c{(char*)dst, (const char*)src, {}, valid, kUncommitted, file, line};
+    if (valid) memcpy(c.data, src, 16);  // an out-of-bounds source is reported here, at the issuing line
+    else memset(c.data, 0, 16);
+    memset(dst, 0xff, 16);  // NaN until the copy lands
+    cp_async_thread().pending.push_back(c);
+}
+
+inline void cp_async_commit() {
+    CpAsyncThread& th = cp_async_thread();
+    for (CpAsyncCopy& c : th.pending)
+        if (c.group == kUncommitted) c.group = th.committed;
+    th.committed++;  // an empty group counts too (PTX ISA)
+}
+
+inline void cp_async_land(const CpAsyncCopy& c) {
+    bool untouched = true;  // (no static array here: function statics land in the poisoned range)
+    for (int i = 0; i < 16; i++) untouched &= (unsigned char)c.dst[i] == 0xff;
+    if (!untouched)
+        die("cp.async issued at %s:%d: its 16 destination bytes at %p were written while the copy was in flight (by a "
+            "store or another cp.async), before its wait_group",
+            c.file, c.line, (void*)c.dst);
+    if (c.valid && memcmp(c.src, c.data, 16) != 0)
+        die("cp.async issued at %s:%d: its source %p was written while the copy was in flight (between the issue and "
+            "the wait_group)",
+            c.file, c.line, (const void*)c.src);
+    memcpy(c.dst, c.data, 16);
+}
+
+inline void cp_async_wait(int n) {
+    CpAsyncThread& th = cp_async_thread();
+    const uint64_t limit = th.committed > (uint64_t)n ? th.committed - (uint64_t)n : 0;
+    size_t keep = 0;
+    for (size_t i = 0; i < th.pending.size(); i++) {
+        const CpAsyncCopy& c = th.pending[i];
+        if (c.group != kUncommitted && c.group < limit) cp_async_land(c);
+        else th.pending[keep++] = c;
+    }
+    th.pending.resize(keep);
+}
+
+inline void cp_async_thread_exit() {
+    const unsigned t = linear_tid();
+    if (t >= cp_async_threads.size() || cp_async_threads[t].pending.empty()) return;
+    const CpAsyncThread& th = cp_async_threads[t];
+    size_t uncommitted = 0;
+    for (const CpAsyncCopy& c : th.pending) uncommitted += c.group == kUncommitted;
+    die("the thread ends with %zu cp.async copies that never landed (%zu of them never committed; the first issued at "
+        "%s:%d): wait for them (tc::cp_async_wait<0>(), after a commit) before the thread ends, and before the shared "
+        "memory they target is reused",
+        th.pending.size(), uncommitted, th.pending[0].file, th.pending[0].line);
+}
+
+}  // namespace emu

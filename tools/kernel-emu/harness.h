@@ -1,6 +1,10 @@
 // Helpers shared by the per-family harnesses: random tensors, poisoned outputs, comparison with a
 // double-precision reference, and the summary. Include after the kernel file.
 #pragma once
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <functional>
 #include <map>
 #include <string>
 
@@ -152,6 +156,34 @@ inline std::string fmt(const char* f, ...) {
     vsnprintf(buf, sizeof buf, f, ap);
     va_end(ap);
     return buf;
+}
+
+// Runs `body` (which should trip one of the emulator's checks) in a child process: the case
+// passes when the child fails and its stderr contains `message`.
+inline void expect_failure(const char* name, const char* message, const std::function<void()>& body) {
+    char path[] = "/tmp/emu-selftest-XXXXXX";
+    const int fd = mkstemp(path);
+    fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fd, 2);
+        body();
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    std::string err;
+    char buf[4096];
+    ssize_t n;
+    lseek(fd, 0, SEEK_SET);
+    while ((n = read(fd, buf, sizeof buf)) > 0) err.append(buf, (size_t)n);
+    close(fd);
+    unlink(path);
+    const bool failed = !(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    Case k(fmt("emulator rejects %s", name));
+    k.expect("fails", failed);
+    k.expect(fmt("says '%s'", message).c_str(), err.find(message) != std::string::npos);
+    if (!k.ok) k.errs += " | child stderr: " + err.substr(0, 600);
 }
 
 // Prints the largest error per precision and output, and returns main's exit status.

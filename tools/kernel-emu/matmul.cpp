@@ -1,22 +1,32 @@
 // kernels/matmul.cu against src/cpu/matmul.rs + gelu.rs, launched exactly as src/cuda/ops.rs's
-// matmul_forward / matmul_backward do (every stride pattern, both weight layouts).
+// matmul_forward / matmul_backward do (every stride pattern, both weight layouts): f32 on its
+// CUDA-core kernel, bf16 on every tensor-core variant.
 #include "../../kernels/matmul.cu"
 #include "harness.h"
 
 using namespace h;
 
+// The tensor-core variants, as MATMUL_VARIANTS in src/cuda/ops.rs lists them (bf16 only).
+struct Variant {
+    const char* name;
+    decltype(&matmul_tc128x128_bf16) mm;
+    decltype(&matmul_tc128x128_f32out_bf16) mm_f32out;
+    int bm, bn, threads, smem;
+};
+static const Variant kVariants[] = {
+    {"tc128x128", matmul_tc128x128_bf16, matmul_tc128x128_f32out_bf16, 128, 128, 256, 67584},
+    {"tc128x64", matmul_tc128x64_bf16, matmul_tc128x64_f32out_bf16, 128, 64, 128, 49152},
+};
+static const Variant* variant = &kVariants[0];  // the one under test (bf16)
+
 template <typename X>
 struct K;
 template <>
 struct K<float> {
-    static constexpr auto mm = matmul_f32;
-    static constexpr auto mm_f32out = matmul_f32out_f32;
     static constexpr auto bias_grad = bias_grad_f32;
 };
 template <>
 struct K<bf16> {
-    static constexpr auto mm = matmul_bf16;
-    static constexpr auto mm_f32out = matmul_f32out_bf16;
     static constexpr auto bias_grad = bias_grad_bf16;
 };
 
@@ -30,23 +40,47 @@ static std::pair<long long, long long> out_in_strides(Layout l, long long c, lon
     return l == Layout::InOut ? std::pair{1LL, oc} : std::pair{c, 1LL};
 }
 
-// Ops::matmul: grid (ceil(n/64), ceil(m/64)), block 128; "matmul" (floatX out) or
-// "matmul_f32out" (f32 out: parameter gradients).
+// Ops::matmul_variant: f32 on matmul_f32, grid (ceil(n/64), ceil(m/64)), block 128; bf16 on the
+// variant under test, grid (ceil(n/BN), ceil(m/BM)) with its threads and dynamic shared memory.
+// "matmul" writes floatX, "matmul_f32out" f32 (parameter gradients).
 using Operand = std::pair<long long, long long>;  // (row stride, column stride)
 template <typename X>
 static void ops_matmul(X* out, const X* a, Operand as, const X* b, Operand bs, const X* bias, X* pre_gelu,
                        const X* gelu_input, bool accumulate, int m, int n, int k) {
-    emu::launch("matmul", dim3(blocks(n, 64), blocks(m, 64)), 128, [&] {
-        K<X>::mm(out, a, b, bias, pre_gelu, gelu_input, m, n, k, as.first, as.second, bs.first, bs.second, accumulate);
-    });
+    if constexpr (std::is_same<X, float>::value) {
+        emu::launch("matmul", dim3(blocks(n, 64), blocks(m, 64)), 128, [&] {
+            matmul_f32(out, a, b, bias, pre_gelu, gelu_input, m, n, k, as.first, as.second, bs.first, bs.second,
+                       accumulate);
+        });
+    } else {
+        const Variant& v = *variant;
+        emu::launch(v.name, dim3(blocks(n, v.bn), blocks(m, v.bm)), v.threads, v.smem, [&] {
+            v.mm(out, a, b, bias, pre_gelu, gelu_input, m, n, k, as.first, as.second, bs.first, bs.second, accumulate);
+        });
+    }
 }
 template <typename X>
 static void ops_matmul_f32out(float* out, const X* a, Operand as, const X* b, Operand bs, bool accumulate, int m, int n,
                               int k) {
-    emu::launch("matmul_f32out", dim3(blocks(n, 64), blocks(m, 64)), 128, [&] {
-        K<X>::mm_f32out(out, a, b, nullptr, nullptr, nullptr, m, n, k, as.first, as.second, bs.first, bs.second,
+    if constexpr (std::is_same<X, float>::value) {
+        emu::launch("matmul_f32out", dim3(blocks(n, 64), blocks(m, 64)), 128, [&] {
+            matmul_f32out_f32(out, a, b, nullptr, nullptr, nullptr, m, n, k, as.first, as.second, bs.first, bs.second,
+                              accumulate);
+        });
+    } else {
+        const Variant& v = *variant;
+        emu::launch(v.name, dim3(blocks(n, v.bn), blocks(m, v.bm)), v.threads, v.smem, [&] {
+            v.mm_f32out(out, a, b, nullptr, nullptr, nullptr, m, n, k, as.first, as.second, bs.first, bs.second,
                         accumulate);
-    });
+        });
+    }
+}
+
+// The name of what runs: f32, or bf16 on the variant under test.
+template <typename X>
+static std::string what() {
+    if constexpr (std::is_same<X, float>::value) return "f32";
+    else return std::string("bf16 ") + variant->name;
 }
 
 static double gelu_d(double x) {
@@ -83,7 +117,7 @@ static void test_forward(int N, int C, int OC, Layout layout, bool has_bias, boo
             // (rounded to X), which pre_gelu's own comparison checks.
             out_r[(size_t)n * OC + o] = gelu ? gelu_d(to_f(pre[(size_t)n * OC + o])) : acc;
         }
-    Case k(fmt("matmul %-4s forward  %s N=%3d C=%3d OC=%3d%s%s", pname<X>(), lname(layout), N, C, OC,
+    Case k(fmt("matmul %-14s forward  %s N=%3d C=%4d OC=%5d%s%s", what<X>().c_str(), lname(layout), N, C, OC,
                has_bias ? " bias" : "", gelu ? " gelu" : ""));
     k.cmp("out", out, out_r, tol<X>());
     if (gelu) k.cmp("pre_gelu", pre, pre_r, tol<X>());
@@ -131,7 +165,7 @@ static void test_backward(int N, int C, int OC, Layout layout, bool has_bias, bo
     if (has_bias)
         for (int n = 0; n < N; n++)
             for (int o = 0; o < OC; o++) db_r[o] += dod[(size_t)n * OC + o];
-    Case k(fmt("matmul %-4s backward %s N=%3d C=%3d OC=%3d%s%s", pname<X>(), lname(layout), N, C, OC,
+    Case k(fmt("matmul %-14s backward %s N=%3d C=%4d OC=%5d%s%s", what<X>().c_str(), lname(layout), N, C, OC,
                has_bias ? " bias" : "", has_gelu_input ? " gelu_input" : ""));
     k.cmp("dinp", dinp, dinp_r, tol<X>());
     k.cmp(pname<X>(), "dweight", as_double(dweight), dw_r, kTight);
@@ -161,8 +195,8 @@ static void test_all_options(int M, int N, int Kd, uint64_t seed) {
             pre_r[o] = acc;
             out_r[o] = out0[o] + gelu_d(to_f(pre[o])) * gelu_grad_d(gid[o]);  // GELU of the stored pre
         }
-    Case k(fmt("matmul %-4s all options (A, B transposed; bias, gelu, gelu_input, accumulate) M=%d N=%d K=%d",
-               pname<X>(), M, N, Kd));
+    Case k(fmt("matmul %-14s all options (A, B transposed; bias, gelu, gelu_input, accumulate) M=%d N=%d K=%d",
+               what<X>().c_str(), M, N, Kd));
     k.cmp("out", out, out_r, tol<X>());
     k.cmp("pre_gelu", pre, pre_r, tol<X>());
 }
@@ -189,9 +223,29 @@ static void run_all(uint64_t& seed) {
     test_all_options<X>(130, 65, 40, seed++);
 }
 
+// The tensor-core kernels at the sizes the issue names (1, 7, 33, 257, 768, 3072; and 50304, the
+// padded vocabulary, with a small K), none a multiple of the tiles but 768 and 3072, in both
+// layouts and every epilogue the model uses: rows past every tile edge, K past every 32-deep
+// slice, and N = 7, 33, 257 whose rows are not 16-byte aligned (element-by-element loads and
+// stores); 768 and 3072 take the cp.async and 16-byte epilogue paths.
+static void run_tensor_core_sizes(uint64_t& seed) {
+    test_forward<bf16>(33, 768, 3072, Layout::InOut, true, true, seed++);
+    test_backward<bf16>(33, 3072, 768, Layout::InOut, true, true, seed++);
+    test_forward<bf16>(257, 33, 7, Layout::InOut, true, false, seed++);
+    test_backward<bf16>(257, 7, 33, Layout::OutIn, false, false, seed++);
+    test_forward<bf16>(7, 33, 50304, Layout::OutIn, false, false, seed++);  // the tied classifier
+    test_backward<bf16>(7, 33, 50304, Layout::OutIn, false, false, seed++);
+    test_forward<bf16>(1, 257, 768, Layout::InOut, true, true, seed++);
+    test_all_options<bf16>(257, 33, 7, seed++);
+}
+
 int main() {
     uint64_t seed = 1;
     run_all<float>(seed);
-    run_all<bf16>(seed);
+    for (const Variant& v : kVariants) {
+        variant = &v;
+        run_all<bf16>(seed);
+        run_tensor_core_sizes(seed);
+    }
     return finish("matmul");
 }

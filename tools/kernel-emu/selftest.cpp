@@ -1,9 +1,6 @@
 // Tests of the emulator itself: the primitives compute what CUDA's do, and each check in
 // cuda_shim.h fires on a kernel that breaks its rule (run in a child process, which must fail
-// with the expected message).
-#include <sys/wait.h>
-#include <unistd.h>
-
+// with the expected message, see h::expect_failure).
 #include "cuda_shim.h"
 #include "harness.h"
 
@@ -106,32 +103,6 @@ extern "C" __global__ void k_wmma_bad(int which) {
 }
 
 // ---- the tests ---------------------------------------------------------------------------------
-static void expect_failure(const char* name, const char* message, const std::function<void()>& body) {
-    char path[] = "/tmp/emu-selftest-XXXXXX";
-    const int fd = mkstemp(path);
-    fflush(stdout);
-    const pid_t pid = fork();
-    if (pid == 0) {
-        dup2(fd, 2);
-        body();
-        _exit(0);
-    }
-    int st = 0;
-    waitpid(pid, &st, 0);
-    std::string err;
-    char buf[4096];
-    ssize_t n;
-    lseek(fd, 0, SEEK_SET);
-    while ((n = read(fd, buf, sizeof buf)) > 0) err.append(buf, (size_t)n);
-    close(fd);
-    unlink(path);
-    const bool failed = !(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    Case k(fmt("emulator rejects %s", name));
-    k.expect("fails", failed);
-    k.expect(fmt("says '%s'", message).c_str(), err.find(message) != std::string::npos);
-    if (!k.ok) k.errs += " | child stderr: " + err.substr(0, 300);
-}
-
 int main() {
     {  // shuffles
         std::vector<float> out(4 * 64, NAN);

@@ -116,6 +116,7 @@ Config read_config() {
 struct KernelCount {
     uint64_t launches = 0, blocks = 0, threads = 0;
     double seconds = 0;
+    size_t max_dynamic_smem = 0;  // the most dynamic shared memory the emulator gave one launch
 };
 struct Counters {
     uint64_t launches = 0;
@@ -266,9 +267,11 @@ std::string counters_json() {
     s += b;
     bool first = true;
     for (auto& [name, k] : n.per_kernel) {
-        snprintf(b, sizeof b, "%s\"%s\": {\"launches\": %llu, \"blocks\": %llu, \"threads\": %llu, \"seconds\": %.6f}",
+        snprintf(b, sizeof b,
+                 "%s\"%s\": {\"launches\": %llu, \"blocks\": %llu, \"threads\": %llu, \"seconds\": %.6f, "
+                 "\"max_dynamic_smem\": %zu}",
                  first ? "" : ", ", name.c_str(), (unsigned long long)k.launches, (unsigned long long)k.blocks,
-                 (unsigned long long)k.threads, k.seconds);
+                 (unsigned long long)k.threads, k.seconds, k.max_dynamic_smem);
         s += b;
         first = false;
     }
@@ -986,7 +989,7 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz,
     ensure_signal_stack();
     g->launch = LaunchInfo{k.name, {gx, gy, gz}, {bx, by, bz}, smem, pthread_self()};
     const double t0 = now_ms();
-    run_kernel(k, params, Dims{gx, gy, gz}, Dims{bx, by, bz}, f->ptx.static_smem > 0);
+    run_kernel(k, params, Dims{gx, gy, gz}, Dims{bx, by, bz}, smem, f->ptx.static_smem > 0);
     const double seconds = (now_ms() - t0) / 1000;
     g->launch.kernel = nullptr;
     std::string damage;
@@ -1002,6 +1005,7 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz,
     kc.blocks += (unsigned long long)gx * gy * gz;
     kc.threads += (unsigned long long)gx * gy * gz * threads;
     kc.seconds += seconds;
+    kc.max_dynamic_smem = std::max(kc.max_dynamic_smem, last_dynamic_smem());
     g->n.launches++;
     g->n.launch_seconds += seconds;
     return call.ok("(%s) %.3f s", what, seconds);

@@ -68,19 +68,23 @@ struct KernelEntry {
     bool is_pointer[kMaxParams];
     bool is_float[kMaxParams];
     size_t pointee_align[kMaxParams];  // alignof(*p) for pointers (float 4, bf16 2, float4 16)
-    void (*run)(const char* name, void** params, Dims grid, Dims block);
+    void (*run)(const char* name, void** params, Dims grid, Dims block, unsigned dynamic_smem);
 };
 const KernelEntry* find_kernel(const char* name);
 size_t kernel_count();
 const KernelEntry& kernel_at(size_t i);
-// Runs a kernel on the CPU. refill_shared: refill the __shared__ range with 0xFF before every
-// block (skipped for kernels whose PTX declares no shared memory; it only costs time there).
-void run_kernel(const KernelEntry& k, void** params, Dims grid, Dims block, bool refill_shared);
+// Runs a kernel on the CPU with `dynamic_smem` bytes of dynamic shared memory (cuLaunchKernel's
+// sharedMemBytes: allocated for the launch, refilled with 0xFF before every block). refill_shared:
+// refill the static __shared__ range with 0xFF before every block (skipped for kernels whose PTX
+// declares no shared memory; it only costs time there).
+void run_kernel(const KernelEntry& k, void** params, Dims grid, Dims block, unsigned dynamic_smem, bool refill_shared);
 // While a kernel runs: the block and thread running now (for fault reports).
 void current_position(Dims* block, Dims* thread);
 // Whether addr is in the guard page below some CUDA thread's fiber stack (a stack overflow).
 bool in_fiber_stack_guard(uintptr_t addr);
 uint64_t fiber_switches();
+// The dynamic shared memory the emulator allocated for the last launch, in bytes.
+size_t last_dynamic_smem();
 
 // ---- ptx.cpp: what the driver needs from a PTX module -------------------------------------------
 struct PtxParam {

@@ -42,12 +42,12 @@ template <auto F, typename... A>
 struct Thunk<F, void (*)(A...)> {
     static_assert(sizeof...(A) <= kMaxParams, "raise kMaxParams");
     template <size_t... I>
-    static void run_with(const char* name, void** p, Dims g, Dims b, std::index_sequence<I...>) {
+    static void run_with(const char* name, void** p, Dims g, Dims b, unsigned smem, std::index_sequence<I...>) {
         std::tuple<std::remove_cv_t<A>...> args{load_arg<std::remove_cv_t<A>>(p[I])...};
-        emu::launch(name, dim3(g.x, g.y, g.z), dim3(b.x, b.y, b.z), [&] { std::apply(F, args); });
+        emu::launch(name, dim3(g.x, g.y, g.z), dim3(b.x, b.y, b.z), smem, [&] { std::apply(F, args); });
     }
-    static void run(const char* name, void** p, Dims g, Dims b) {
-        run_with(name, p, g, b, std::index_sequence_for<A...>{});
+    static void run(const char* name, void** p, Dims g, Dims b, unsigned smem) {
+        run_with(name, p, g, b, smem, std::index_sequence_for<A...>{});
     }
     static KernelEntry entry(const char* name) {
         return KernelEntry{name,
@@ -77,9 +77,9 @@ const KernelEntry* find_kernel(const char* name) {
     return nullptr;
 }
 
-void run_kernel(const KernelEntry& k, void** params, Dims grid, Dims block, bool refill_shared) {
+void run_kernel(const KernelEntry& k, void** params, Dims grid, Dims block, unsigned dynamic_smem, bool refill_shared) {
     emu::refill_shared = refill_shared;
-    k.run(k.name, params, grid, block);
+    k.run(k.name, params, grid, block, dynamic_smem);
     emu::refill_shared = true;
 }
 
@@ -95,5 +95,6 @@ bool in_fiber_stack_guard(uintptr_t addr) {
 }
 
 uint64_t fiber_switches() { return emu::fiber_switches; }
+size_t last_dynamic_smem() { return emu::last_dynamic_smem; }
 
 }  // namespace fake

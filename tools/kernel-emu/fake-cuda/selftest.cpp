@@ -319,6 +319,14 @@ void case_dynamic_smem() {
     EXPECT(cuFuncSetAttribute(mm, 8, 232448 - 36864), OK);  // static + dynamic
     EXPECT(cuFuncSetAttribute(mm, 8, 232448 - 36864 + 1), INVALID_VALUE);
     EXPECT(e.launch(e.grid(), 256, 1, 1, 232449), INVALID_VALUE);
+    // The launches that ran had their dynamic shared memory allocated by the emulator (what
+    // FINCH_DYNAMIC_SMEM in kernels/tensorcore.cuh points at; tools/kernel-emu/tensorcore.cpp tests
+    // that a kernel sees exactly that many bytes, poisoned per block).
+    char json[4096];
+    fake_cuda_counters_json(json, sizeof json);
+    TRUE(strstr(json, "\"encoder_forward_f32\": {\"launches\": 2,") != nullptr &&
+             strstr(json, "\"max_dynamic_smem\": 100000}") != nullptr,
+         "counters: %s", json);
 }
 
 void case_bad_pointers_host() {
