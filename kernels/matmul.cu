@@ -42,41 +42,6 @@
 #define TC_WARP_N 32
 #define TC_EPI_PAD 4  // floats of padding per row of the staged fp32 tile
 
-// The element offset of (row, col) in a shared tile whose rows hold W bf16 (W/8 chunks of 16
-// bytes): the chunk index is XORed with a few row bits, so the 8 rows one ldmatrix reads (same
-// logical chunk) land in 8 different 16-byte bank groups. With 64-byte rows two rows share each
-// 128-byte bank line, hence the shift.
-template <int W>
-__device__ __forceinline__ int swizzle(int row, int col) {
-    constexpr int chunks = W / 8;
-    constexpr int rows_per_line = W >= 64 ? 1 : 128 / (W * 2);
-    constexpr int mask = chunks < 8 ? chunks - 1 : 7;
-    const int chunk = (col / 8) ^ ((row / rows_per_line) & mask);
-    return row * W + chunk * 8 + col % 8;
-}
-
-// One operand tile in shared memory: `rows` × `W` bf16, rows along global memory's strided
-// dimension and W along its contiguous one. Loads chunk `idx` of the tile for the slice starting
-// at (r0, c0) of a matrix whose element (r, c) is g[r·rs + c] (c contiguous), with extents
-// (R, C). `aligned`: g is 16-byte aligned and rs a multiple of 8, so every in-bounds chunk may
-// travel by cp.async.
-template <int W>
-__device__ __forceinline__ void load_chunk(bf16* tile, int idx, const bf16* g, long long rs, int r0, int c0, int R, int C,
-                                           bool aligned) {
-    const int row = idx / (W / 8), col = (idx % (W / 8)) * 8;
-    const int r = r0 + row, c = c0 + col;
-    bf16* dst = tile + swizzle<W>(row, col);
-    if (r >= R || c >= C) {
-        tc::cp_async_16(dst, g, false);  // wholly outside: zero-fill
-    } else if (aligned && c + 8 <= C) {
-        tc::cp_async_16(dst, g + r * rs + c, true);
-    } else {
-        // Straddles the edge, or misaligned: element by element, zeros past the edge.
-        const bf16* src = g + r * rs;
-        for (int j = 0; j < 8; j++) dst[j] = c + j < C ? src[c + j] : __float2bfloat16_rn(0.0f);
-    }
-}
-
 // The block's tile of C: BM×BN, THREADS = 32 · (BM/64) · (BN/32) threads.
 template <int BM, int BN>
 struct TcTile {
@@ -108,12 +73,12 @@ __device__ __forceinline__ void tc_mainloop(bf16* smem, const bf16* a, const bf1
         bf16* as = smem + stage * T::STAGE_ELEMS;
         bf16* bs = as + T::A_ELEMS;
         for (int idx = tid; idx < T::A_ELEMS / 8; idx += T::THREADS) {
-            if (A_KC) load_chunk<AW>(as, idx, a, a_stride, m0, k0, M, K, a_aligned);  // rows m, columns k
-            else load_chunk<AW>(as, idx, a, a_stride, k0, m0, K, M, a_aligned);       // rows k, columns m
+            if (A_KC) tc::load_chunk<AW>(as, idx, a, a_stride, m0, k0, M, K, a_aligned);  // rows m, columns k
+            else tc::load_chunk<AW>(as, idx, a, a_stride, k0, m0, K, M, a_aligned);       // rows k, columns m
         }
         for (int idx = tid; idx < T::B_ELEMS / 8; idx += T::THREADS) {
-            if (B_KC) load_chunk<BW>(bs, idx, b, b_stride, n0, k0, N, K, b_aligned);  // rows n, columns k
-            else load_chunk<BW>(bs, idx, b, b_stride, k0, n0, K, N, b_aligned);       // rows k, columns n
+            if (B_KC) tc::load_chunk<BW>(bs, idx, b, b_stride, n0, k0, N, K, b_aligned);  // rows n, columns k
+            else tc::load_chunk<BW>(bs, idx, b, b_stride, k0, n0, K, N, b_aligned);       // rows k, columns n
         }
     };
 
@@ -145,9 +110,9 @@ __device__ __forceinline__ void tc_mainloop(bf16* smem, const bf16* a, const bf1
                 // x4 matrices: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15);
                 // lane l gives row l%8 of matrix l/8.
                 if (A_KC) {
-                    tc::ldmatrix<4>(af[i], as + swizzle<AW>(m + lane % 16, kk + (lane / 16) * 8));
+                    tc::ldmatrix<4>(af[i], as + tc::swizzle<AW>(m + lane % 16, kk + (lane / 16) * 8));
                 } else {
-                    tc::ldmatrix_trans<4>(af[i], as + swizzle<AW>(kk + (lane / 16) * 8 + lane % 8, m + ((lane / 8) % 2) * 8));
+                    tc::ldmatrix_trans<4>(af[i], as + tc::swizzle<AW>(kk + (lane / 16) * 8 + lane % 8, m + ((lane / 8) % 2) * 8));
                 }
             }
             for (int j = 0; j < 4; j += 2) {
@@ -156,9 +121,9 @@ __device__ __forceinline__ void tc_mainloop(bf16* smem, const bf16* a, const bf1
                 // b0, b1 of n-tile j, then of n-tile j+1.
                 uint32_t r[4];
                 if (B_KC) {
-                    tc::ldmatrix<4>(r, bs + swizzle<BW>(n + (lane / 16) * 8 + lane % 8, kk + ((lane / 8) % 2) * 8));
+                    tc::ldmatrix<4>(r, bs + tc::swizzle<BW>(n + (lane / 16) * 8 + lane % 8, kk + ((lane / 8) % 2) * 8));
                 } else {
-                    tc::ldmatrix_trans<4>(r, bs + swizzle<BW>(kk + ((lane / 8) % 2) * 8 + lane % 8, n + (lane / 16) * 8));
+                    tc::ldmatrix_trans<4>(r, bs + tc::swizzle<BW>(kk + ((lane / 8) % 2) * 8 + lane % 8, n + (lane / 16) * 8));
                 }
                 bfr[j][0] = r[0], bfr[j][1] = r[1], bfr[j + 1][0] = r[2], bfr[j + 1][1] = r[3];
             }

@@ -8,12 +8,12 @@
 // cp.async copy only at its wait_group (its destination reads as NaN until then). Fragment layouts
 // are the PTX ISA's (section "Matrix Fragments for mma.m16n8k16 with floating point type", and
 // ldmatrix's): a uint32_t register holds two bf16, the lower-index element in the low 16 bits;
-// tools/kernel-emu/tensorcore.cpp checks the emulated layouts against CUTLASS CuTe's tables.
+// tools/kernel-emu/tensorcore.cpp checks the emulated layouts against CUTLASS CuTe's tables. At
+// the end, the tile primitives matmul.cu and attention.cu share: the swizzled shared-memory tile
+// layout and the loader of one 16-byte chunk of it.
 #pragma once
 #include <stdint.h>
-#if !defined(__CUDACC__)
 #include <cuda_bf16.h>  // under tools/kernel-emu: its stand-in, which is the emulator (cuda_shim.h)
-#endif
 
 #if defined(__CUDACC__)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -141,3 +141,44 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 #else
 #error "kernels/tensorcore.cuh: compile with nvcc, or with g++ through tools/kernel-emu (cuda_shim.h)"
 #endif
+
+// ---- tile primitives over the wrappers, shared by matmul.cu and attention.cu ------------------
+namespace tc {
+
+// The element offset of (row, col) in a shared tile whose rows hold W bf16 (W/8 chunks of 16
+// bytes): the chunk index is XORed with a few row bits, so the 8 rows one ldmatrix reads (same
+// logical chunk) land in 8 different 16-byte bank groups. With 64-byte rows two rows share each
+// 128-byte bank line, hence the shift.
+template <int W>
+__device__ __forceinline__ int swizzle(int row, int col) {
+    constexpr int chunks = W / 8;
+    constexpr int rows_per_line = W >= 64 ? 1 : 128 / (W * 2);
+    constexpr int mask = chunks < 8 ? chunks - 1 : 7;
+    const int chunk = (col / 8) ^ ((row / rows_per_line) & mask);
+    return row * W + chunk * 8 + col % 8;
+}
+
+// One operand tile in shared memory: `rows` × `W` bf16, rows along global memory's strided
+// dimension and W along its contiguous one. Loads chunk `idx` of the tile for the slice starting
+// at (r0, c0) of a matrix whose element (r, c) is g[r·rs + c] (c contiguous), with extents
+// (R, C). `aligned`: g is 16-byte aligned and rs a multiple of 8, so every in-bounds chunk may
+// travel by cp.async.
+template <int W>
+__device__ __forceinline__ void load_chunk(__nv_bfloat16* tile, int idx, const __nv_bfloat16* g, long long rs, int r0, int c0, int R, int C,
+                                           bool aligned) {
+    const int row = idx / (W / 8), col = (idx % (W / 8)) * 8;
+    const int r = r0 + row, c = c0 + col;
+    __nv_bfloat16* dst = tile + swizzle<W>(row, col);
+    if (r >= R || c >= C) {
+        // Wholly outside: zero-fill. The source is not read, but must be an aligned address.
+        cp_async_16(dst, reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(g) & ~uintptr_t(15)), false);
+    } else if (aligned && c + 8 <= C) {
+        cp_async_16(dst, g + r * rs + c, true);
+    } else {
+        // Straddles the edge, or misaligned: element by element, zeros past the edge.
+        const __nv_bfloat16* src = g + r * rs;
+        for (int j = 0; j < 8; j++) dst[j] = c + j < C ? src[c + j] : __float2bfloat16_rn(0.0f);
+    }
+}
+
+}  // namespace tc

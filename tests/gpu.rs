@@ -340,3 +340,19 @@ fn a_run_beyond_the_gpu_memory_is_refused_in_one_line() {
     assert!(!out.status.success() && err.trim_end().lines().count() == 1, "{err}");
     assert!(err.contains("not enough GPU memory: training needs ") && err.contains(" is free on "), "{err}");
 }
+
+/// `finch bench attention` runs (tiny shapes: under the fake driver only the path is shown).
+#[test]
+fn the_attention_benchmark_runs() {
+    if gpu_or_skip("the_attention_benchmark_runs").is_none() {
+        return;
+    }
+    let out = finch(&["bench", "attention", "--quick", "--warmup", "0", "--repeats", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| l.trim_start().starts_with("64 ") || l.trim_start().starts_with("128 ")).count(),
+        2,
+        "{stdout}"
+    );
+}

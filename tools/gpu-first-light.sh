@@ -10,8 +10,8 @@
 # The run, at most about 8 minutes: nvidia-smi and the driver; finch check (every kernel at f32
 # and bf16, and training CPU vs GPU); the GPU tests; finch train --model gpt2 on random tokens at
 # B=16 and B=64, T=1024, 20 steps each (the first loss should be about ln 50257 = 10.8-11);
-# finch bench matmul against cuBLAS, square shapes first, then GPT-2's; the PyTorch references
-# in benches/. A step that fails or runs out of time is recorded and the next one starts: a
+# finch bench matmul against cuBLAS, square shapes first, then GPT-2's; finch bench attention;
+# the PyTorch references in benches/. A step that fails or runs out of time is recorded and the next one starts: a
 # short GPU window is not spent on one problem. The table at the end says what passed.
 # BENCHMARKS.md says how the results are recorded.
 set -uo pipefail
@@ -99,18 +99,19 @@ print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob
     [ -n "$cublas" ] && export LD_LIBRARY_PATH="$cublas${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export PYTHONUNBUFFERED=1
 
-    step nvidia-smi 15 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+    step nvidia-smi 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
     step check 75 "$bin/finch" check
-    step gpu-tests 90 env FINCH_BIN="$bin/finch" FINCH_REQUIRE_GPU=1 "$bin/gpu-tests" --test-threads 1
+    step gpu-tests 75 env FINCH_BIN="$bin/finch" FINCH_REQUIRE_GPU=1 "$bin/gpu-tests" --test-threads 1
     # timeout runs programs, not shell functions: the script runs its own steps.
     local self=("bash" "$here/gpu-first-light.sh")
     step tokens 20 "${self[@]}" _tokens "$out/tokens.bin"
     step train-b16 60 "${self[@]}" _train 16 "$out"
-    step train-b64 60 "${self[@]}" _train 64 "$out"
+    step train-b64 45 "${self[@]}" _train 64 "$out"
     step bench-square 45 "$bin/finch" bench matmul --shapes square
-    step bench-gpt2 60 "$bin/finch" bench matmul --shapes gpt2
-    step torch-gpt2 75 python3 benches/gpt2_torch.py --batch-size 16 --seq-len 1024 --steps 10
-    step torch-attention 30 python3 benches/attention_torch.py --head-dims 64 --seq-lens 1024
+    step bench-gpt2 50 "$bin/finch" bench matmul --shapes gpt2
+    step bench-attention 30 "$bin/finch" bench attention
+    step torch-gpt2 60 python3 benches/gpt2_torch.py --batch-size 16 --seq-len 1024 --steps 10
+    step torch-attention 30 python3 benches/attention_torch.py --backends flash
     rm -f "$out/tokens.bin"
 
     echo

@@ -1,7 +1,10 @@
-//! `finch bench`: the flags, and the table of our kernels against cuBLAS (the benchmark itself is
-//! in `cuda::bench`).
+//! `finch bench`: the flags, and the tables: our matmul against cuBLAS, our attention in TFLOP/s
+//! (the benchmarks themselves are in `cuda::bench`).
 
-use crate::cuda::bench::{bench_shape, gpt2_shapes, shapes, square_shapes, MatmulResult, SWEEP_ROWS, TOLERANCE};
+use crate::cuda::bench::{
+    attention_shapes, bench_attention, bench_shape, gpt2_shapes, shapes, square_shapes, MatmulResult, SWEEP_ROWS,
+    TOLERANCE,
+};
 use crate::cuda::ops::{MatmulVariant, MATMUL_VARIANTS};
 use crate::cuda::Gpu;
 use crate::model::rng::Rng;
@@ -12,6 +15,8 @@ use cudarc::cublas::CudaBlas;
 pub enum BenchKind {
     /// The three training products at GPT-2 124M shapes, and square 4096³ and 8192³
     Matmul,
+    /// Causal attention forward and backward (bf16), FlashAttention's shapes and FLOP count
+    Attention,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -19,7 +24,8 @@ pub enum BenchKind {
   finch bench matmul                     # table: ours vs cuBLAS, TFLOP/s, ratio, % of peak
   finch bench matmul --json > mm.jsonl   # one JSON object per shape
   finch bench matmul --shapes square --repeats 100
-  finch bench matmul --sweep             # every variant on GPT-2 shapes at B·T 8K-64K and squares")]
+  finch bench matmul --sweep             # every variant on GPT-2 shapes at B·T 8K-64K and squares
+  finch bench attention                  # forward, backward TFLOP/s; compare benches/attention_torch.py")]
 pub struct BenchArgs {
     pub kind: BenchKind,
     /// Which shapes: gpt2 (forward, dX and dW of GPT-2 124M at B·T = 8192 and 16384), square, or all
@@ -29,6 +35,9 @@ pub struct BenchArgs {
     /// 4096³ and 8192³: TFLOP/s and % of cuBLAS per variant, and the best per shape
     #[arg(long, conflicts_with = "shapes")]
     pub sweep: bool,
+    /// attention: two tiny shapes, to show the benchmark runs; the numbers mean nothing
+    #[arg(long)]
+    pub quick: bool,
     /// Timed runs per kernel and shape (the median is reported)
     #[arg(long, default_value_t = 30)]
     pub repeats: usize,
@@ -42,9 +51,11 @@ pub struct BenchArgs {
 
 /// Runs `finch bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let BenchKind::Matmul = args.kind;
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
+    }
+    if args.kind == BenchKind::Attention {
+        return run_attention(&args);
     }
     let shapes = match args.sweep {
         true => [gpt2_shapes(&SWEEP_ROWS), square_shapes()].concat(),
@@ -168,4 +179,34 @@ fn print_sweep(results: &[MatmulResult]) {
         100.0 * worst(&chosen, true),
         100.0 * worst(&best, true)
     );
+}
+
+/// `finch bench attention`: forward, backward and both, TFLOP/s as FlashAttention counts them.
+fn run_attention(args: &BenchArgs) -> Result<()> {
+    let gpu = Gpu::open()?;
+    let mut rng = Rng::new(1);
+    if !args.json {
+        println!(
+            "device: {} ({} kernels); causal, bf16; forward FLOPs 4·B·H·N²·d/2, backward 2.5×; median of {} batches",
+            gpu.name, gpu.ptx_arch, args.repeats
+        );
+        println!(
+            "{:>3} {:>5} {:>3} {:>4} {:>9} {:>8} {:>9} {:>8} {:>9}",
+            "d", "N", "B", "H", "fwd ms", "TF/s", "bwd ms", "TF/s", "fwd+bwd"
+        );
+    }
+    for shape in attention_shapes(args.quick) {
+        let r = bench_attention(&gpu, &shape, (args.warmup, args.repeats), &mut rng)?;
+        match args.json {
+            true => println!("{}", serde_json::to_string(&r)?),
+            false => println!(
+                "{:>3} {:>5} {:>3} {:>4} {:>9.3} {:>8.1} {:>9.3} {:>8.1} {:>9.1}",
+                shape.d, shape.n, shape.b, shape.h, r.fwd_ms, r.fwd_tflops, r.bwd_ms, r.bwd_tflops, r.total_tflops
+            ),
+        }
+    }
+    if !args.json {
+        println!("PyTorch's reference on this device: python3 benches/attention_torch.py (same shapes and counts)");
+    }
+    Ok(())
 }

@@ -308,6 +308,92 @@ pub fn bench_shape(
     })
 }
 
+/// One attention shape: B sequences of N tokens, H heads of dimension d (causal, bf16).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AttentionShape {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub d: usize,
+}
+
+/// FlashAttention's benchmark shapes: 16K tokens per batch (B = 16384 / N), width 2048
+/// (H = 2048 / d), N from 256 to 4096, d = 64 and 128. `quick`: two tiny ones, to show the
+/// benchmark runs (through the fake CUDA driver, say); their numbers mean nothing.
+pub fn attention_shapes(quick: bool) -> Vec<AttentionShape> {
+    if quick {
+        return vec![AttentionShape { b: 1, n: 65, h: 2, d: 64 }, AttentionShape { b: 2, n: 33, h: 1, d: 128 }];
+    }
+    let mut out = Vec::new();
+    for d in [64, 128] {
+        for n in [256, 512, 1024, 2048, 4096] {
+            out.push(AttentionShape { b: 16384 / n, n, h: 2048 / d, d });
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionResult {
+    pub shape: AttentionShape,
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+    pub fwd_tflops: f64,
+    pub bwd_tflops: f64,
+    /// Forward and backward together.
+    pub total_tflops: f64,
+    pub device: String,
+}
+
+/// FLOPs of the causal forward, FlashAttention's convention: 4·B·H·N²·d / 2; the backward is
+/// counted as 2.5 times that.
+pub fn attention_forward_flops(s: &AttentionShape) -> f64 {
+    4.0 * (s.b * s.h) as f64 * (s.n as f64).powi(2) * s.d as f64 / 2.0
+}
+
+/// Times finch's bf16 attention forward and backward (its D kernel included) on random inputs,
+/// after checking the outputs are finite.
+pub fn bench_attention(
+    gpu: &Arc<Gpu>,
+    shape: &AttentionShape,
+    (warmup, repeats): (usize, usize),
+    rng: &mut Rng,
+) -> Result<AttentionResult> {
+    let AttentionShape { b, n, h, d } = *shape;
+    let c = h * d;
+    let qkv = gpu.stream.clone_htod(&random_bf16(b * n * 3 * c, rng.next_u64()))?;
+    let dout = gpu.stream.clone_htod(&random_bf16(b * n * c, rng.next_u64()))?;
+    let out: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * n * c)?;
+    let dqkv: CudaSlice<bf16> = gpu.stream.alloc_zeros(b * n * 3 * c)?;
+    let lse: CudaSlice<f32> = gpu.stream.alloc_zeros(b * h * n)?;
+    let scratch: CudaSlice<f32> = gpu.stream.alloc_zeros(super::ops::attention_scratch_len(b, n, h))?;
+    let ops = Ops { gpu, precision: Precision::Bf16, force_variant: None };
+    let (qkv, dout, out, dqkv, lse, scratch) =
+        (ptr(gpu, &qkv), ptr(gpu, &dout), ptr(gpu, &out), ptr(gpu, &dqkv), ptr(gpu, &lse), ptr(gpu, &scratch));
+    let forward = |_| ops.attention_forward(out, lse, qkv, b, n, c, h);
+    let backward = |_| ops.attention_backward(dqkv, dout, qkv, out, lse, scratch, b, n, c, h);
+    forward(0)?;
+    backward(0)?;
+    let mut got = vec![bf16::ZERO; b * n * 3 * c];
+    gpu.download(&mut got, dqkv)?;
+    if let Some(bad) = got.iter().position(|x| !x.to_f32().is_finite()) {
+        bail!("attention backward at {shape:?}: dqkv[{bad}] is not finite");
+    }
+    let fwd_ms = time_ms(gpu, warmup, repeats, forward)?;
+    let bwd_ms = time_ms(gpu, warmup, repeats, backward)?;
+    let flops = attention_forward_flops(shape);
+    let tf = |f: f64, ms: f64| f / (ms * 1e-3) / 1e12;
+    Ok(AttentionResult {
+        shape: *shape,
+        fwd_ms,
+        bwd_ms,
+        fwd_tflops: tf(flops, fwd_ms),
+        bwd_tflops: tf(2.5 * flops, bwd_ms),
+        total_tflops: tf(3.5 * flops, fwd_ms + bwd_ms),
+        device: gpu.name.clone(),
+    })
+}
+
 /// Correctness bound of the sampled check: bf16 output rounding (2⁻⁸ relative) plus fp32
 /// accumulation, as in `finch check`.
 pub const TOLERANCE: f64 = 1.6e-2;
@@ -335,6 +421,16 @@ mod tests {
         let var = x.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / x.len() as f64;
         assert!(mean.abs() < 2e-3 && (var - 1.0).abs() < 5e-3, "mean {mean}, variance {var}");
         assert!(x[..1 << 20] != x[1 << 20..2 << 20], "chunks must not repeat");
+    }
+
+    #[test]
+    fn attention_shapes_and_flops_follow_flashattention() {
+        let shapes = attention_shapes(false);
+        assert_eq!(shapes.len(), 10);
+        assert!(shapes.iter().all(|s| s.b * s.n == 16384 && s.h * s.d == 2048));
+        // B=16, N=1024, H=32, d=64: 4·16·32·1024²·64/2 = 68.7 GFLOP.
+        let s = AttentionShape { b: 16, n: 1024, h: 32, d: 64 };
+        assert_eq!(attention_forward_flops(&s), 68_719_476_736.0);
     }
 
     #[test]

@@ -17,7 +17,10 @@
 //! - bf16: 1.6e-2, about four bf16 ulps (2⁻⁸ each) at the top of the range: outputs are rounded to
 //!   bf16 once, and some kernels round an intermediate (the fused residual, the GELU input).
 
-use super::ops::{layernorm_scratch_len, AdamWScalars, MatmulVariant, Ops, TokenBuckets, MATMUL_VARIANTS, NORM_BLOCKS};
+use super::ops::{
+    attention_scratch_len, layernorm_scratch_len, AdamWScalars, MatmulVariant, Ops, TokenBuckets, MATMUL_VARIANTS,
+    NORM_BLOCKS,
+};
 use super::{DPtr, DeviceBuffer, Gpu, Precision};
 use crate::cpu;
 use crate::cpu::matmul::WeightLayout::{self, InOut, OutIn};
@@ -201,7 +204,17 @@ pub fn kernel_checks(gpu: &Gpu, precision: Precision, seed: u64) -> Result<Vec<C
         check_matmul(&mut h, 64, 768, 1024, OutIn)?;
     }
     h.variant = None;
-    for (b, t, c, nh) in [(1, 7, 16, 2), (2, 33, 24, 2), (2, 100, 128, 2), (1, 257, 256, 2), (1, 64, 36, 1)] {
+    // Head dims 8-128 (the flash kernels pad to 64 or 128), T from 1 to past several 64-row tiles.
+    for (b, t, c, nh) in [
+        (1, 7, 16, 2),
+        (2, 33, 24, 2),
+        (2, 100, 128, 2),
+        (1, 257, 256, 2),
+        (1, 64, 36, 1),
+        (1, 1, 64, 1),
+        (2, 130, 768, 12),
+        (1, 65, 256, 2),
+    ] {
         check_attention(&mut h, b, t, c, nh)?;
     }
     for (n, v, vp) in [(5, 11, 16), (64, 1000, 1024), (4, 50257, 50304)] {
@@ -402,7 +415,8 @@ fn check_attention(h: &mut Harness, b: usize, t: usize, c: usize, nh: usize) -> 
     );
     let dout_d = h.stored(&dout)?;
     let dqkv_d = h.poisoned(b * t * 3 * c, false)?;
-    h.ops().attention_backward(dqkv_d, dout_d, qkv_d, out_d, lse_d, b, t, c, nh)?;
+    let scratch_d = h.poisoned(attention_scratch_len(b, t, nh), true)?;
+    h.ops().attention_backward(dqkv_d, dout_d, qkv_d, out_d, lse_d, scratch_d, b, t, c, nh)?;
     let got = h.fetch(dqkv_d, b * t * 3 * c)?;
     h.record("attention_backward dqkv", &shape, &got, &dqkv);
     h.free();

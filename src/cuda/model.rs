@@ -13,7 +13,7 @@
 //! adds are fused into the LayerNorms, GELU's gradient into the MLP projection's dX product, and
 //! the logits gradient is written over the logits. Parameter gradients match tensor by tensor.
 
-use super::ops::{layernorm_scratch_len, AdamWScalars, Ops, TokenBuckets, NORM_BLOCKS};
+use super::ops::{attention_scratch_len, layernorm_scratch_len, AdamWScalars, Ops, TokenBuckets, NORM_BLOCKS};
 use super::{DPtr, DeviceBuffer, Gpu, Precision};
 use crate::cpu::matmul::WeightLayout::{InOut, OutIn};
 use crate::cpu::optimizer::{clip_coefficient, AdamW, AdamWConfig};
@@ -119,7 +119,10 @@ pub fn memory_plan(cfg: &GptConfig, b: usize, t: usize, precision: Precision) ->
     let n = ParamLayout::new(cfg).total;
     let acts = ActPlan::new(cfg, b, t, precision);
     let bt = b * t;
-    let scratch = 8 * (NORM_BLOCKS + 1) + 4 * layernorm_scratch_len(bt, cfg.n_embd) + 4 * token_buffer_len(bt);
+    let scratch = 8 * (NORM_BLOCKS + 1)
+        + 4 * layernorm_scratch_len(bt, cfg.n_embd)
+        + 4 * token_buffer_len(bt)
+        + 4 * attention_scratch_len(b, t, cfg.n_head);
     vec![
         ("weights", precision.size() * n),
         ("master weights", 4 * n),
@@ -151,6 +154,8 @@ struct BatchBuffers {
     /// positions B·T).
     tokens: DeviceBuffer,
     layernorm_scratch: DeviceBuffer,
+    /// f32 (B·NH·T): attention's per-query D in the bf16 backward.
+    attention_scratch: DeviceBuffer,
 }
 
 impl BatchBuffers {
@@ -348,6 +353,7 @@ impl GpuGpt {
             grads: gpu.alloc(plan.grad_bytes, "activation gradients")?,
             tokens: gpu.alloc(4 * token_buffer_len(bt), "token buffers")?,
             layernorm_scratch: gpu.alloc(4 * layernorm_scratch_len(bt, self.config.n_embd), "scratch")?,
+            attention_scratch: gpu.alloc(4 * attention_scratch_len(b, t, self.config.n_head), "scratch")?,
             plan,
             b,
             t,
@@ -489,7 +495,7 @@ impl GpuGpt {
             c,
         )?;
         for l in (0..cfg.n_layer).rev() {
-            block_backward(&ops, l, (&p, &g), (&a, &d), scratch, (b, t, c, nh))?;
+            block_backward(&ops, l, (&p, &g), (&a, &d), (scratch, bb.attention_scratch.ptr), (b, t, c, nh))?;
         }
         let buckets = TokenBuckets::new(&self.inputs);
         let tokens = bb.targets().add(n, 4);
@@ -540,7 +546,7 @@ fn block_backward(
     l: usize,
     (p, g): (&ParamTensors<DPtr>, &ParamTensors<DPtr>),
     (a, d): (&ActTensors<DPtr>, &ActTensors<DPtr>),
-    scratch: DPtr,
+    (scratch, att_scratch): (DPtr, DPtr),
     (b, t, c, nh): (usize, usize, usize, usize),
 ) -> Result<()> {
     let n = b * t;
@@ -588,7 +594,7 @@ fn block_backward(
         c,
         InOut,
     )?;
-    ops.attention_backward(dl.qkv, dl.atty, al.qkv, al.atty, al.att_lse, b, t, c, nh)?;
+    ops.attention_backward(dl.qkv, dl.atty, al.qkv, al.atty, al.att_lse, att_scratch, b, t, c, nh)?;
     ops.matmul_backward(
         dl.ln_1,
         gl.c_attn_w,

@@ -363,7 +363,8 @@ impl Ops<'_> {
         Ok(())
     }
 
-    /// out (B,T,C) floatX and lse (B,NH,T) f32 from qkv (B,T,3C) floatX.
+    /// out (B,T,C) floatX and lse (B,NH,T) f32 from qkv (B,T,3C) floatX. bf16 runs the
+    /// tensor-core (flash) kernel for the head dimension padded to 64 or 128.
     pub fn attention_forward(
         &self,
         out: DPtr,
@@ -376,10 +377,18 @@ impl Ops<'_> {
     ) -> Result<()> {
         assert!(c / nh <= MAX_HEAD_DIM, "attention: head dim {} above {MAX_HEAD_DIM}", c / nh);
         let args = [out.into(), lse.into(), qkv.into(), i32_of(b), i32_of(t), i32_of(c), i32_of(nh)];
-        self.launch("attention_forward", attention_grid(b, t, nh), ATTENTION_THREADS, &args)
+        match self.precision {
+            Precision::Bf16 => {
+                let hd = flash_head_dim(c / nh);
+                let name = format!("flash_forward_hd{hd}_bf16");
+                self.gpu.launch_with_smem(&name, flash_grid(b, t, nh), ATTENTION_THREADS, flash_smem(hd).0, &args)
+            }
+            Precision::F32 => self.launch("attention_forward", attention_grid(b, t, nh), ATTENTION_THREADS, &args),
+        }
     }
 
     /// dqkv (B,T,3C) floatX, written, from dout (B,T,C) and the forward's qkv, out and lse.
+    /// `scratch` holds B·NH·T f32: the per-query D = rowsum(dout ∘ out) of the bf16 kernels.
     pub fn attention_backward(
         &self,
         dqkv: DPtr,
@@ -387,16 +396,42 @@ impl Ops<'_> {
         qkv: DPtr,
         out: DPtr,
         lse: DPtr,
+        scratch: DPtr,
         b: usize,
         t: usize,
         c: usize,
         nh: usize,
     ) -> Result<()> {
         assert!(c / nh <= MAX_HEAD_DIM, "attention: head dim {} above {MAX_HEAD_DIM}", c / nh);
-        let args =
-            [dqkv.into(), dout.into(), qkv.into(), out.into(), lse.into(), i32_of(b), i32_of(t), i32_of(c), i32_of(nh)];
-        self.launch("attention_backward_dkdv", attention_grid(b, t, nh), ATTENTION_THREADS, &args)?;
-        self.launch("attention_backward_dq", attention_grid(b, t, nh), ATTENTION_THREADS, &args)
+        let dims = [i32_of(b), i32_of(t), i32_of(c), i32_of(nh)];
+        match self.precision {
+            Precision::Bf16 => {
+                let hd = flash_head_dim(c / nh);
+                let (_, dkdv_smem, dq_smem) = flash_smem(hd);
+                let d_args = [scratch.into(), dout.into(), out.into(), dims[0], dims[1], dims[2], dims[3]];
+                self.gpu.launch("attention_d_bf16", (blocks(b * nh * t, 128), 1, 1), 128, &d_args)?;
+                let args = [
+                    dqkv.into(),
+                    dout.into(),
+                    qkv.into(),
+                    lse.into(),
+                    scratch.into(),
+                    dims[0],
+                    dims[1],
+                    dims[2],
+                    dims[3],
+                ];
+                let grid = flash_grid(b, t, nh);
+                self.gpu.launch_with_smem(&format!("flash_backward_dkdv_hd{hd}_bf16"), grid, 128, dkdv_smem, &args)?;
+                self.gpu.launch_with_smem(&format!("flash_backward_dq_hd{hd}_bf16"), grid, 128, dq_smem, &args)
+            }
+            Precision::F32 => {
+                let args =
+                    [dqkv.into(), dout.into(), qkv.into(), out.into(), lse.into(), dims[0], dims[1], dims[2], dims[3]];
+                self.launch("attention_backward_dkdv", attention_grid(b, t, nh), ATTENTION_THREADS, &args)?;
+                self.launch("attention_backward_dq", attention_grid(b, t, nh), ATTENTION_THREADS, &args)
+            }
+        }
     }
 
     /// losses (N) f32 = cross-entropy of logits (N, Vp) floatX over the first V columns. With
@@ -519,6 +554,32 @@ const ATTENTION_THREADS: u32 = 128;
 
 fn attention_grid(b: usize, t: usize, nh: usize) -> (u32, u32, u32) {
     (blocks(t, 16), nh as u32, b as u32)
+}
+
+/// The flash kernels' grid: one block per 64 rows, per head, per sequence.
+fn flash_grid(b: usize, t: usize, nh: usize) -> (u32, u32, u32) {
+    (blocks(t, 64), nh as u32, b as u32)
+}
+
+/// The head dimension a flash kernel is compiled for: hd padded with zeros to 64 or 128.
+fn flash_head_dim(hd: usize) -> usize {
+    if hd <= 64 {
+        64
+    } else {
+        128
+    }
+}
+
+/// Dynamic shared memory of the flash kernels for head dimension `hd` (64 or 128), as the top of
+/// kernels/attention.cu states: forward, dkdv, dq.
+fn flash_smem(hd: usize) -> (u32, u32, u32) {
+    let hd = hd as u32;
+    (5 * 64 * hd * 2, (2 * 64 + 4 * 32) * hd * 2 + 4 * 32 * 4, 6 * 64 * hd * 2)
+}
+
+/// f32 elements of the scratch `attention_backward` needs (D per query row).
+pub fn attention_scratch_len(b: usize, t: usize, nh: usize) -> usize {
+    b * nh * t
 }
 
 #[cfg(test)]

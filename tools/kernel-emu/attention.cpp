@@ -1,23 +1,42 @@
-// kernels/attention.cu against src/cpu/attention.rs, launched as src/cuda/ops.rs does.
+// kernels/attention.cu against src/cpu/attention.rs, launched as src/cuda/ops.rs does: f32 on the
+// CUDA-core kernels, bf16 on the tensor-core (flash) kernels.
 #include "../../kernels/attention.cu"
 #include "harness.h"
 
 using namespace h;
 
+// Ops::attention_forward / attention_backward: f32 on the CUDA-core kernels, grid (ceil(T/16), NH,
+// B) (gx > 0 overrides grid.x: they accept any gridDim.x >= 1); bf16 on the flash kernels for the
+// head dimension padded to 64 or 128, grid (ceil(T/64), NH, B) with their dynamic shared memory,
+// and D from attention_d first. Returns grid.x.
 template <typename X>
-struct K;
-template <>
-struct K<float> {
-    static constexpr auto fwd = attention_forward_f32;
-    static constexpr auto dkdv = attention_backward_dkdv_f32;
-    static constexpr auto dq = attention_backward_dq_f32;
-};
-template <>
-struct K<bf16> {
-    static constexpr auto fwd = attention_forward_bf16;
-    static constexpr auto dkdv = attention_backward_dkdv_bf16;
-    static constexpr auto dq = attention_backward_dq_bf16;
-};
+static unsigned run_attention(X* out, float* lse, X* dqkv, const X* dout, const X* qkv, int B, int T, int C, int NH,
+                              unsigned gx) {
+    if constexpr (is_f32<X>) {
+        const dim3 grid(gx ? gx : blocks(T, 16), NH, B);  // attention_grid
+        emu::launch("attention_forward", grid, 128, [&] { attention_forward_f32(out, lse, qkv, B, T, C, NH); });
+        // Backward from the kernel's own out and lse (as in training).
+        emu::launch("attention_backward_dkdv", grid, 128,
+                    [&] { attention_backward_dkdv_f32(dqkv, dout, qkv, out, lse, B, T, C, NH); });
+        emu::launch("attention_backward_dq", grid, 128,
+                    [&] { attention_backward_dq_f32(dqkv, dout, qkv, out, lse, B, T, C, NH); });
+        return grid.x;
+    } else {
+        const int hd = C / NH, HD = hd <= 64 ? 64 : 128;
+        auto fwd = HD == 64 ? flash_forward_hd64_bf16 : flash_forward_hd128_bf16;
+        auto dkdv = HD == 64 ? flash_backward_dkdv_hd64_bf16 : flash_backward_dkdv_hd128_bf16;
+        auto dq = HD == 64 ? flash_backward_dq_hd64_bf16 : flash_backward_dq_hd128_bf16;
+        const dim3 grid(blocks(T, 64), NH, B);
+        std::vector<float> d((size_t)B * NH * T, NAN);
+        emu::launch("flash_forward", grid, 128, 640 * HD, [&] { fwd(out, lse, qkv, B, T, C, NH); });
+        emu::launch("attention_d", blocks(B * NH * T, 128), 128,
+                    [&] { attention_d_bf16(d.data(), dout, out, B, T, C, NH); });
+        emu::launch("flash_backward_dkdv", grid, 128, 512 * HD + 512,
+                    [&] { dkdv(dqkv, dout, qkv, lse, d.data(), B, T, C, NH); });
+        emu::launch("flash_backward_dq", grid, 128, 768 * HD, [&] { dq(dqkv, dout, qkv, lse, d.data(), B, T, C, NH); });
+        return grid.x;
+    }
+}
 
 // attention_forward of src/cpu/attention.rs, in R = double (the reference) or float (the CPU
 // backend at --precision f32, to measure how well conditioned a case is).
@@ -94,15 +113,7 @@ static void test(int B, int T, int C, int NH, unsigned gx, double amp, uint64_t 
     auto dout = randn<X>((size_t)B * T * C, r, 1.0, &doutd);
     auto out = nans<X>((size_t)B * T * C), dqkv = nans<X>((size_t)B * T * 3 * C);
     auto lse = nans<float>((size_t)B * NH * T);
-    const dim3 grid(gx ? gx : blocks(T, 16), NH, B);  // attention_grid
-    emu::launch("attention_forward", grid, 128, [&] { K<X>::fwd(out.data(), lse.data(), qkv.data(), B, T, C, NH); });
-    // Backward from the kernel's own out and lse (as in training); the reference from its own.
-    emu::launch("attention_backward_dkdv", grid, 128, [&] {
-        K<X>::dkdv(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH);
-    });
-    emu::launch("attention_backward_dq", grid, 128, [&] {
-        K<X>::dq(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH);
-    });
+    const unsigned grid_x = run_attention<X>(out.data(), lse.data(), dqkv.data(), dout.data(), qkv.data(), B, T, C, NH, gx);
     std::vector<double> out_r, lse_r, dqkv_r;
     ref_forward(out_r, lse_r, qkvd, B, T, C, NH);
     ref_backward(dqkv_r, doutd, qkvd, out_r, lse_r, B, T, C, NH);
@@ -117,7 +128,7 @@ static void test(int B, int T, int C, int NH, unsigned gx, double amp, uint64_t 
         cpu_dqkv = relerr(std::vector<double>(dqf.begin(), dqf.end()), dqkv_r);
     }
     Case k(fmt("attention %-4s B=%d T=%3d C=%3d NH=%d hd=%3d grid.x=%2u amp=%2.0f", pname<X>(), B, T, C, NH, C / NH,
-               grid.x, amp));
+               grid_x, amp));
     k.cmp("out", out, out_r, std::max(tol<X>(), 4 * cpu_out));
     k.cmp(pname<X>(), "lse", as_double(lse), lse_r, tol<X>());
     k.cmp("dqkv", dqkv, dqkv_r, std::max(tol<X>(), 4 * cpu_dqkv));
@@ -136,8 +147,16 @@ int main() {
         {1, 130, 128, 2, 0, 1}, {1, 100, 24, 2, 1, 2},  {1, 70, 36, 3, 3, 2},  {1, 64, 16, 2, 0, 8},
         {1, 48, 8, 1, 0, 20},   {2, 70, 256, 2, 0, 1},  {1, 64, 768, 12, 0, 1},  // the last: GPT-2's heads
     };
+    // The tensor-core kernels at head dims 64 and 128 (GPT-2's and larger models'), T = 1, 7, 65
+    // and 1000: one row, less than a warp's 16 rows, one past a 64-row tile, and many tiles with a
+    // ragged last one.
+    const S flash[] = {
+        {1, 1, 64, 1, 0, 1},  {2, 7, 128, 2, 0, 2},    {1, 65, 64, 1, 0, 2},    {1, 65, 256, 2, 0, 1},
+        {1, 7, 128, 1, 0, 1}, {1, 1000, 128, 2, 0, 1}, {1, 1000, 128, 1, 0, 1},
+    };
     uint64_t seed = 1;
     for (const S& s : shapes) test<float>(s.B, s.T, s.C, s.NH, s.gx, s.amp, seed++);
     for (const S& s : shapes) test<bf16>(s.B, s.T, s.C, s.NH, s.gx, s.amp, seed++);
+    for (const S& s : flash) test<bf16>(s.B, s.T, s.C, s.NH, s.gx, s.amp, seed++);
     return finish("attention");
 }
