@@ -51,9 +51,12 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 
 // GPT-2's GELU (tanh approximation) and its derivative, as in src/cpu/gelu.rs.
 #define GELU_SCALE 0.7978845608028654f  // sqrt(2/pi)
+// Written with __fmul_rn/__fadd_rn so that nvcc cannot contract it into FMAs differently where
+// it is inlined: the matmul epilogue and gelu_forward (--recompute) must give the same bits.
 __device__ __forceinline__ float gelu(float x) {
-    float cube = 0.044715f * x * x * x;
-    return 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + cube)));
+    const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, x), x), x);
+    const float t = tanhf(__fmul_rn(GELU_SCALE, __fadd_rn(x, cube)));
+    return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, t));
 }
 __device__ __forceinline__ float gelu_grad(float x) {
     float th = tanhf(GELU_SCALE * (x + 0.044715f * x * x * x));

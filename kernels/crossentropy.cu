@@ -2,6 +2,7 @@
 //
 // Launch configuration (N rows of Vp logits):
 //   crossentropy_forward: grid N, block 256
+//   loss_accumulate:      grid 1, block 256
 #include "common.cuh"
 
 // For row n: losses[n] = lse − logits[n, target] with lse = log Σ_{v<V} exp(logits[n, v]).
@@ -40,3 +41,20 @@ __device__ void crossentropy_forward(float* losses, floatX* dlogits, const float
         crossentropy_forward<floatX>(losses, dlogits, logits, targets, V, Vp, dloss);                            \
     }
 FINCH_FOR_EACH_FLOATX(EXPORT)
+
+// acc[0] += (Σ losses[0..N] / N) / accum, in double: one micro-batch's mean loss added to the
+// step's, as the host adds `loss / grad_accum`. One block sums in a fixed order (a strided pass,
+// then a fixed tree), so the result does not depend on the GPU; the loss stays on the device and
+// is read back once per step.
+extern "C" __global__ void __launch_bounds__(256) loss_accumulate(double* acc, const float* losses, int N, int accum) {
+    __shared__ double partial[256];
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < N; i += 256) sum += (double)losses[i];
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int stride = 128; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) acc[0] += partial[0] / N / accum;
+}

@@ -3,7 +3,8 @@
 // Launch configuration (N = B·T rows of C channels):
 //   encoder_forward:      grid ceil(N·C / 256), block 256
 //   encoder_backward_wpe: grid ceil(T·C / 256), block 256
-//   encoder_backward_wte: grid U (one block per distinct token in the batch), block 256
+//   encoder_backward_wte: grid N (at most one block per distinct token: blocks past the count the
+//                         host wrote into device memory return at once), block 256
 #include "common.cuh"
 
 // out[n, c] = wte[inp[n], c] + wpe[n % T, c]
@@ -29,11 +30,14 @@ __device__ void encoder_backward_wpe(float* dwpe, const floatX* dout, int B, int
 // dwte[token, c] += Σ dout[n, c] over the positions n holding that token, in increasing n.
 // Rows of dwte repeat, so instead of atomics the host groups positions by token (a CSR list:
 // bucket u holds token bucket_token[u] at positions bucket_positions[bucket_start[u] ..
-// bucket_start[u+1]], sorted) and each block owns one token's row: deterministic.
+// bucket_start[u+1]], sorted) and each block owns one token's row: deterministic. The number of
+// buckets is read from device memory (n_buckets), so one launch shape fits every batch and a
+// captured step can be replayed on new tokens.
 template <typename floatX>
 __device__ void encoder_backward_wte(float* dwte, const floatX* dout, const int* bucket_token, const int* bucket_start,
-                                     const int* bucket_positions, int C) {
+                                     const int* bucket_positions, const int* n_buckets, int C) {
     int u = blockIdx.x;
+    if (u >= *n_buckets) return;
     long long row = (long long)bucket_token[u] * C;
     int begin = bucket_start[u], end = bucket_start[u + 1];
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
@@ -54,7 +58,7 @@ __device__ void encoder_backward_wte(float* dwte, const floatX* dout, const int*
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) encoder_backward_wte_##suffix(                                   \
         float* dwte, const floatX* dout, const int* bucket_token, const int* bucket_start, const int* bucket_positions, \
-        int C) {                                                                                                       \
-        encoder_backward_wte<floatX>(dwte, dout, bucket_token, bucket_start, bucket_positions, C);                     \
+        const int* n_buckets, int C) {                                                                                 \
+        encoder_backward_wte<floatX>(dwte, dout, bucket_token, bucket_start, bucket_positions, n_buckets, C);          \
     }
 FINCH_FOR_EACH_FLOATX(EXPORT)

@@ -356,3 +356,179 @@ fn the_attention_benchmark_runs() {
         "{stdout}"
     );
 }
+
+/// The captured step (the default), the step issued launch by launch (`--cuda-graph false`),
+/// `--recompute` and `--profile` compute the same bits: identical logs and final weights.
+#[test]
+fn graph_replay_and_recompute_give_the_same_bits() {
+    if gpu_or_skip("graph_replay_and_recompute_give_the_same_bits").is_none() {
+        return;
+    }
+    let dir = TempDir::new("gpu-graph");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(10_000, 97, 4)).unwrap();
+    let data = data.to_str().unwrap();
+    let variants: [(&str, &[&str]); 5] = [
+        ("graph", &[]),
+        ("direct", &["--cuda-graph", "false"]),
+        ("recompute", &["--recompute"]),
+        ("direct-recompute", &["--cuda-graph", "false", "--recompute"]),
+        ("profile", &["--profile"]),
+    ];
+    let mut first: Option<(Vec<serde_json::Value>, Vec<u8>)> = None;
+    for (name, extra) in variants {
+        let out = dir.path(name);
+        let o = out.to_str().unwrap();
+        let mut args = gpu_run_args(data, o, "6");
+        args.extend_from_slice(extra);
+        let run = finch(&args);
+        assert!(run.status.success(), "{name}: {}", text(&run.stderr));
+        if extra.contains(&"--recompute") {
+            assert!(text(&run.stdout).contains("--recompute: LayerNorm and GELU outputs recomputed"));
+        }
+        let log = deterministic_step_lines(&out.join("log.jsonl"));
+        let weights = std::fs::read(out.join("model/model.safetensors")).unwrap();
+        assert_eq!(log.len(), 6, "{name}");
+        match &first {
+            None => first = Some((log, weights)),
+            Some((log0, weights0)) => {
+                assert_eq!(&log, log0, "{name}: the log differs from the captured step's");
+                assert!(&weights == weights0, "{name}: the final weights differ from the captured step's");
+            }
+        }
+    }
+}
+
+/// Under the fake driver, from its counters (the difference between a 2-step and a 6-step run,
+/// per step): one host synchronisation per step and one AdamW launch, at grad-accum 1 and 4,
+/// and host↔device traffic of the step's tokens and scalars only.
+#[test]
+fn a_training_step_synchronises_once() {
+    let Some(gpu) = gpu_or_skip("a_training_step_synchronises_once") else { return };
+    if !gpu.name.starts_with("Fake CUDA") {
+        report("test a_training_step_synchronises_once ... skipped: the counters are the fake CUDA driver's");
+        return;
+    }
+    let dir = TempDir::new("gpu-counters");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(20_000, 97, 6)).unwrap();
+    let data = data.to_str().unwrap();
+    for accum in ["1", "4"] {
+        let counters = |steps: &str| -> serde_json::Value {
+            let out = dir.path(&format!("run-{accum}-{steps}"));
+            let file = dir.path(&format!("counters-{accum}-{steps}.json"));
+            let mut args = gpu_run_args(data, out.to_str().unwrap(), steps);
+            args.extend_from_slice(&["--grad-accum", accum, "--checkpoint-every", "100"]);
+            let run = std::process::Command::new(common::finch_bin())
+                .args(&args)
+                .env("FAKE_CUDA_COUNTERS", &file)
+                .output()
+                .expect("run finch");
+            assert!(run.status.success(), "{}", text(&run.stderr));
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("the fake writes its counters")).unwrap()
+        };
+        let (a, b) = (counters("2"), counters("6"));
+        let per_step = |path: &[&str]| {
+            let get = |v: &serde_json::Value| path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0);
+            (get(&b) - get(&a)) / 4.0
+        };
+        let accum_n: usize = accum.parse().unwrap();
+        assert_eq!(per_step(&["syncs", "total"]), 1.0, "grad-accum {accum}: host waits per step");
+        assert_eq!(per_step(&["per_kernel", "adamw_bf16", "launches"]), 1.0, "grad-accum {accum}");
+        assert_eq!(per_step(&["graphs", "launches"]), 1.0, "grad-accum {accum}: graph replays per step");
+        // Up: the AdamW scalars (8 words) and per micro-batch inputs, targets and token buckets
+        // (5·B·T + 2 words), one copy. Down: the step's state (32 bytes).
+        let bt = 4 * 32;
+        assert_eq!(per_step(&["htod", "count"]), 1.0);
+        assert_eq!(per_step(&["htod", "bytes"]), (4 * (8 + accum_n * (5 * bt + 2))) as f64);
+        assert_eq!(per_step(&["dtoh", "count"]), 1.0);
+        assert_eq!(per_step(&["dtoh", "bytes"]), 32.0);
+        report(&format!(
+            "grad-accum {accum}: per step {} launches, {} host sync, {} B up, {} B down",
+            per_step(&["launches"]),
+            per_step(&["syncs", "total"]),
+            per_step(&["htod", "bytes"]),
+            per_step(&["dtoh", "bytes"])
+        ));
+    }
+}
+
+/// `--profile`: a table of every kernel's time per step at the end, and the same as a "profile"
+/// event in the log, with MFU against the named peak (the fake driver reports H100 limits).
+#[test]
+fn the_profile_reports_every_kernel() {
+    if gpu_or_skip("the_profile_reports_every_kernel").is_none() {
+        return;
+    }
+    let dir = TempDir::new("gpu-profile");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(10_000, 97, 5)).unwrap();
+    let out = dir.path("run");
+    let mut args = gpu_run_args(data.to_str().unwrap(), out.to_str().unwrap(), "3");
+    args.push("--profile");
+    let run = finch(&args);
+    let stdout = text(&run.stdout);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(stdout.contains("profile: ") && stdout.contains(" per step over 2 steps"), "{stdout}");
+    for kernel in ["adamw_bf16", "encoder_forward_bf16", "flash_forward_hd64_bf16", "crossentropy_forward_bf16"] {
+        assert!(stdout.lines().any(|l| l.starts_with(kernel)), "no {kernel} row: {stdout}");
+    }
+    assert!(stdout.contains(" TFLOP/s") && stdout.contains(" GB/s"), "{stdout}");
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let profile = lines.iter().find(|l| l["event"] == "profile").expect("a profile event");
+    assert_eq!(profile["steps"], 2);
+    let kernels = profile["kernels"].as_array().unwrap();
+    let row = |name: &str| kernels.iter().find(|k| k["kernel"] == name).unwrap_or_else(|| panic!("{name}"));
+    // One AdamW launch per step; 2 micro-batches, so 2 cross-entropies.
+    assert_eq!(row("adamw_bf16")["launches_per_step"], 1.0);
+    assert_eq!(row("crossentropy_forward_bf16")["launches_per_step"], 2.0);
+    assert!(row("adamw_bf16")["gbps"].as_f64().unwrap() > 0.0);
+    let share: f64 = kernels.iter().map(|k| k["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-9, "shares sum to {share}");
+    assert!(profile["peak"].as_str().unwrap().contains("H100"), "{profile}");
+    assert!(profile["mfu"].as_f64().unwrap() > 0.0);
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("step").is_some()).collect();
+    assert!(steps.iter().all(|l| l["mfu"].as_f64().is_some_and(|m| m > 0.0)), "every step line has an MFU");
+}
+
+/// The non-finite check happens on the device: a diverging run (lr 1e30) stops before the bad
+/// update naming it, or with --skip-nonfinite skips it there (weights and AdamW's step count
+/// untouched) and finishes, as on the CPU.
+#[test]
+fn a_nonfinite_gpu_step_is_stopped_or_skipped_on_the_device() {
+    if gpu_or_skip("a_nonfinite_gpu_step_is_stopped_or_skipped_on_the_device").is_none() {
+        return;
+    }
+    let dir = TempDir::new("gpu-nonfinite");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(10_000, 97, 8)).unwrap();
+    let data = data.to_str().unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = gpu_run_args(data, out, "8");
+        args.extend_from_slice(&["--lr", "1e30", "--checkpoint-every", "1"]);
+        args.extend_from_slice(extra);
+        finch(&args)
+    };
+    let load = |dir: &std::path::Path| finch::formats::checkpoint::load(dir).unwrap().expect("a checkpoint");
+
+    let stop = dir.path("stop");
+    let out = run(stop.to_str().unwrap(), &[]);
+    common::assert_one_line_error(&out, &["the loss is ", "stopped before applying its update", "--skip-nonfinite"]);
+    let good = load(&stop);
+    assert!(good.params.iter().all(|p| p.is_finite()));
+    assert_eq!(good.optimizer.t as usize, good.state.step, "every checkpointed step was applied");
+
+    let skip = dir.path("skip");
+    let out = run(skip.to_str().unwrap(), &["--skip-nonfinite"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines = common::step_lines(&skip.join("log.jsonl"));
+    let skipped = lines.iter().filter(|l| l["skipped"] == true).count();
+    assert!(skipped > 0, "lr 1e30 did not diverge");
+    let ck = load(&skip);
+    assert_eq!(ck.state.step, 8);
+    assert_eq!(ck.optimizer.t as usize, 8 - skipped, "AdamW counted a skipped step");
+    assert!(ck.params.iter().all(|p| p.is_finite()), "a skipped update reached the weights");
+    let summary = format!("skipped {skipped} of 8 updates whose loss or gradient norm was not finite");
+    assert!(text(&out.stdout).contains(&summary), "{}", text(&out.stdout));
+}

@@ -173,7 +173,7 @@ impl Runner<'_> {
                 }
                 let t = context.len();
                 model.forward(context, None, 1, t)?;
-                let logits = model.activation("logits", false)?.context("the GPU model keeps its logits")?;
+                let logits = model.activation("logits")?.context("the GPU model keeps its logits")?;
                 let (vp, v) = (model.config.padded_vocab_size(), model.config.vocab_size);
                 Ok(logits[(t - 1) * vp..(t - 1) * vp + v].to_vec())
             }

@@ -17,15 +17,15 @@
 //! - bf16: 1.6e-2, about four bf16 ulps (2⁻⁸ each) at the top of the range: outputs are rounded to
 //!   bf16 once, and some kernels round an intermediate (the fused residual, the GELU input).
 
+use super::model::{adamw_chunks, adamw_header, StepState, STEP_STATE_BYTES};
 use super::ops::{
-    attention_scratch_len, layernorm_scratch_len, AdamWScalars, MatmulVariant, Ops, TokenBuckets, MATMUL_VARIANTS,
-    NORM_BLOCKS,
+    attention_scratch_len, layernorm_scratch_len, MatmulVariant, Ops, TokenBuckets, MATMUL_VARIANTS, NORM_BLOCKS,
 };
 use super::{DPtr, DeviceBuffer, Gpu, Precision};
 use crate::cpu;
 use crate::cpu::matmul::WeightLayout::{self, InOut, OutIn};
 use crate::cpu::model::Gpt;
-use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
+use crate::cpu::optimizer::{clip_coefficient, clip_grad_norm, global_norm, AdamW, AdamWConfig};
 use crate::model::config::GptConfig;
 use crate::model::init::init_params;
 use crate::model::layout::ParamLayout;
@@ -172,6 +172,19 @@ impl<'a> Harness<'a> {
         });
     }
 
+    /// A row that passes only if `a` and `b` hold the same bits; its error is the fraction of
+    /// elements that differ.
+    fn record_bits(&mut self, kernel: &str, shape: &str, a: &[f32], b: &[f32]) {
+        let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        self.rows.push(CheckRow {
+            kernel: kernel.to_string(),
+            shape: shape.to_string(),
+            precision: self.precision,
+            max_error: if a.len() == b.len() { differ as f64 / a.len().max(1) as f64 } else { f64::NAN },
+            tolerance: 0.0,
+        });
+    }
+
     fn free(&mut self) {
         self.buffers.clear();
     }
@@ -246,8 +259,10 @@ fn check_encoder(h: &mut Harness, b: usize, t: usize, c: usize, v: usize) -> Res
     cpu::encoder::encoder_backward(&mut dwte, &mut dwpe, &f64s(&dout), &tokens, b, t, c);
     let (dwte_d, dwpe_d, dout_d) = (h.f32s(&dwte0)?, h.f32s(&dwpe0)?, h.stored(&dout)?);
     let buckets = TokenBuckets::new(&tokens);
-    let bucket_ptrs = (h.i32s(&buckets.tokens)?, h.i32s(&buckets.starts)?, h.i32s(&buckets.positions)?);
-    h.ops().encoder_backward(dwte_d, dwpe_d, dout_d, bucket_ptrs, buckets.tokens.len(), b, t, c)?;
+    let count = [buckets.tokens.len() as i32];
+    let bucket_ptrs =
+        (h.i32s(&buckets.tokens)?, h.i32s(&buckets.starts)?, h.i32s(&buckets.positions)?, h.i32s(&count)?);
+    h.ops().encoder_backward(dwte_d, dwpe_d, dout_d, bucket_ptrs, b, t, c)?;
     let (got_wte, got_wpe) = (h.fetch_f32(dwte_d, v * c)?, h.fetch_f32(dwpe_d, t * c)?);
     h.record("encoder_backward dwte", &shape, &got_wte, &dwte);
     h.record("encoder_backward dwpe", &shape, &got_wpe, &dwpe);
@@ -293,6 +308,12 @@ fn check_layernorm(h: &mut Harness, n: usize, c: usize) -> Result<()> {
     h.record("residual_layernorm_forward out", &shape, &got, &out);
     let got = h.fetch_f32(mean_d, n)?;
     h.record("residual_layernorm_forward mean", &shape, &got, &mean);
+    // --recompute: the plain LayerNorm of the stored residual must give the fused kernel's bits.
+    let fused = [h.fetch(out_d, n * c)?, h.fetch_f32(mean_d, n)?, h.fetch_f32(rstd_d, n)?].concat();
+    let (out2_d, mean2_d, rstd2_d) = (h.poisoned(n * c, false)?, h.poisoned(n, true)?, h.poisoned(n, true)?);
+    h.ops().layernorm_forward(out2_d, mean2_d, rstd2_d, res_d, w_d, b_d, n, c, eps)?;
+    let plain = [h.fetch(out2_d, n * c)?, h.fetch_f32(mean2_d, n)?, h.fetch_f32(rstd2_d, n)?].concat();
+    h.record_bits("layernorm_forward = residual_ (bits)", &shape, &fused, &plain);
 
     // Backward, from the GPU's own (f32) statistics as the model does; the reference uses the same.
     let mean32 = h.fetch_f32(mean_d, n)?;
@@ -351,6 +372,12 @@ fn check_matmul(h: &mut Harness, n: usize, c: usize, oc: usize, layout: WeightLa
         cpu::gelu::gelu_forward(&mut gelu, &f64s(&pre));
         let got = h.fetch(out_d, n * oc)?;
         h.record("matmul_forward +gelu out", &shape, &got, &gelu);
+        // --recompute: gelu_forward from the stored pre-activation must give the same bits.
+        let again_d = h.poisoned(n * oc, false)?;
+        h.ops().gelu_forward(again_d, pre_d, n * oc)?;
+        let again = h.fetch(again_d, n * oc)?;
+        h.record("gelu_forward", &shape, &again, &gelu);
+        h.record_bits("gelu_forward = epilogue (bits)", &shape, &got, &again);
     }
 
     // Backward: dX, dW (accumulated onto random values), dbias.
@@ -453,11 +480,14 @@ fn check_crossentropy(h: &mut Harness, n: usize, v: usize, vp: usize) -> Result<
 
 fn check_optimizer(h: &mut Harness, n: usize) -> Result<()> {
     let shape = format!("n={n}");
-    let grads = h.random(n, 1.0);
+    // A matrix of n elements (decayed) and a vector of 100 (not): the parameters AdamW updates.
+    let layout = two_tensor_layout(n, 100);
+    let total = layout.total;
+    let grads = h.random(total, 1.0);
     let grads_d = h.f32s(&grads)?;
     let scratch = h.alloc(8 * (NORM_BLOCKS + 1))?; // f64s
     h.gpu.fill_bytes(scratch, 0xFF, 8 * (NORM_BLOCKS + 1))?;
-    let got = h.ops().grad_norm_squared(grads_d, n, scratch)?.sqrt();
+    let got = h.ops().grad_norm_squared(grads_d, total, scratch)?.sqrt();
     let want = global_norm(&grads);
     h.rows.push(CheckRow {
         kernel: "grad_norm".into(),
@@ -467,39 +497,82 @@ fn check_optimizer(h: &mut Harness, n: usize) -> Result<()> {
         tolerance: 1e-6, // f32 squares summed in f32 per thread, f64 across threads
     });
 
-    // AdamW step 3 with clipping (grad_scale 0.5) and weight decay, from random state.
-    let (master, m0) = (h.random(n, 1.0), h.random(n, 0.1));
-    let v0: Vec<f32> = h.random(n, 0.1).iter().map(|x| x * x).collect();
+    // step_finish from a loss and the squared norm (as the step leaves them), clipping to half
+    // the norm: the factor ≈ 0.5 AdamW then applies.
+    let max_norm = want / 2.0;
+    let state_d = h.alloc(STEP_STATE_BYTES)?;
+    let state = StepState { loss: 3.0, norm_sq: got * got, ..StepState::default() };
+    h.gpu.upload(state_d, bytemuck::bytes_of(&state))?;
+    h.ops().step_finish(state_d, max_norm)?;
+    let state = read_state(h, state_d)?;
+    let coef = clip_coefficient(got, max_norm);
+    h.rows.push(CheckRow {
+        kernel: "step_finish grad_scale".into(),
+        shape: shape.clone(),
+        precision: h.precision,
+        max_error: if state.finite == 1 { (state.grad_scale as f64 - coef).abs() / coef } else { f64::NAN },
+        tolerance: 1e-7, // the same f64 formula, rounded to f32 once
+    });
+
+    // AdamW step 3 from random state, with that clipping factor.
+    let (master, m0) = (h.random(total, 1.0), h.random(total, 0.1));
+    let v0: Vec<f32> = h.random(total, 0.1).iter().map(|x| x * x).collect();
     let hp = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let (t, lr) = (3u64, 1e-3);
-    let s = hp.step(t, lr);
-    let scalars = AdamWScalars::new(&s, 0.5, true);
+    let (chunks, header) = (adamw_chunks(&layout), adamw_header(&hp.step(t, lr)));
+    let (chunks_d, header_d) = (h.i32s(bytemuck::cast_slice(&chunks))?, h.f32s(&header)?);
     let (master_d, m_d, v_d) = (h.f32s(&master)?, h.f32s(&m0)?, h.f32s(&v0)?);
-    let params_d = h.poisoned(n, false)?;
-    h.ops().adamw(params_d, master_d, grads_d, m_d, v_d, n, &scalars)?;
-    // Reference: the CPU optimizer on one 2-D tensor of n elements, in f64.
+    let params_d = h.poisoned(total, false)?;
+    let buffers = (params_d, master_d, grads_d, m_d, v_d);
+    h.ops().adamw(buffers, (chunks_d, chunks.len()), total, header_d, state_d)?;
+    // Reference: the CPU optimizer on the same layout, in f64, on the clipped gradient.
     let (mut p, mut g) = (f64s(&master), f64s(&grads));
-    g.iter_mut().for_each(|g| *g *= 0.5);
+    g.iter_mut().for_each(|g| *g *= state.grad_scale as f64);
     let mut opt = AdamW { m: f64s(&m0), v: f64s(&v0), t: t - 1 };
-    let layout = one_matrix_layout(n);
     opt.update(&mut p, &g, &layout, lr, &hp);
-    let got = h.fetch_f32(master_d, n)?;
+    let got = h.fetch_f32(master_d, total)?;
     h.record("adamw master", &shape, &got, &p);
-    let got = h.fetch_f32(m_d, n)?;
+    let got = h.fetch_f32(m_d, total)?;
     h.record("adamw m", &shape, &got, &opt.m);
-    let got = h.fetch_f32(v_d, n)?;
+    let got = h.fetch_f32(v_d, total)?;
     h.record("adamw v", &shape, &got, &opt.v);
-    let got = h.fetch(params_d, n)?;
+    let got = h.fetch(params_d, total)?;
     h.record("adamw params (rounded copy)", &shape, &got, &p);
+
+    // A step whose loss is not finite: no update at all.
+    let state = StepState { loss: f64::NAN, norm_sq: 1.0, ..StepState::default() };
+    h.gpu.upload(state_d, bytemuck::bytes_of(&state))?;
+    h.ops().step_finish(state_d, max_norm)?;
+    let before = h.fetch_f32(master_d, total)?;
+    h.ops().adamw(buffers, (chunks_d, chunks.len()), total, header_d, state_d)?;
+    let after = h.fetch_f32(master_d, total)?;
+    let skipped = read_state(h, state_d)?.finite == 0 && before == after;
+    h.rows.push(CheckRow {
+        kernel: "adamw skips a non-finite step".into(),
+        shape,
+        precision: h.precision,
+        max_error: if skipped { 0.0 } else { 1.0 },
+        tolerance: 0.0,
+    });
     h.free();
     Ok(())
 }
 
-/// A parameter layout holding a single 2-D tensor of n elements (so it gets weight decay).
-fn one_matrix_layout(n: usize) -> ParamLayout {
+fn read_state(h: &Harness, state_d: DPtr) -> Result<StepState> {
+    let mut bytes = vec![0u8; STEP_STATE_BYTES];
+    h.gpu.download(&mut bytes, state_d)?;
+    Ok(bytemuck::pod_read_unaligned(&bytes))
+}
+
+/// A parameter layout of a 2-D tensor of `n` elements (weight decay) and a 1-D one of `m` (none).
+fn two_tensor_layout(n: usize, m: usize) -> ParamLayout {
+    use crate::model::layout::TensorSpec;
     ParamLayout {
-        specs: vec![crate::model::layout::TensorSpec { name: "w".into(), shape: vec![1, n], offset: 0, numel: n }],
-        total: n,
+        specs: vec![
+            TensorSpec { name: "w".into(), shape: vec![1, n], offset: 0, numel: n },
+            TensorSpec { name: "b".into(), shape: vec![m], offset: n, numel: m },
+        ],
+        total: n + m,
     }
 }
 

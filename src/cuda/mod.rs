@@ -10,6 +10,7 @@ pub mod bench;
 pub mod check;
 pub mod model;
 pub mod ops;
+pub mod profile;
 pub mod ptx;
 
 use anyhow::{bail, Context, Result};
@@ -86,6 +87,7 @@ pub enum Arg {
     I32(i32),
     I64(i64),
     F32(f32),
+    F64(f64),
 }
 
 impl From<DPtr> for Arg {
@@ -115,6 +117,8 @@ pub struct Gpu {
     sync_each_launch: bool,
     /// The dynamic shared memory each kernel has been allowed beyond the default.
     smem_allowed: std::sync::Mutex<HashMap<String, u32>>,
+    /// While profiling (--profile): the events around every launch.
+    pub profiler: std::sync::Mutex<Option<profile::Profiler>>,
 }
 
 /// Dynamic shared memory a kernel may use without asking (cuFuncSetAttribute).
@@ -182,7 +186,8 @@ impl Gpu {
                 functions.insert(entry.to_string(), f);
             }
         }
-        let stream = ctx.default_stream();
+        // A created stream, not the legacy default one: work on it can be captured into a graph.
+        let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
         let ptx_arch = match (hopper, all_cubins) {
             (true, true) => "sm_90a cubin",
             (true, false) => "compute_90a PTX",
@@ -191,7 +196,18 @@ impl Gpu {
         };
         let sync_each_launch = std::env::var("FINCH_SYNC_EACH_LAUNCH").is_ok_and(|v| v == "1");
         let smem_allowed = Default::default();
-        Ok(Arc::new(Gpu { ctx, stream, name, capability, ptx_arch, functions, sync_each_launch, smem_allowed }))
+        let profiler = Default::default();
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            name,
+            capability,
+            ptx_arch,
+            functions,
+            sync_each_launch,
+            smem_allowed,
+            profiler,
+        }))
     }
 
     /// Bytes of device memory (free, total).
@@ -241,6 +257,31 @@ impl Gpu {
         smem: u32,
         args: &[Arg],
     ) -> Result<()> {
+        self.launch_measured(name, grid, block, smem, args, profile::Work::default())
+    }
+
+    /// Launches kernel `name` (as launch_with_smem) doing `work`, which --profile reports.
+    pub fn launch_measured(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+        work: profile::Work,
+    ) -> Result<()> {
+        let mut profiler = self.profiler.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = profiler.as_mut() {
+            p.before_launch(self)?;
+        }
+        self.launch_now(name, grid, block, smem, args)?;
+        if let Some(p) = profiler.as_mut() {
+            p.after_launch(self, name, work)?;
+        }
+        Ok(())
+    }
+
+    fn launch_now(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
         assert!(grid.0 > 0 && grid.1 > 0 && grid.2 > 0, "{name}: empty grid {grid:?}");
         let f = self.function(name)?;
         if smem > DEFAULT_DYNAMIC_SMEM {
@@ -260,6 +301,7 @@ impl Gpu {
                 Arg::I32(x) => builder.arg(x),
                 Arg::I64(x) => builder.arg(x),
                 Arg::F32(x) => builder.arg(x),
+                Arg::F64(x) => builder.arg(x),
             };
         }
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
@@ -296,6 +338,75 @@ impl Gpu {
     pub fn fill_bytes(&self, dst: DPtr, byte: u8, bytes: usize) -> Result<()> {
         unsafe { cudarc::driver::result::memset_d8_async(dst.0, byte, bytes, self.stream.cu_stream()) }
             .context("memset on the GPU failed")
+    }
+}
+
+/// Page-locked host memory: copies from and to it are truly asynchronous (and may be captured
+/// into a graph), unlike copies from ordinary pageable memory.
+pub struct PinnedBuffer {
+    ptr: *mut u8,
+    pub bytes: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; finch uses it from one thread at a time.
+unsafe impl Send for PinnedBuffer {}
+unsafe impl Sync for PinnedBuffer {}
+
+impl PinnedBuffer {
+    pub fn as_slice<T: bytemuck::Pod>(&self) -> &[T] {
+        // SAFETY: `ptr` holds `bytes` bytes, page-aligned by cuMemHostAlloc, for the life of self.
+        bytemuck::cast_slice(unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) })
+    }
+
+    pub fn as_mut_slice<T: bytemuck::Pod>(&mut self) -> &mut [T] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        bytemuck::cast_slice_mut(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) })
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from cuMemHostAlloc and is freed once; work on it has finished
+        // (every step ends with a synchronisation).
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
+    }
+}
+
+impl Gpu {
+    /// `bytes` of page-locked host memory, zeroed (a multiple of 16, so any Pod view fits).
+    pub fn alloc_pinned(&self, bytes: usize, what: &str) -> Result<PinnedBuffer> {
+        let bytes = bytes.next_multiple_of(16).max(16);
+        self.ctx.bind_to_thread().context("cannot use the CUDA context")?;
+        // SAFETY: plain host allocation; the pointer is owned by the returned buffer.
+        let ptr = unsafe { cudarc::driver::result::malloc_host(bytes, 0) }.with_context(|| {
+            format!(
+                "cannot allocate {} of page-locked host memory for {what}",
+                crate::os::resources::human_bytes(bytes)
+            )
+        })?;
+        let mut buf = PinnedBuffer { ptr: ptr.cast(), bytes };
+        buf.as_mut_slice::<u8>().fill(0);
+        Ok(buf)
+    }
+
+    /// Queues a copy of `bytes` from pinned `src` to `dst`; no wait.
+    pub fn upload_async(&self, dst: DPtr, src: &PinnedBuffer, bytes: usize) -> Result<()> {
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst.0, &src.as_slice::<u8>()[..bytes], self.stream.cu_stream())
+        }
+        .context("copy to the GPU failed")
+    }
+
+    /// Queues a copy of `bytes` from `src` into pinned `dst`; no wait (synchronize before reading).
+    /// `dst` is written behind the borrow checker's back, as the GPU writes it asynchronously
+    /// anyway: read it only after a synchronisation.
+    pub fn download_async(&self, dst: &PinnedBuffer, src: DPtr, bytes: usize) -> Result<()> {
+        assert!(bytes <= dst.bytes, "download past the pinned buffer");
+        // SAFETY: `dst.ptr` holds `dst.bytes` bytes; no Rust reference to them is alive across
+        // the copy (callers read after synchronising).
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr, bytes) };
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src.0, self.stream.cu_stream()) }
+            .context("copy from the GPU failed")
     }
 }
 

@@ -14,8 +14,10 @@
 //! the logits gradient is written over the logits. Parameter gradients match tensor by tensor.
 
 use super::ops::{attention_scratch_len, layernorm_scratch_len, AdamWScalars, Ops, TokenBuckets, NORM_BLOCKS};
-use super::{DPtr, DeviceBuffer, Gpu, Precision};
+use super::profile::{KernelTotal, Profiler};
+use super::{DPtr, DeviceBuffer, Gpu, PinnedBuffer, Precision};
 use crate::cpu::matmul::WeightLayout::{InOut, OutIn};
+use crate::cpu::optimizer::AdamWStep;
 use crate::cpu::optimizer::{clip_coefficient, AdamW, AdamWConfig};
 use crate::model::config::GptConfig;
 use crate::model::layout::{
@@ -23,6 +25,7 @@ use crate::model::layout::{
     TensorSpec,
 };
 use anyhow::{bail, Context, Result};
+use cudarc::driver::CudaGraph;
 use std::fmt::Arguments;
 use std::sync::Arc;
 
@@ -44,11 +47,20 @@ fn is_statistic(name: &str) -> bool {
     name.ends_with("_mean") || name.ends_with("_rstd") || name.ends_with("att_lse") || name == "losses"
 }
 
-/// The activation gradients the backward writes (the others are never materialised).
-fn gradient_is_stored(name: &str) -> bool {
-    name == "encoded"
-        || name == "ln_f"
-        || [".ln_1", ".qkv", ".atty", ".residual2", ".ln_2", ".fch", ".residual3"].iter().any(|s| name.ends_with(s))
+/// The buffer an activation's gradient lives in, by kind; None: never materialised. The
+/// backward writes each gradient before it reads it, one block at a time, so one buffer per kind
+/// serves every layer (as in llm.c): the residual stream's gradient (embeddings, residual2,
+/// residual3 of every block) is one buffer that the LayerNorm backwards update in place, and each
+/// block-internal gradient takes one layer's worth.
+fn gradient_home(name: &str) -> Option<&'static str> {
+    const INNER: [&str; 5] = [".ln_1", ".qkv", ".atty", ".ln_2", ".fch"];
+    if name == "encoded" || name.ends_with(".residual2") || name.ends_with(".residual3") {
+        Some("residual")
+    } else if name == "ln_f" {
+        Some("ln_f")
+    } else {
+        INNER.iter().find(|s| name.ends_with(*s)).copied()
+    }
 }
 
 /// Byte offsets of every activation tensor and its gradient, and the three buffer sizes.
@@ -61,29 +73,86 @@ struct ActPlan {
     grad_bytes: usize,
 }
 
+/// With `--recompute`, the activations the backward recomputes rather than reads: every
+/// layer's LayerNorm outputs and GELU output. Each kind shares one buffer across the layers (the
+/// forward uses each right after writing it), so their memory is that of one layer.
+fn is_recomputed(name: &str) -> Option<&'static str> {
+    match name {
+        n if n.ends_with(".ln_1") || n.ends_with(".ln_2") => Some("ln"),
+        n if n.ends_with(".fch_gelu") => Some("fch_gelu"),
+        _ => None,
+    }
+}
+
+/// Activations no backward reads: the projections' outputs, which only feed the next residual
+/// (and --recompute normalises the stored residual itself). One layer's worth serves every layer.
+fn is_transient(name: &str) -> Option<&'static str> {
+    match name {
+        n if n.ends_with(".attn_proj") => Some("attn_proj"),
+        n if n.ends_with(".mlp_proj") => Some("mlp_proj"),
+        _ => None,
+    }
+}
+
 impl ActPlan {
-    fn new(cfg: &GptConfig, b: usize, t: usize, precision: Precision) -> Self {
+    fn new(cfg: &GptConfig, b: usize, t: usize, precision: Precision, recompute: bool) -> Self {
         let mut rec = SpecRecorder::default();
         carve_activations(cfg, b, t, &mut rec);
-        let (mut storage, mut stats, mut grads) = (0usize, 0usize, 0usize);
-        let place = |cursor: &mut usize, bytes: usize| {
-            let at = *cursor;
-            *cursor += bytes.next_multiple_of(ALIGN);
-            at
-        };
+        let (mut storage, mut stats, mut grads) = (Buffer::default(), Buffer::default(), Buffer::default());
         let mut homes = Vec::new();
         let mut grad_offsets = Vec::new();
         for spec in &rec.specs {
+            let bytes = precision.size() * spec.numel;
             homes.push(if spec.name == "probs" {
                 Home::Absent
+            } else if let Some(kind) = is_recomputed(&spec.name).filter(|_| recompute).or(is_transient(&spec.name)) {
+                Home::Storage(storage.shared(kind, bytes))
             } else if is_statistic(&spec.name) {
-                Home::Stats(place(&mut stats, 4 * spec.numel))
+                Home::Stats(stats.place(4 * spec.numel))
             } else {
-                Home::Storage(place(&mut storage, precision.size() * spec.numel))
+                Home::Storage(storage.place(bytes))
             });
-            grad_offsets.push(gradient_is_stored(&spec.name).then(|| place(&mut grads, precision.size() * spec.numel)));
+            grad_offsets.push(gradient_home(&spec.name).map(|kind| grads.shared(kind, bytes)));
         }
-        ActPlan { specs: rec.specs, homes, grad_offsets, storage_bytes: storage, stats_bytes: stats, grad_bytes: grads }
+        ActPlan {
+            specs: rec.specs,
+            homes,
+            grad_offsets,
+            storage_bytes: storage.end,
+            stats_bytes: stats.end,
+            grad_bytes: grads.end,
+        }
+    }
+}
+
+/// One buffer being laid out: tensors placed one after another (ALIGN-ed), and those of a kind
+/// that shares one place.
+#[derive(Default)]
+struct Buffer {
+    end: usize,
+    kinds: Vec<(&'static str, usize, usize)>,
+}
+
+impl Buffer {
+    fn place(&mut self, bytes: usize) -> usize {
+        let at = self.end;
+        self.end += bytes.next_multiple_of(ALIGN);
+        at
+    }
+
+    /// The place of `kind`, made on its first use (every tensor of a kind has the same size).
+    fn shared(&mut self, kind: &'static str, bytes: usize) -> usize {
+        match self.kinds.iter().find(|(k, ..)| *k == kind) {
+            Some(&(_, at, size)) => {
+                assert_eq!(size, bytes, "every {kind} tensor has one size");
+                at
+            }
+            None => {
+                let at = self.place(bytes);
+                self.kinds.push((kind, at, bytes));
+                at
+            }
+        }
     }
 }
 
@@ -115,13 +184,19 @@ impl Carve for PtrCarver {
 
 /// Device memory a model needs, by buffer, in bytes: printed before training and checked
 /// against the free memory before anything is allocated.
-pub fn memory_plan(cfg: &GptConfig, b: usize, t: usize, precision: Precision) -> Vec<(&'static str, usize)> {
+pub fn memory_plan(
+    cfg: &GptConfig,
+    b: usize,
+    t: usize,
+    precision: Precision,
+    recompute: bool,
+) -> Vec<(&'static str, usize)> {
     let n = ParamLayout::new(cfg).total;
-    let acts = ActPlan::new(cfg, b, t, precision);
+    let acts = ActPlan::new(cfg, b, t, precision, recompute);
     let bt = b * t;
     let scratch = 8 * (NORM_BLOCKS + 1)
         + 4 * layernorm_scratch_len(bt, cfg.n_embd)
-        + 4 * token_buffer_len(bt)
+        + 4 * token_buffer_len(bt, 1)
         + 4 * attention_scratch_len(b, t, cfg.n_head);
     vec![
         ("weights", precision.size() * n),
@@ -134,9 +209,94 @@ pub fn memory_plan(cfg: &GptConfig, b: usize, t: usize, precision: Precision) ->
     ]
 }
 
-/// i32 elements of the token buffer: inputs, targets, and the token buckets (see BatchBuffers).
-fn token_buffer_len(bt: usize) -> usize {
-    5 * bt + 1
+/// i32 words of one micro-batch's slot in the token buffer: inputs (B·T), targets (B·T), then
+/// the token buckets the encoder backward reads (tokens B·T, starts B·T+1, positions B·T) and
+/// their count.
+fn slot_len(bt: usize) -> usize {
+    5 * bt + 2
+}
+
+/// Words before the slots: one step's AdamW scalars (the kernels' AdamWParams, 7 f32 and a spare).
+const HEADER_WORDS: usize = 8;
+
+/// i32 words of the token buffer for `slots` micro-batches.
+fn token_buffer_len(bt: usize, slots: usize) -> usize {
+    HEADER_WORDS + slots * slot_len(bt)
+}
+
+/// Where one micro-batch's tokens are on the device.
+struct Slot {
+    inputs: DPtr,
+    targets: DPtr,
+    /// Token buckets: tokens, starts, positions, and the i32 count.
+    buckets: (DPtr, DPtr, DPtr, DPtr),
+}
+
+/// Writes one micro-batch into its slot's words: inputs, targets and the token buckets of the
+/// inputs (computed here, on the host) with their count.
+fn fill_slot(words: &mut [i32], inputs: &[u32], targets: &[u32]) {
+    let bt = inputs.len();
+    let buckets = TokenBuckets::new(inputs);
+    let (ins, rest) = words.split_at_mut(bt);
+    let (tgs, rest) = rest.split_at_mut(bt);
+    let (toks, rest) = rest.split_at_mut(bt);
+    let (starts, rest) = rest.split_at_mut(bt + 1);
+    let (positions, count) = rest.split_at_mut(bt);
+    ins.iter_mut().zip(inputs).for_each(|(w, &x)| *w = x as i32);
+    tgs.iter_mut().zip(targets).for_each(|(w, &y)| *w = y as i32);
+    toks[..buckets.tokens.len()].copy_from_slice(&buckets.tokens);
+    starts[..buckets.starts.len()].copy_from_slice(&buckets.starts);
+    positions.copy_from_slice(&buckets.positions);
+    count[0] = buckets.tokens.len() as i32;
+}
+
+/// The step's state the kernels leave on the device (kernels/optimizer.cu's StepState), read
+/// back once per step.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StepState {
+    pub loss: f64,
+    pub norm_sq: f64,
+    pub norm: f64,
+    pub grad_scale: f32,
+    pub finite: i32,
+}
+// SAFETY: repr(C), every field plain old data, and no padding (3 × 8 + 4 + 4 = 32 bytes).
+unsafe impl bytemuck::Zeroable for StepState {}
+unsafe impl bytemuck::Pod for StepState {}
+pub(crate) const STEP_STATE_BYTES: usize = std::mem::size_of::<StepState>();
+
+/// What one optimizer step did: its mean loss and gradient norm, and whether the update was
+/// applied (both finite).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub applied: bool,
+}
+
+/// Elements per AdamW chunk: one block's share of one tensor.
+const ADAMW_CHUNK: usize = 4096;
+
+/// The AdamW chunk table (kernels/optimizer.cu's AdamWChunk: offset i64, len i32, decay i32),
+/// as little-endian 16-byte records: every tensor cut into pieces of at most ADAMW_CHUNK.
+pub(crate) fn adamw_chunks(layout: &ParamLayout) -> Vec<[i32; 4]> {
+    let mut chunks = Vec::new();
+    for spec in &layout.specs {
+        let decay = gets_weight_decay(spec) as i32;
+        for start in (0..spec.numel).step_by(ADAMW_CHUNK) {
+            let offset = (spec.offset + start) as i64;
+            let len = ADAMW_CHUNK.min(spec.numel - start) as i32;
+            chunks.push([offset as i32, (offset >> 32) as i32, len, decay]);
+        }
+    }
+    chunks
+}
+
+/// A step's AdamW scalars as the kernels' AdamWParams words (formed in f64, rounded once).
+pub(crate) fn adamw_header(s: &AdamWStep) -> [f32; HEADER_WORDS] {
+    let r = AdamWScalars::new(s, 1.0, true);
+    [r.step_size, r.bc2_sqrt, r.one_minus_beta1, r.beta2, r.one_minus_beta2, r.eps, r.decay, 0.0]
 }
 
 /// The largest head dimension (n_embd / n_head) kernels/attention.cu supports: ATT_HD_MAX.
@@ -150,9 +310,9 @@ struct BatchBuffers {
     storage: DeviceBuffer,
     stats: DeviceBuffer,
     grads: DeviceBuffer,
-    /// i32: inputs (B·T), targets (B·T), then the token buckets (tokens B·T, starts B·T+1,
-    /// positions B·T).
+    /// i32: AdamW's scalars (HEADER_WORDS), then `slots` micro-batch slots (see slot_len).
     tokens: DeviceBuffer,
+    slots: usize,
     layernorm_scratch: DeviceBuffer,
     /// f32 (B·NH·T): attention's per-query D in the bf16 backward.
     attention_scratch: DeviceBuffer,
@@ -178,11 +338,20 @@ impl BatchBuffers {
         carve_activations(cfg, self.b, self.t, &mut PtrList(ptrs.into_iter()))
     }
 
-    fn inputs(&self) -> DPtr {
-        self.tokens.ptr
+    fn slot(&self, k: usize) -> Slot {
+        assert!(k < self.slots, "micro-batch {k} has no slot");
+        let bt = self.b * self.t;
+        let inputs = self.tokens.ptr.add(HEADER_WORDS + k * slot_len(bt), 4);
+        let targets = inputs.add(bt, 4);
+        let tokens = targets.add(bt, 4);
+        let starts = tokens.add(bt, 4);
+        let positions = starts.add(bt + 1, 4);
+        Slot { inputs, targets, buckets: (tokens, starts, positions, positions.add(bt, 4)) }
     }
-    fn targets(&self) -> DPtr {
-        self.tokens.ptr.add(self.b * self.t, 4)
+
+    /// AdamW's scalars for the step (AdamWParams).
+    fn header(&self) -> DPtr {
+        self.tokens.ptr
     }
 }
 
@@ -202,6 +371,23 @@ pub struct GpuGpt {
     batch: Option<BatchBuffers>,
     /// The last forward's inputs (the encoder backward groups them by token on the host).
     inputs: Vec<u32>,
+    /// AdamW's chunk table (adamw_chunks) and its length.
+    chunks: DeviceBuffer,
+    n_chunks: usize,
+    /// The step's StepState on the device, and the page-locked copy it is read back into.
+    step_state: DeviceBuffer,
+    readback: PinnedBuffer,
+    /// Page-locked staging for a step's token buffer: filled on the host, copied in one go.
+    staging: Option<PinnedBuffer>,
+    /// Capture each step's launches once into a CUDA graph and replay it (--cuda-graph).
+    pub use_graph: bool,
+    /// Recompute LayerNorm and GELU outputs in the backward instead of storing every layer's
+    /// (--recompute); set with `set_recompute`.
+    recompute: bool,
+    /// The captured step, for (B, T, micro-batches, clip).
+    graph: Option<((usize, usize, usize, u64), CudaGraph)>,
+    /// Training steps timed by --profile (set_profile), the first of which is forgotten.
+    profiled_steps: Option<usize>,
     /// Whether the logits buffer holds logits of a forward with targets (the backward turns
     /// them into their gradient in place).
     ready_for_backward: bool,
@@ -240,14 +426,67 @@ impl GpuGpt {
             adam_t: 0,
             batch: None,
             inputs: Vec::new(),
+            chunks: alloc(16 * adamw_chunks(&layout).len(), "the optimizer's chunk table")?,
+            n_chunks: adamw_chunks(&layout).len(),
+            step_state: alloc(STEP_STATE_BYTES, "scratch")?,
+            readback: gpu.alloc_pinned(STEP_STATE_BYTES, "the step's results")?,
+            staging: None,
+            use_graph: false,
+            profiled_steps: None,
+            recompute: false,
+            graph: None,
             ready_for_backward: false,
             gpu: gpu.clone(),
             config,
             precision,
             layout,
         };
+        model.gpu.upload(model.chunks.ptr, &adamw_chunks(&model.layout))?;
         model.set_params(params)?;
         Ok(model)
+    }
+
+    /// --profile: times every launch of the training steps from now on (with CUDA events, so
+    /// the steps are issued launch by launch, not replayed from a graph).
+    pub fn set_profile(&mut self) {
+        *self.gpu.profiler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Profiler::default());
+        self.profiled_steps = Some(0);
+    }
+
+    /// After a profiled step has finished: its kernels' times into the totals. The first step
+    /// (kernel attributes set, caches cold) is timed and then forgotten.
+    fn end_profiled_step(&mut self) -> Result<()> {
+        let Some(steps) = self.profiled_steps.as_mut() else { return Ok(()) };
+        let mut profiler = self.gpu.profiler.lock().unwrap_or_else(|e| e.into_inner());
+        let p = profiler.as_mut().expect("set_profile made one");
+        p.end_step()?;
+        if *steps == 0 {
+            p.reset();
+        }
+        *steps += 1;
+        Ok(())
+    }
+
+    /// The per-kernel totals of the profiled steps and how many steps they cover (None without
+    /// --profile, or before a second step).
+    pub fn profile(&self) -> Option<(Vec<KernelTotal>, usize)> {
+        let steps = self.profiled_steps.filter(|&s| s > 1)? - 1;
+        let profiler = self.gpu.profiler.lock().unwrap_or_else(|e| e.into_inner());
+        Some((profiler.as_ref()?.totals.clone(), steps))
+    }
+
+    /// The GPU's name, as the driver reports it.
+    pub fn gpu_name(&self) -> String {
+        self.gpu.name.clone()
+    }
+
+    /// --recompute on or off; the activation buffers are laid out again at the next forward.
+    pub fn set_recompute(&mut self, recompute: bool) {
+        if recompute != self.recompute {
+            self.recompute = recompute;
+            self.graph = None;
+            self.batch = None;
+        }
     }
 
     fn ops(&self) -> Ops<'_> {
@@ -309,17 +548,15 @@ impl GpuGpt {
         })
     }
 
-    /// An activation of the last forward (or, with `gradient`, its gradient from the last
-    /// backward) by its layout name, as f32; None if the GPU does not store it.
-    pub fn activation(&self, name: &str, gradient: bool) -> Result<Option<Vec<f32>>> {
+    /// An activation of the last forward by its layout name, as f32; None if the GPU does not
+    /// store it (or, with --recompute, holds it for one layer at a time). Activation gradients
+    /// are not offered: their buffers serve every layer in turn (gradient_home).
+    pub fn activation(&self, name: &str) -> Result<Option<Vec<f32>>> {
         let bb = self.batch.as_ref().context("no forward has run yet")?;
         let i = bb.plan.specs.iter().position(|s| s.name == name).with_context(|| format!("no activation {name}"))?;
         let n = bb.plan.specs[i].numel;
-        if gradient {
-            return match bb.plan.grad_offsets[i] {
-                Some(at) => self.download_floatx(bb.grads.ptr.add(at, 1), n).map(Some),
-                None => Ok(None),
-            };
+        if self.recompute && is_recomputed(name).is_some() {
+            return Ok(None);
         }
         match bb.plan.homes[i] {
             Home::Absent => Ok(None),
@@ -339,19 +576,21 @@ impl GpuGpt {
         Ok(())
     }
 
-    fn ensure_batch(&mut self, b: usize, t: usize) -> Result<()> {
-        if self.batch.as_ref().is_some_and(|bb| (bb.b, bb.t) == (b, t)) {
+    fn ensure_batch(&mut self, b: usize, t: usize, slots: usize) -> Result<()> {
+        if self.batch.as_ref().is_some_and(|bb| (bb.b, bb.t) == (b, t) && bb.slots >= slots) {
             return Ok(());
         }
+        self.graph = None; // it names the buffers freed next
         self.batch = None; // free the old buffers first
-        let plan = ActPlan::new(&self.config, b, t, self.precision);
+        let plan = ActPlan::new(&self.config, b, t, self.precision, self.recompute);
         let gpu = &self.gpu;
         let bt = b * t;
         self.batch = Some(BatchBuffers {
             storage: gpu.alloc(plan.storage_bytes, "activations")?,
             stats: gpu.alloc(plan.stats_bytes, "activations")?,
             grads: gpu.alloc(plan.grad_bytes, "activation gradients")?,
-            tokens: gpu.alloc(4 * token_buffer_len(bt), "token buffers")?,
+            tokens: gpu.alloc(4 * token_buffer_len(bt, slots), "token buffers")?,
+            slots,
             layernorm_scratch: gpu.alloc(4 * layernorm_scratch_len(bt, self.config.n_embd), "scratch")?,
             attention_scratch: gpu.alloc(4 * attention_scratch_len(b, t, self.config.n_head), "scratch")?,
             plan,
@@ -371,86 +610,54 @@ impl GpuGpt {
         let cfg = self.config;
         assert!(t >= 1 && t <= cfg.n_positions, "sequence length {t} outside 1..={}", cfg.n_positions);
         assert_eq!(inputs.len(), b * t, "inputs must hold B·T tokens");
-        self.ensure_batch(b, t)?;
+        self.ensure_batch(b, t, 1)?;
         self.ready_for_backward = false;
-        let (c, nh, v, vp, n, eps) =
-            (cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.padded_vocab_size(), b * t, cfg.layer_norm_epsilon);
+        let (v, vp, n) = (cfg.vocab_size, cfg.padded_vocab_size(), b * t);
         let bb = self.batch.as_ref().expect("allocated above");
+        let slot = bb.slot(0);
         let as_i32 = |x: &[u32]| x.iter().map(|&x| x as i32).collect::<Vec<i32>>();
-        self.gpu.upload(bb.inputs(), &as_i32(inputs))?;
+        self.gpu.upload(slot.inputs, &as_i32(inputs))?;
         self.inputs.clear();
         self.inputs.extend_from_slice(inputs);
-        let p = self.param_ptrs(self.params.ptr, self.precision.size());
-        let a = bb.acts(&cfg);
-        let ops = self.ops();
-
-        ops.encoder_forward(a.encoded, bb.inputs(), p.wte, p.wpe, b, t, c)?;
-        let l0 = &a.layers[0];
-        ops.layernorm_forward(
-            l0.ln_1,
-            l0.ln_1_mean,
-            l0.ln_1_rstd,
-            a.encoded,
-            p.layers[0].ln_1_w,
-            p.layers[0].ln_1_b,
-            n,
-            c,
-            eps,
-        )?;
-        for l in 0..cfg.n_layer {
-            let (lp, la) = (&p.layers[l], &a.layers[l]);
-            let residual = if l == 0 { a.encoded } else { a.layers[l - 1].residual3 };
-            ops.matmul_forward(la.qkv, None, la.ln_1, lp.c_attn_w, Some(lp.c_attn_b), n, c, 3 * c, InOut)?;
-            ops.attention_forward(la.atty, la.att_lse, la.qkv, b, t, c, nh)?;
-            ops.matmul_forward(la.attn_proj, None, la.atty, lp.attn_proj_w, Some(lp.attn_proj_b), n, c, c, InOut)?;
-            ops.residual_layernorm_forward(
-                la.residual2,
-                la.ln_2,
-                la.ln_2_mean,
-                la.ln_2_rstd,
-                residual,
-                la.attn_proj,
-                lp.ln_2_w,
-                lp.ln_2_b,
-                n,
-                c,
-                eps,
-            )?;
-            ops.matmul_forward(la.fch_gelu, Some(la.fch), la.ln_2, lp.c_fc_w, Some(lp.c_fc_b), n, c, 4 * c, InOut)?;
-            ops.matmul_forward(la.mlp_proj, None, la.fch_gelu, lp.mlp_proj_w, Some(lp.mlp_proj_b), n, 4 * c, c, InOut)?;
-            // The block's output residual, fused with the LayerNorm that reads it next.
-            let (out, mean, rstd, w, bias) = match a.layers.get(l + 1) {
-                Some(next) => {
-                    (next.ln_1, next.ln_1_mean, next.ln_1_rstd, p.layers[l + 1].ln_1_w, p.layers[l + 1].ln_1_b)
-                }
-                None => (a.ln_f, a.ln_f_mean, a.ln_f_rstd, p.ln_f_w, p.ln_f_b),
-            };
-            ops.residual_layernorm_forward(
-                la.residual3,
-                out,
-                mean,
-                rstd,
-                la.residual2,
-                la.mlp_proj,
-                w,
-                bias,
-                n,
-                c,
-                eps,
-            )?;
-        }
-        ops.matmul_forward(a.logits, None, a.ln_f, p.wte, None, n, c, vp, OutIn)?;
-
+        self.forward_launches(bb, &slot)?;
         let Some(targets) = targets else {
             self.gpu.synchronize()?;
             return Ok(None);
         };
         assert_eq!(targets.len(), n, "targets must hold B·T tokens");
-        self.gpu.upload(bb.targets(), &as_i32(targets))?;
-        ops.crossentropy(a.losses, None, a.logits, bb.targets(), n, v, vp, 0.0)?;
+        self.gpu.upload(slot.targets, &as_i32(targets))?;
+        let a = bb.acts(&cfg);
+        self.ops().crossentropy(a.losses, None, a.logits, slot.targets, n, v, vp, 0.0)?;
         let losses = self.download_f32(a.losses, n)?;
         self.ready_for_backward = true;
         Ok(Some(losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64))
+    }
+
+    /// The forward's launches, from the inputs in `slot` to the logits; nothing waits.
+    fn forward_launches(&self, bb: &BatchBuffers, slot: &Slot) -> Result<()> {
+        let cfg = self.config;
+        let (b, t) = (bb.b, bb.t);
+        let (c, nh, vp, n, eps) = (cfg.n_embd, cfg.n_head, cfg.padded_vocab_size(), b * t, cfg.layer_norm_epsilon);
+        let p = self.param_ptrs(self.params.ptr, self.precision.size());
+        let a = bb.acts(&cfg);
+        let ops = self.ops();
+
+        ops.encoder_forward(a.encoded, slot.inputs, p.wte, p.wpe, b, t, c)?;
+        layer_input_norm(&ops, &p, &a, 0, n, c, eps)?;
+        for l in 0..cfg.n_layer {
+            let (lp, la) = (&p.layers[l], &a.layers[l]);
+            ops.matmul_forward(la.qkv, None, la.ln_1, lp.c_attn_w, Some(lp.c_attn_b), n, c, 3 * c, InOut)?;
+            ops.attention_forward(la.atty, la.att_lse, la.qkv, b, t, c, nh)?;
+            ops.matmul_forward(la.attn_proj, None, la.atty, lp.attn_proj_w, Some(lp.attn_proj_b), n, c, c, InOut)?;
+            mlp_input_norm(&ops, &p, &a, l, n, c, eps)?;
+            ops.matmul_forward(la.fch_gelu, Some(la.fch), la.ln_2, lp.c_fc_w, Some(lp.c_fc_b), n, c, 4 * c, InOut)?;
+            ops.matmul_forward(la.mlp_proj, None, la.fch_gelu, lp.mlp_proj_w, Some(lp.mlp_proj_b), n, 4 * c, c, InOut)?;
+            // The block's output residual, fused with the LayerNorm that reads it next.
+            layer_input_norm(&ops, &p, &a, l + 1, n, c, eps)?;
+        }
+        ops.matmul_forward(a.logits, None, a.ln_f, p.wte, None, n, c, vp, OutIn)?;
+
+        Ok(())
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {
@@ -464,20 +671,36 @@ impl GpuGpt {
             bail!("backward needs a forward with targets first");
         }
         self.ready_for_backward = false;
-        let cfg = self.config;
         let bb = self.batch.as_ref().expect("a forward ran");
+        let slot = bb.slot(0);
+        // The targets are in slot 0 already; the token buckets of the inputs go beside them.
+        let bt = bb.b * bb.t;
+        let mut words = vec![0i32; slot_len(bt)];
+        fill_slot(&mut words, &self.inputs, &vec![0; bt]);
+        self.gpu.upload(slot.buckets.0, &words[2 * bt..])?;
+        let cfg = self.config;
+        let a = bb.acts(&cfg);
+        let (n, v, vp) = (bt, cfg.vocab_size, cfg.padded_vocab_size());
+        // The logits gradient, written over the logits; the losses are written again.
+        let dloss = (loss_scale / n as f64) as f32;
+        self.ops().crossentropy(a.losses, Some(a.logits), a.logits, slot.targets, n, v, vp, dloss)?;
+        self.backward_launches(bb, &slot)?;
+        self.gpu.synchronize()
+    }
+
+    /// The backward's launches after the cross-entropy has written the logits gradient over the
+    /// logits: accumulates every parameter gradient; nothing waits.
+    fn backward_launches(&self, bb: &BatchBuffers, slot: &Slot) -> Result<()> {
+        let cfg = self.config;
         let (b, t) = (bb.b, bb.t);
-        let (c, nh, v, vp, n) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.padded_vocab_size(), b * t);
+        let (c, nh, vp, n) = (cfg.n_embd, cfg.n_head, cfg.padded_vocab_size(), b * t);
         let p = self.param_ptrs(self.params.ptr, self.precision.size());
         let g = self.param_ptrs(self.grads.ptr, 4);
         let a = bb.acts(&cfg);
         let d = bb.dacts(&cfg);
         let scratch = bb.layernorm_scratch.ptr;
         let ops = self.ops();
-
-        let dloss = (loss_scale / n as f64) as f32;
         let dlogits = a.logits; // written in place
-        ops.crossentropy(a.losses, Some(dlogits), a.logits, bb.targets(), n, v, vp, dloss)?;
         ops.matmul_backward(d.ln_f, g.wte, None, dlogits, a.ln_f, p.wte, None, n, c, vp, OutIn)?;
         let last = cfg.n_layer - 1;
         let (dl, al) = (&d.layers[last], &a.layers[last]);
@@ -495,18 +718,28 @@ impl GpuGpt {
             c,
         )?;
         for l in (0..cfg.n_layer).rev() {
-            block_backward(&ops, l, (&p, &g), (&a, &d), (scratch, bb.attention_scratch.ptr), (b, t, c, nh))?;
+            let recompute_eps = self.recompute.then_some(cfg.layer_norm_epsilon);
+            if let Some(eps) = recompute_eps {
+                // The GELU output and ln_2, which the block's backward reads first: the forward's
+                // kernels' arithmetic on the stored pre-activation and residual, so the same bits.
+                let (lp, la) = (&p.layers[l], &a.layers[l]);
+                ops.gelu_forward(la.fch_gelu, la.fch, n * 4 * c)?;
+                ops.layernorm_forward(
+                    la.ln_2,
+                    la.ln_2_mean,
+                    la.ln_2_rstd,
+                    la.residual2,
+                    lp.ln_2_w,
+                    lp.ln_2_b,
+                    n,
+                    c,
+                    eps,
+                )?;
+            }
+            let scratches = (scratch, bb.attention_scratch.ptr);
+            block_backward(&ops, l, (&p, &g), (&a, &d), scratches, (b, t, c, nh), recompute_eps)?;
         }
-        let buckets = TokenBuckets::new(&self.inputs);
-        let tokens = bb.targets().add(n, 4);
-        let starts = tokens.add(n, 4);
-        let positions = starts.add(n + 1, 4);
-        assert!(4 * (4 * n + 1) + 4 * n <= bb.tokens.bytes, "token buckets overflow their buffer");
-        self.gpu.upload(tokens, &buckets.tokens)?;
-        self.gpu.upload(starts, &buckets.starts)?;
-        self.gpu.upload(positions, &buckets.positions)?;
-        ops.encoder_backward(g.wte, g.wpe, d.encoded, (tokens, starts, positions), buckets.tokens.len(), b, t, c)?;
-        self.gpu.synchronize()
+        ops.encoder_backward(g.wte, g.wpe, d.encoded, slot.buckets, b, t, c)
     }
 
     /// The global L2 norm of the gradients (f64).
@@ -515,28 +748,180 @@ impl GpuGpt {
     }
 
     /// Clips the gradients to `grad_clip` given their norm (torch's rule) and takes one AdamW
-    /// step, tensor by tensor, writing the master weights and their rounded copy.
+    /// step on every tensor (one launch), writing the master weights and their rounded copy.
     pub fn update(&mut self, lr: f64, hp: &AdamWConfig, grad_norm: f64, grad_clip: f64) -> Result<()> {
         self.adam_t += 1;
-        let s = hp.step(self.adam_t, lr);
-        let grad_scale = clip_coefficient(grad_norm, grad_clip);
-        let ops = self.ops();
-        let x = self.precision.size();
-        for spec in &self.layout.specs {
-            let scalars = AdamWScalars::new(&s, grad_scale, gets_weight_decay(spec));
-            let at = |buf: &DeviceBuffer, elem| buf.ptr.add(spec.offset, elem);
-            ops.adamw(
-                at(&self.params, x),
-                at(&self.master, 4),
-                at(&self.grads, 4),
-                at(&self.adam_m, 4),
-                at(&self.adam_v, 4),
-                spec.numel,
-                &scalars,
-            )?;
-        }
+        let header = adamw_header(&hp.step(self.adam_t, lr));
+        let state = StepState {
+            norm: grad_norm,
+            grad_scale: clip_coefficient(grad_norm, grad_clip) as f32,
+            finite: 1,
+            ..StepState::default()
+        };
+        // The header lives in the token buffer, which exists once a forward has run.
+        let bb = self.batch.as_ref().context("an update needs a forward and backward first")?;
+        self.gpu.upload(bb.header(), &header)?;
+        self.gpu.upload(self.step_state.ptr, bytemuck::bytes_of(&state))?;
+        self.adamw_launch(bb)?;
         self.gpu.synchronize()
     }
+
+    fn adamw_launch(&self, bb: &BatchBuffers) -> Result<()> {
+        let buffers = (self.params.ptr, self.master.ptr, self.grads.ptr, self.adam_m.ptr, self.adam_v.ptr);
+        self.ops().adamw(buffers, (self.chunks.ptr, self.n_chunks), self.layout.total, bb.header(), self.step_state.ptr)
+    }
+
+    /// One optimizer step over `micro_batches` (inputs, targets; B·T each): the gradient of the
+    /// mean loss, its norm, clipping and AdamW, all on the device, with one host synchronisation
+    /// at the end, after which the loss, the norm and whether the update was applied (both
+    /// finite; otherwise the weights and moments are untouched) are read back. The tokens and
+    /// the step's scalars go up in one copy from page-locked memory. With `use_graph`, the
+    /// launches are captured once into a CUDA graph and replayed every step.
+    pub fn train_step(
+        &mut self,
+        micro_batches: &[(&[u32], &[u32])],
+        (b, t): (usize, usize),
+        lr: f64,
+        hp: &AdamWConfig,
+        grad_clip: f64,
+    ) -> Result<StepOutcome> {
+        let accum = micro_batches.len();
+        assert!(accum >= 1, "a step needs a micro-batch");
+        self.ensure_batch(b, t, accum)?;
+        let bt = b * t;
+        let words = token_buffer_len(bt, accum);
+        if self.staging.as_ref().is_none_or(|s| s.bytes < 4 * words) {
+            self.graph = None; // it copies from the old staging buffer
+            self.staging = Some(self.gpu.alloc_pinned(4 * words, "the step's tokens")?);
+        }
+        self.adam_t += 1;
+        let header = adamw_header(&hp.step(self.adam_t, lr));
+        {
+            let staging: &mut [i32] = self.staging.as_mut().expect("allocated above").as_mut_slice();
+            staging[..HEADER_WORDS].copy_from_slice(bytemuck::cast_slice(&header));
+            for (k, (x, y)) in micro_batches.iter().enumerate() {
+                assert!(x.len() == bt && y.len() == bt, "micro-batch {k} is not B·T tokens");
+                let at = HEADER_WORDS + k * slot_len(bt);
+                fill_slot(&mut staging[at..at + slot_len(bt)], x, y);
+            }
+        }
+        let key = (b, t, accum, grad_clip.to_bits());
+        if self.profiled_steps.is_some() {
+            self.gpu.profiler.lock().unwrap_or_else(|e| e.into_inner()).as_mut().expect("profiling").recording = true;
+        }
+        match self.use_graph && self.profiled_steps.is_none() {
+            true => {
+                if self.graph.as_ref().is_none_or(|(k, _)| *k != key) {
+                    self.graph = None;
+                    self.graph = Some((key, self.capture_step(accum, grad_clip)?));
+                }
+                let (_, graph) = self.graph.as_ref().expect("captured above");
+                graph.launch().context("cannot launch the captured training step")?;
+            }
+            false => self.issue_step(accum, grad_clip)?,
+        }
+        self.gpu.synchronize()?;
+        self.end_profiled_step()?;
+        let state: StepState = bytemuck::pod_read_unaligned(&self.readback.as_slice::<u8>()[..STEP_STATE_BYTES]);
+        let applied = state.finite != 0;
+        if !applied {
+            self.adam_t -= 1; // the device skipped the update
+        }
+        Ok(StepOutcome { loss: state.loss, grad_norm: state.norm, applied })
+    }
+
+    /// Records one step's work (issue_step) on the stream into a CUDA graph.
+    fn capture_step(&self, accum: usize, grad_clip: f64) -> Result<CudaGraph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let stream = &self.gpu.stream;
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL).context("cannot capture the step")?;
+        let issued = self.issue_step(accum, grad_clip);
+        // The capture must end whatever happened while it ran.
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        issued?;
+        graph.context("cannot capture the step")?.context("the captured step is empty")
+    }
+
+    /// One step's work on the stream, in order: the tokens and scalars up, zeroed gradients and
+    /// state, per micro-batch the forward, the fused cross-entropy (loss and logits gradient),
+    /// the loss added to the step's and the backward; then the norm, the clipping factor and
+    /// finiteness, AdamW, and the state down. No host wait.
+    fn issue_step(&self, accum: usize, grad_clip: f64) -> Result<()> {
+        let bb = self.batch.as_ref().expect("train_step allocated it");
+        let cfg = self.config;
+        let n = bb.b * bb.t;
+        let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size());
+        let staging = self.staging.as_ref().expect("train_step allocated it");
+        let ops = self.ops();
+        let st = self.step_state.ptr;
+        self.gpu.upload_async(bb.tokens.ptr, staging, 4 * token_buffer_len(n, accum))?;
+        self.gpu.fill_bytes(self.grads.ptr, 0, self.grads.bytes)?;
+        self.gpu.fill_bytes(st, 0, STEP_STATE_BYTES)?;
+        let a = bb.acts(&cfg);
+        let dloss = (1.0 / accum as f64 / n as f64) as f32;
+        for k in 0..accum {
+            let slot = bb.slot(k);
+            self.forward_launches(bb, &slot)?;
+            ops.crossentropy(a.losses, Some(a.logits), a.logits, slot.targets, n, v, vp, dloss)?;
+            ops.loss_accumulate(st, a.losses, n, accum)?;
+            self.backward_launches(bb, &slot)?;
+        }
+        ops.grad_norm_squared_into(st.add(1, 8), self.grads.ptr, self.layout.total, self.norm_scratch.ptr)?;
+        ops.step_finish(st, grad_clip)?;
+        self.adamw_launch(bb)?;
+        self.gpu.download_async(&self.readback, st, STEP_STATE_BYTES)
+    }
+}
+
+/// The LayerNorm at the input of block `l` (ln_f for l = n_layer): of the embeddings for block
+/// 0, else fused with the residual that block l−1 outputs.
+fn layer_input_norm(
+    ops: &Ops,
+    p: &ParamTensors<DPtr>,
+    a: &ActTensors<DPtr>,
+    l: usize,
+    n: usize,
+    c: usize,
+    eps: f64,
+) -> Result<()> {
+    let (out, mean, rstd, w, bias) = match a.layers.get(l) {
+        Some(al) => (al.ln_1, al.ln_1_mean, al.ln_1_rstd, p.layers[l].ln_1_w, p.layers[l].ln_1_b),
+        None => (a.ln_f, a.ln_f_mean, a.ln_f_rstd, p.ln_f_w, p.ln_f_b),
+    };
+    match l.checked_sub(1) {
+        None => ops.layernorm_forward(out, mean, rstd, a.encoded, w, bias, n, c, eps),
+        Some(prev) => {
+            let ap = &a.layers[prev];
+            ops.residual_layernorm_forward(ap.residual3, out, mean, rstd, ap.residual2, ap.mlp_proj, w, bias, n, c, eps)
+        }
+    }
+}
+
+/// Block `l`'s second LayerNorm (ln_2), fused with its residual after attention.
+fn mlp_input_norm(
+    ops: &Ops,
+    p: &ParamTensors<DPtr>,
+    a: &ActTensors<DPtr>,
+    l: usize,
+    n: usize,
+    c: usize,
+    eps: f64,
+) -> Result<()> {
+    let (lp, la) = (&p.layers[l], &a.layers[l]);
+    let residual = if l == 0 { a.encoded } else { a.layers[l - 1].residual3 };
+    ops.residual_layernorm_forward(
+        la.residual2,
+        la.ln_2,
+        la.ln_2_mean,
+        la.ln_2_rstd,
+        residual,
+        la.attn_proj,
+        lp.ln_2_w,
+        lp.ln_2_b,
+        n,
+        c,
+        eps,
+    )
 }
 
 /// Block `l`'s backward: from the gradient of its output residual (`d.layers[l].residual3`) to
@@ -548,6 +933,7 @@ fn block_backward(
     (a, d): (&ActTensors<DPtr>, &ActTensors<DPtr>),
     (scratch, att_scratch): (DPtr, DPtr),
     (b, t, c, nh): (usize, usize, usize, usize),
+    recompute_eps: Option<f64>,
 ) -> Result<()> {
     let n = b * t;
     let (gl, pl, al, dl) = (&g.layers[l], &p.layers[l], &a.layers[l], &d.layers[l]);
@@ -595,6 +981,14 @@ fn block_backward(
         InOut,
     )?;
     ops.attention_backward(dl.qkv, dl.atty, al.qkv, al.atty, al.att_lse, att_scratch, b, t, c, nh)?;
+    let (dresidual_in, residual_in) = match l {
+        0 => (d.encoded, a.encoded),
+        _ => (d.layers[l - 1].residual3, a.layers[l - 1].residual3),
+    };
+    if let Some(eps) = recompute_eps {
+        // --recompute: ln_1, over ln_2 (read above), whose buffer it shares.
+        ops.layernorm_forward(al.ln_1, al.ln_1_mean, al.ln_1_rstd, residual_in, pl.ln_1_w, pl.ln_1_b, n, c, eps)?;
+    }
     ops.matmul_backward(
         dl.ln_1,
         gl.c_attn_w,
@@ -608,10 +1002,6 @@ fn block_backward(
         3 * c,
         InOut,
     )?;
-    let (dresidual_in, residual_in) = match l {
-        0 => (d.encoded, a.encoded),
-        _ => (d.layers[l - 1].residual3, a.layers[l - 1].residual3),
-    };
     ops.layernorm_backward(
         dresidual_in,
         dl.residual2,

@@ -7,6 +7,7 @@
 //! once per backward); parameter gradients are fp32 and accumulated, as on the CPU.
 
 use super::model::MAX_HEAD_DIM;
+use super::profile::Work;
 use super::{Arg, DPtr, Gpu, Precision};
 use crate::cpu::matmul::WeightLayout;
 use anyhow::Result;
@@ -113,8 +114,19 @@ pub struct Ops<'a> {
 }
 
 impl Ops<'_> {
-    fn launch(&self, family: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
-        self.gpu.launch(&format!("{family}_{}", self.precision.suffix()), grid, block, args)
+    /// Launches `family` at this precision (its `_bf16` or `_f32` kernel), doing `work`.
+    fn launch(&self, family: &str, grid: (u32, u32, u32), block: u32, args: &[Arg], work: Work) -> Result<()> {
+        self.run(&format!("{family}_{}", self.precision.suffix()), grid, block, 0, args, work)
+    }
+
+    /// Launches kernel `name` with `smem` bytes of dynamic shared memory, doing `work`.
+    fn run(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg], work: Work) -> Result<()> {
+        self.gpu.launch_measured(name, grid, block, smem, args, work)
+    }
+
+    /// Bytes of `n` elements at this precision (activations, weights).
+    fn x(&self, n: usize) -> f64 {
+        (n * self.precision.size()) as f64
     }
 
     /// out (B,T,C) floatX = wte[inp] + wpe[t]; inp (B·T) i32.
@@ -129,7 +141,9 @@ impl Ops<'_> {
         c: usize,
     ) -> Result<()> {
         let args = [out.into(), inp.into(), wte.into(), wpe.into(), i32_of(b * t), i32_of(t), i32_of(c)];
-        self.launch("encoder_forward", (blocks(b * t * c, 256), 1, 1), 256, &args)
+        // Rows of wte and wpe in, the sum out.
+        let work = Work::bytes(3.0 * self.x(b * t * c) + 4.0 * (b * t) as f64);
+        self.launch("encoder_forward", (blocks(b * t * c, 256), 1, 1), 256, &args, work)
     }
 
     /// dwte (f32) and dwpe (f32) += the gradient from dout (B,T,C) floatX. `buckets` lives on
@@ -139,17 +153,31 @@ impl Ops<'_> {
         dwte: DPtr,
         dwpe: DPtr,
         dout: DPtr,
-        buckets: (DPtr, DPtr, DPtr),
-        n_buckets: usize,
+        buckets: (DPtr, DPtr, DPtr, DPtr),
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
         let args = [dwpe.into(), dout.into(), i32_of(b), i32_of(t), i32_of(c)];
-        self.launch("encoder_backward_wpe", (blocks(t * c, 256), 1, 1), 256, &args)?;
-        let (tokens, starts, positions) = buckets;
-        let args = [dwte.into(), dout.into(), tokens.into(), starts.into(), positions.into(), i32_of(c)];
-        self.launch("encoder_backward_wte", (blocks(n_buckets, 1), 1, 1), 256, &args)
+        let work = Work::bytes(self.x(b * t * c) + 8.0 * (t * c) as f64);
+        self.launch("encoder_backward_wpe", (blocks(t * c, 256), 1, 1), 256, &args, work)?;
+        // One block per possible bucket (B·T); those past the count in device memory return.
+        let (tokens, starts, positions, count) = buckets;
+        let args = [dwte.into(), dout.into(), tokens.into(), starts.into(), positions.into(), count.into(), i32_of(c)];
+        // At most B·T distinct rows of dwte read and written (the count is on the device).
+        let work = Work::bytes(self.x(b * t * c) + 8.0 * (b * t * c) as f64 + 12.0 * (b * t) as f64);
+        self.launch("encoder_backward_wte", (blocks(b * t, 1), 1, 1), 256, &args, work)
+    }
+
+    /// out (n) floatX = GELU(inp (n) floatX), as the matmul epilogue computes it (--recompute).
+    pub fn gelu_forward(&self, out: DPtr, inp: DPtr, n: usize) -> Result<()> {
+        self.launch(
+            "gelu_forward",
+            (blocks(n, 256), 1, 1),
+            256,
+            &[out.into(), inp.into(), i64_of(n)],
+            Work::bytes(2.0 * self.x(n)),
+        )
     }
 
     /// out (N,C) floatX, mean and rstd (N) f32 = LayerNorm(inp).
@@ -176,7 +204,8 @@ impl Ops<'_> {
             i32_of(c),
             Arg::F32(eps as f32),
         ];
-        self.launch("layernorm_forward", (blocks(n, 8), 1, 1), 256, &args)
+        let work = Work::bytes(2.0 * self.x(n * c) + 8.0 * n as f64);
+        self.launch("layernorm_forward", (blocks(n, 8), 1, 1), 256, &args, work)
     }
 
     /// residual = inp1 + inp2, then out, mean, rstd = LayerNorm(residual): the residual add of
@@ -208,7 +237,8 @@ impl Ops<'_> {
             i32_of(c),
             Arg::F32(eps as f32),
         ];
-        self.launch("residual_layernorm_forward", (blocks(n, 8), 1, 1), 256, &args)
+        let work = Work::bytes(4.0 * self.x(n * c) + 8.0 * n as f64);
+        self.launch("residual_layernorm_forward", (blocks(n, 8), 1, 1), 256, &args, work)
     }
 
     /// dinp (N,C) floatX = dresidual (NULL: 0; may equal dinp) + the LayerNorm input gradient;
@@ -239,9 +269,13 @@ impl Ops<'_> {
             i32_of(n),
             i32_of(c),
         ];
-        self.launch("layernorm_backward", (layernorm_blocks(n) as u32, 1, 1), 256, &args)?;
+        // dout, the input and the residual gradient in, the input gradient out; partials out.
+        let partials = 4.0 * (layernorm_workers(n) * 2 * c) as f64;
+        let work = Work::bytes(4.0 * self.x(n * c) + 8.0 * n as f64 + partials);
+        self.launch("layernorm_backward", (layernorm_blocks(n) as u32, 1, 1), 256, &args, work)?;
         let args = [dweight.into(), dbias.into(), scratch.into(), i32_of(layernorm_workers(n)), i32_of(c)];
-        self.gpu.launch("layernorm_param_grads_reduce", (blocks(2 * c, 256), 1, 1), 256, &args)
+        let work = Work::bytes(partials + 16.0 * c as f64);
+        self.run("layernorm_param_grads_reduce", (blocks(2 * c, 256), 1, 1), 256, 0, &args, work)
     }
 
     /// The general product: out (M,N) = A·B with A[m,k] = a[m·a_rs + k·a_cs] and
@@ -296,6 +330,7 @@ impl Ops<'_> {
             Arg::I32(epilogue.accumulate as i32),
         ];
         let out_suffix = if out_f32 { "_f32out" } else { "" };
+        let work = Work::flops(2.0 * (m * n * k) as f64);
         match variant {
             Some(v) => {
                 assert!(self.precision == Precision::Bf16, "tensor-core matmuls are bf16");
@@ -304,9 +339,9 @@ impl Ops<'_> {
                 assert!(b.1 == 1 || b.2 == 1, "matmul: B has no contiguous dimension (strides {}, {})", b.1, b.2);
                 let name = format!("matmul_{}{out_suffix}_bf16", v.name);
                 let grid = (blocks(n, v.bn), blocks(m, v.bm), 1);
-                self.gpu.launch_with_smem(&name, grid, v.threads, v.smem, &args)
+                self.run(&name, grid, v.threads, v.smem, &args, work)
             }
-            None => self.launch(&format!("matmul{out_suffix}"), (blocks(n, 64), blocks(m, 64), 1), 128, &args),
+            None => self.launch(&format!("matmul{out_suffix}"), (blocks(n, 64), blocks(m, 64), 1), 128, &args, work),
         }
     }
 
@@ -358,7 +393,8 @@ impl Ops<'_> {
         }
         if let Some(dbias) = dbias {
             let args = [dbias.into(), dout.into(), i32_of(n), i32_of(oc)];
-            self.launch("bias_grad", (blocks(oc, 32), 1, 1), 256, &args)?;
+            let work = Work::bytes(self.x(n * oc) + 8.0 * oc as f64);
+            self.launch("bias_grad", (blocks(oc, 32), 1, 1), 256, &args, work)?;
         }
         Ok(())
     }
@@ -377,13 +413,17 @@ impl Ops<'_> {
     ) -> Result<()> {
         assert!(c / nh <= MAX_HEAD_DIM, "attention: head dim {} above {MAX_HEAD_DIM}", c / nh);
         let args = [out.into(), lse.into(), qkv.into(), i32_of(b), i32_of(t), i32_of(c), i32_of(nh)];
+        // Q·Kᵀ and P·V under the causal mask: 2 matmuls of 2·T·T·hd, halved.
+        let work = Work::flops(attention_flops(b, t, c, 2));
         match self.precision {
             Precision::Bf16 => {
                 let hd = flash_head_dim(c / nh);
                 let name = format!("flash_forward_hd{hd}_bf16");
-                self.gpu.launch_with_smem(&name, flash_grid(b, t, nh), ATTENTION_THREADS, flash_smem(hd).0, &args)
+                self.run(&name, flash_grid(b, t, nh), ATTENTION_THREADS, flash_smem(hd).0, &args, work)
             }
-            Precision::F32 => self.launch("attention_forward", attention_grid(b, t, nh), ATTENTION_THREADS, &args),
+            Precision::F32 => {
+                self.launch("attention_forward", attention_grid(b, t, nh), ATTENTION_THREADS, &args, work)
+            }
         }
     }
 
@@ -409,7 +449,8 @@ impl Ops<'_> {
                 let hd = flash_head_dim(c / nh);
                 let (_, dkdv_smem, dq_smem) = flash_smem(hd);
                 let d_args = [scratch.into(), dout.into(), out.into(), dims[0], dims[1], dims[2], dims[3]];
-                self.gpu.launch("attention_d_bf16", (blocks(b * nh * t, 128), 1, 1), 128, &d_args)?;
+                let work = Work::bytes(2.0 * self.x(b * t * c) + 4.0 * (b * nh * t) as f64);
+                self.run("attention_d_bf16", (blocks(b * nh * t, 128), 1, 1), 128, 0, &d_args, work)?;
                 let args = [
                     dqkv.into(),
                     dout.into(),
@@ -422,14 +463,17 @@ impl Ops<'_> {
                     dims[3],
                 ];
                 let grid = flash_grid(b, t, nh);
-                self.gpu.launch_with_smem(&format!("flash_backward_dkdv_hd{hd}_bf16"), grid, 128, dkdv_smem, &args)?;
-                self.gpu.launch_with_smem(&format!("flash_backward_dq_hd{hd}_bf16"), grid, 128, dq_smem, &args)
+                // dK, dV: S = Q·Kᵀ, dP = dO·Vᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q. dQ: S, dP, dQ += dS·K.
+                let (dkdv, dq) = (Work::flops(attention_flops(b, t, c, 4)), Work::flops(attention_flops(b, t, c, 3)));
+                self.run(&format!("flash_backward_dkdv_hd{hd}_bf16"), grid, 128, dkdv_smem, &args, dkdv)?;
+                self.run(&format!("flash_backward_dq_hd{hd}_bf16"), grid, 128, dq_smem, &args, dq)
             }
             Precision::F32 => {
                 let args =
                     [dqkv.into(), dout.into(), qkv.into(), out.into(), lse.into(), dims[0], dims[1], dims[2], dims[3]];
-                self.launch("attention_backward_dkdv", attention_grid(b, t, nh), ATTENTION_THREADS, &args)?;
-                self.launch("attention_backward_dq", attention_grid(b, t, nh), ATTENTION_THREADS, &args)
+                let (dkdv, dq) = (Work::flops(attention_flops(b, t, c, 4)), Work::flops(attention_flops(b, t, c, 3)));
+                self.launch("attention_backward_dkdv", attention_grid(b, t, nh), ATTENTION_THREADS, &args, dkdv)?;
+                self.launch("attention_backward_dq", attention_grid(b, t, nh), ATTENTION_THREADS, &args, dq)
             }
         }
     }
@@ -456,58 +500,68 @@ impl Ops<'_> {
             i32_of(vp),
             Arg::F32(dloss),
         ];
-        self.launch("crossentropy_forward", (blocks(n, 1), 1, 1), 256, &args)
+        // The logits in, their gradient out when asked.
+        let work = Work::bytes(self.x(n * vp) * if dlogits.is_some() { 2.0 } else { 1.0 } + 8.0 * n as f64);
+        self.launch("crossentropy_forward", (blocks(n, 1), 1, 1), 256, &args, work)
     }
 
     /// The squared L2 norm of `n` f32 at `grads`, via `scratch` (NORM_BLOCKS + 1 f64), read back.
     pub fn grad_norm_squared(&self, grads: DPtr, n: usize, scratch: DPtr) -> Result<f64> {
-        let args = [scratch.into(), grads.into(), i64_of(n)];
-        self.gpu.launch("grad_norm_squares", (NORM_BLOCKS as u32, 1, 1), 256, &args)?;
         let total = scratch.add(NORM_BLOCKS, 8);
-        self.gpu.launch("grad_norm_finish", (1, 1, 1), 256, &[total.into(), scratch.into(), i32_of(NORM_BLOCKS)])?;
+        self.grad_norm_squared_into(total, grads, n, scratch)?;
         let mut out = [0f64];
         self.gpu.download(&mut out, total)?;
         Ok(out[0])
     }
 
-    /// One AdamW step over `n` elements (see kernels/optimizer.cu for the formula).
+    /// out (one f64, on the device) = the squared L2 norm of `n` f32 at `grads`, via `scratch`
+    /// (NORM_BLOCKS f64); nothing read back.
+    pub fn grad_norm_squared_into(&self, out: DPtr, grads: DPtr, n: usize, scratch: DPtr) -> Result<()> {
+        let args = [scratch.into(), grads.into(), i64_of(n)];
+        self.run("grad_norm_squares", (NORM_BLOCKS as u32, 1, 1), 256, 0, &args, Work::bytes(4.0 * n as f64))?;
+        let args = [out.into(), scratch.into(), i32_of(NORM_BLOCKS)];
+        self.run("grad_norm_finish", (1, 1, 1), 256, 0, &args, Work::bytes(8.0 * NORM_BLOCKS as f64))
+    }
+
+    /// acc (one f64) += mean(losses (N) f32) / accum, on the device.
+    pub fn loss_accumulate(&self, acc: DPtr, losses: DPtr, n: usize, accum: usize) -> Result<()> {
+        let args = [acc.into(), losses.into(), i32_of(n), i32_of(accum)];
+        self.run("loss_accumulate", (1, 1, 1), 256, 0, &args, Work::bytes(4.0 * n as f64))
+    }
+
+    /// The step's norm, finiteness and clipping factor from its loss and squared norm (StepState).
+    pub fn step_finish(&self, state: DPtr, max_norm: f64) -> Result<()> {
+        self.run("step_finish", (1, 1, 1), 32, 0, &[state.into(), Arg::F64(max_norm)], Work::default())
+    }
+
+    /// AdamW on every tensor in one launch (see kernels/optimizer.cu for the formula): `chunks`
+    /// (AdamWChunk × n_chunks), scalars at `hp` (AdamWParams), clipping factor and finiteness
+    /// from `state` (StepState); all read on the device.
     pub fn adamw(
         &self,
-        params: DPtr,
-        master: DPtr,
-        grads: DPtr,
-        m: DPtr,
-        v: DPtr,
+        (params, master, grads, m, v): (DPtr, DPtr, DPtr, DPtr, DPtr),
+        (chunks, n_chunks): (DPtr, usize),
         n: usize,
-        s: &AdamWScalars,
+        hp: DPtr,
+        state: DPtr,
     ) -> Result<()> {
-        let args = [
-            params.into(),
-            master.into(),
-            grads.into(),
-            m.into(),
-            v.into(),
-            i64_of(n),
-            Arg::F32(s.grad_scale),
-            Arg::F32(s.step_size),
-            Arg::F32(s.bc2_sqrt),
-            Arg::F32(s.one_minus_beta1),
-            Arg::F32(s.beta2),
-            Arg::F32(s.one_minus_beta2),
-            Arg::F32(s.eps),
-            Arg::F32(s.decay),
-        ];
-        self.launch("adamw", (blocks(n, 256), 1, 1), 256, &args)
+        let args =
+            [params.into(), master.into(), grads.into(), m.into(), v.into(), chunks.into(), hp.into(), state.into()];
+        // Per element: the gradient, master weight and moments in; those three and params out.
+        let work = Work::bytes((28 * n) as f64 + self.x(n));
+        self.launch("adamw", (n_chunks as u32, 1, 1), 256, &args, work)
     }
 
     /// out (n) floatX = round(inp (n) f32).
     pub fn f32_to_floatx(&self, out: DPtr, inp: DPtr, n: usize) -> Result<()> {
-        self.launch("f32_to_floatx", (blocks(n, 256), 1, 1), 256, &[out.into(), inp.into(), i64_of(n)])
+        let work = Work::bytes(4.0 * n as f64 + self.x(n));
+        self.launch("f32_to_floatx", (blocks(n, 256), 1, 1), 256, &[out.into(), inp.into(), i64_of(n)], work)
     }
 
     /// out (n) f32 = inp (n) floatX.
     pub fn floatx_to_f32(&self, out: DPtr, inp: DPtr, n: usize) -> Result<()> {
-        self.launch("floatx_to_f32", (blocks(n, 256), 1, 1), 256, &[out.into(), inp.into(), i64_of(n)])
+        let work = Work::bytes(4.0 * n as f64 + self.x(n));
+        self.launch("floatx_to_f32", (blocks(n, 256), 1, 1), 256, &[out.into(), inp.into(), i64_of(n)], work)
     }
 }
 
@@ -554,6 +608,12 @@ const ATTENTION_THREADS: u32 = 128;
 
 fn attention_grid(b: usize, t: usize, nh: usize) -> (u32, u32, u32) {
     (blocks(t, 16), nh as u32, b as u32)
+}
+
+/// FLOPs of `matmuls` (T×T×hd) products per head under the causal mask (half of the T×T
+/// scores): matmuls · 2·T·T·hd / 2 per head, B·NH heads, hd·NH = C.
+fn attention_flops(b: usize, t: usize, c: usize, matmuls: usize) -> f64 {
+    (matmuls * b * t * t * c) as f64
 }
 
 /// The flash kernels' grid: one block per 64 rows, per head, per sequence.

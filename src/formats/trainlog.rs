@@ -19,6 +19,10 @@ pub struct StepRecord {
     pub lr: f64,
     pub ms: f64,
     pub tok_per_s: f64,
+    /// Model FLOPs utilisation on a GPU whose peak is known (llm.c's FLOP count over the step's
+    /// time, against the dense bf16 peak the start-up line names).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
     /// With --skip-nonfinite: the loss or gradient norm was not finite and the update was skipped
@@ -149,8 +153,9 @@ impl Console {
 
     pub fn step(&self, r: &StepRecord) {
         let val = r.val_loss.map(|v| format!(" | val {v:.4}")).unwrap_or_default();
+        let mfu = r.mfu.map(|m| format!(" | MFU {:.1}%", 100.0 * m)).unwrap_or_default();
         let text = format!(
-            "loss {:.4}{val} | norm {:.3} | lr {:.2e} | {:.0} ms | {:.0} tok/s{}",
+            "loss {:.4}{val} | norm {:.3} | lr {:.2e} | {:.0} ms | {:.0} tok/s{mfu}{}",
             r.loss,
             r.grad_norm,
             r.lr,

@@ -99,6 +99,7 @@ pub fn deterministic_step_lines(path: &Path) -> Vec<serde_json::Value> {
             let o = v.as_object_mut().unwrap();
             o.remove("ms");
             o.remove("tok_per_s");
+            o.remove("mfu");
             v
         })
         .collect()

@@ -66,7 +66,25 @@ static void test(int N, int V, int Vp, double scale, Grad grad, uint64_t seed) {
     }
 }
 
+// loss_accumulate: acc += mean(losses) / accum, in double, added to what acc already holds (the
+// micro-batches of one step), against the host's sum in double.
+static void test_accumulate(int N, int accum, uint64_t seed) {
+    Rng r(seed);
+    std::vector<double> ld;
+    auto losses = randn<float>((size_t)N, r, 2.0, &ld);
+    double acc = 0.25, ref = 0.25;
+    for (int k = 0; k < accum; k++) {
+        emu::launch("loss_accumulate", 1, 256, [&] { loss_accumulate(&acc, losses.data(), N, accum); });
+        double sum = 0;
+        for (double l : ld) sum += l;
+        ref += sum / N / accum;
+    }
+    Case k(fmt("loss_accumulate   N=%5d accum=%d", N, accum));
+    k.cmp("f32", "acc", {acc}, {ref}, 1e-12);  // two double sums in different orders
+}
+
 int main() {
+    for (int N : {1, 7, 256, 1000, 8192}) test_accumulate(N, N % 2 ? 1 : 4, 1000 + N);
     struct S {
         int N, V, Vp;
         double scale;

@@ -107,6 +107,11 @@ inline std::common_type_t<A, B> max(A a, B b) {
     return (T)a < (T)b ? (T)b : (T)a;
 }
 
+// IEEE single-precision add and multiply, rounded to nearest, never fused into an FMA: on the
+// host that is what plain float arithmetic does (the harnesses are built without -mfma).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+
 // ---- bf16 (what cuda_bf16.h provides and the kernels use) --------------------------------------
 // Only explicit conversions, so kernel code that leans on cuda_bf16.h's implicit ones fails here.
 struct __nv_bfloat16 {

@@ -60,8 +60,11 @@ static void test(int B, int T, int C, int Vp, int maxT, uint64_t seed) {
     emu::launch("encoder_backward_wpe", blocks((size_t)T * C, 256), 256,
                 [&] { K<X>::wpe(dwpe.data(), dout.data(), B, T, C); });
     Buckets bk = buckets(inp);
-    emu::launch("encoder_backward_wte", blocks(bk.tokens.size(), 1), 256, [&] {
-        K<X>::wte(dwte.data(), dout.data(), bk.tokens.data(), bk.starts.data(), bk.positions.data(), C);
+    // One block per position (the launch shape of every batch); those past the bucket count,
+    // read from device memory, return at once.
+    const int n_buckets = (int)bk.tokens.size();
+    emu::launch("encoder_backward_wte", blocks(N, 1), 256, [&] {
+        K<X>::wte(dwte.data(), dout.data(), bk.tokens.data(), bk.starts.data(), bk.positions.data(), &n_buckets, C);
     });
 
     // Reference: encoder_forward and encoder_backward of src/cpu/encoder.rs, in double.

@@ -36,16 +36,42 @@ static void test_norm(long long n, uint64_t seed) {
     k.cmp("f32", "norm_squared", {*total}, {ref}, kTight);
 }
 
-// One AdamW step (ops.rs AdamWScalars: the scalars of AdamWConfig::step formed in f64 and
-// rounded to f32) from random m, v and master weights, against AdamW::update in double.
+// step_finish against clip_coefficient (src/cpu/optimizer.rs: torch's rule) and the host's
+// finiteness test.
+static void test_step_finish(double loss, double norm_sq, double max_norm) {
+    StepState st{loss, norm_sq, NAN, NAN, -1};
+    emu::launch("step_finish", 1, 32, [&] { step_finish(&st, max_norm); });
+    const double norm = std::sqrt(norm_sq), coef = max_norm / (norm + 1e-6);
+    const float scale = (float)((max_norm <= 0.0 || coef >= 1.0) ? 1.0 : coef);
+    const bool finite = std::isfinite(loss) && std::isfinite(norm);
+    Case k(fmt("step_finish        loss=%g norm_sq=%g max_norm=%g", loss, norm_sq, max_norm));
+    k.expect("norm", st.norm == norm || (std::isnan(norm) && std::isnan(st.norm)));
+    k.expect("grad_scale", st.grad_scale == scale);
+    k.expect("finite", st.finite == (int)finite);
+    k.expect("loss, norm_sq untouched", st.loss == loss || (std::isnan(loss) && std::isnan(st.loss)));
+}
+
+// One AdamW step over tensors of the given sizes, alternately decayed and not, cut into chunks
+// of at most `chunk` elements as src/cuda/model.rs's adamw_chunks does, with the scalars of
+// ops.rs AdamWScalars (AdamWConfig::step formed in f64 and rounded to f32), from random m, v and
+// master weights; against AdamW::update in double. With finite = 0 nothing may change.
 template <typename X>
-static void test_adamw(long long n, int t, double lr, bool decay, float grad_scale, uint64_t seed) {
+static void test_adamw(std::vector<long long> sizes, int chunk, int t, double lr, float grad_scale, bool finite,
+                       uint64_t seed) {
     Rng r(seed);
     const double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, wd = 0.1;
-    const float step_size = (float)(lr / (1.0 - std::pow(beta1, t)));
-    const float bc2_sqrt = (float)std::sqrt(1.0 - std::pow(beta2, t));
-    const float omb1 = (float)(1.0 - beta1), b2 = (float)beta2, omb2 = (float)(1.0 - beta2), epsf = (float)eps;
-    const float decayf = decay ? (float)(1.0 - lr * wd) : 1.0f;
+    const AdamWParams hp{(float)(lr / (1.0 - std::pow(beta1, t))), (float)std::sqrt(1.0 - std::pow(beta2, t)),
+                         (float)(1.0 - beta1), (float)beta2, (float)(1.0 - beta2), (float)eps, (float)(1.0 - lr * wd)};
+    std::vector<AdamWChunk> chunks;
+    std::vector<int> decayed;  // per element
+    long long n = 0;
+    for (size_t k = 0; k < sizes.size(); k++) {
+        for (long long s = 0; s < sizes[k]; s += chunk)
+            chunks.push_back({n + s, (int)std::min<long long>(chunk, sizes[k] - s), (int)(k % 2 == 0)});
+        decayed.insert(decayed.end(), sizes[k], k % 2 == 0);
+        n += sizes[k];
+    }
+    const StepState st{1.0, 1.0, 1.0, grad_scale, finite};
     std::vector<double> pd, gd, md, vd;
     auto master = randn<float>((size_t)n, r, 0.1, &pd);
     auto grads = randn<float>((size_t)n, r, 1e-2, &gd);
@@ -53,23 +79,33 @@ static void test_adamw(long long n, int t, double lr, bool decay, float grad_sca
     auto v = randn<float>((size_t)n, r, 1e-4, &vd);
     for (size_t i = 0; i < v.size(); i++) v[i] = v[i] * v[i], vd[i] = v[i];  // v >= 0
     auto params = nans<X>((size_t)n);
-    emu::launch("adamw", blocks((size_t)n, 256), 256, [&] {
-        K<X>::adamw(params.data(), master.data(), grads.data(), m.data(), v.data(), n, grad_scale, step_size, bc2_sqrt,
-                    omb1, b2, omb2, epsf, decayf);
+    const auto master0 = master, m0 = m, v0 = v;
+    emu::launch("adamw", (int)chunks.size(), 256, [&] {
+        K<X>::adamw(params.data(), master.data(), grads.data(), m.data(), v.data(), chunks.data(), &hp, &st);
     });
+    Case k(fmt("adamw %-4s chunk=%4d n=%8lld tensors=%zu t=%d lr=%g grad_scale=%g finite=%d", pname<X>(), chunk, n,
+               sizes.size(), t, lr, grad_scale, finite));
+    if (!finite) {
+        bool same = memcmp(master.data(), master0.data(), 4 * n) == 0 && memcmp(m.data(), m0.data(), 4 * n) == 0 &&
+                    memcmp(v.data(), v0.data(), 4 * n) == 0;
+        bool untouched = true;
+        for (const X& p : params) untouched &= std::isnan(to_f(p));
+        k.expect("state unchanged", same);
+        k.expect("params unwritten", untouched);
+        return;
+    }
     // AdamW::update on the clipped gradient (clip_grad_norm scales grads by the factor first).
     std::vector<double> p_r(n), m_r(n), v_r(n), delta_r(n), delta(n);
     for (long long i = 0; i < n; i++) {
         const double g = gd[i] * (double)grad_scale;
-        double p = pd[i] * (double)decayf;
-        const double mi = md[i] + (double)omb1 * (g - md[i]);
-        const double vi = vd[i] * (double)b2 + (double)omb2 * g * g;
-        p -= (double)step_size * mi / (std::sqrt(vi) / (double)bc2_sqrt + (double)epsf);
+        double p = pd[i] * (decayed[i] ? (double)hp.decay : 1.0);
+        const double mi = md[i] + (double)hp.one_minus_beta1 * (g - md[i]);
+        const double vi = vd[i] * (double)hp.beta2 + (double)hp.one_minus_beta2 * g * g;
+        p -= (double)hp.step_size * mi / (std::sqrt(vi) / (double)hp.bc2_sqrt + (double)hp.eps);
         p_r[i] = p, m_r[i] = mi, v_r[i] = vi;
         delta_r[i] = p - pd[i];
         delta[i] = (double)master[i] - pd[i];
     }
-    Case k(fmt("adamw %-4s         n=%8lld t=%d lr=%g decay=%d grad_scale=%g", pname<X>(), n, t, lr, decay, grad_scale));
     k.cmp(pname<X>(), "master", as_double(master), p_r, kTight);
     k.cmp(pname<X>(), "m", as_double(m), m_r, kTight);
     k.cmp(pname<X>(), "v", as_double(v), v_r, kTight);
@@ -110,17 +146,25 @@ static void test_convert(long long n, uint64_t seed) {
 int main() {
     uint64_t seed = 1;
     for (long long n : {7LL, 300000LL}) test_norm(n, seed++);  // 300000 > 1024 · 256: two grid-stride steps
+    test_step_finish(3.5, 4.0, 1.0);       // clipped: 1 / (2 + 1e-6)
+    test_step_finish(3.5, 0.25, 1.0);      // below the limit: 1
+    test_step_finish(3.5, 4.0, 0.0);       // no clipping: 1
+    test_step_finish(NAN, 4.0, 1.0);       // loss not finite
+    test_step_finish(3.5, INFINITY, 1.0);  // norm not finite
     struct A {
-        long long n;
-        int t;
+        std::vector<long long> sizes;
+        int chunk, t;
         double lr;
-        bool decay;
         float gs;
+        bool finite;
     };
-    const A as[] = {{1, 1, 1e-3, true, 1.0f}, {7, 3, 6e-4, true, 0.5f}, {1000, 10, 1e-3, false, 1.0f},
-                    {65537, 3, 3e-4, true, 0.25f}};
-    for (const A& a : as) test_adamw<float>(a.n, a.t, a.lr, a.decay, a.gs, seed++);
-    for (const A& a : as) test_adamw<bf16>(a.n, a.t, a.lr, a.decay, a.gs, seed++);
+    const A as[] = {{{1}, 4096, 1, 1e-3, 1.0f, true},
+                    {{7, 5}, 4, 3, 6e-4, 0.5f, true},
+                    {{1000, 300, 4097}, 4096, 10, 1e-3, 1.0f, true},
+                    {{65537, 768}, 1000, 3, 3e-4, 0.25f, true},
+                    {{3000, 17}, 256, 2, 1e-3, 1.0f, false}};
+    for (const A& a : as) test_adamw<float>(a.sizes, a.chunk, a.t, a.lr, a.gs, a.finite, seed++);
+    for (const A& a : as) test_adamw<bf16>(a.sizes, a.chunk, a.t, a.lr, a.gs, a.finite, seed++);
     for (long long n : {1LL, 7LL, 1000LL, 4099LL}) {
         test_convert<float>(n, seed++);
         test_convert<bf16>(n, seed++);

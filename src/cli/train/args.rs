@@ -124,6 +124,22 @@ pub struct TrainArgs {
     /// CPU threads [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
+    /// On a GPU, capture the training step into a CUDA graph once and replay it every step
+    /// (fewer launches' overhead; the results are the same bits)
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    #[serde(default = "yes")]
+    pub cuda_graph: bool,
+    /// On a GPU, keep fewer activations: recompute every layer's LayerNorm and GELU outputs in
+    /// the backward instead of storing them (less memory, a few percent more time; the results
+    /// are the same bits)
+    #[arg(long)]
+    #[serde(default)]
+    pub recompute: bool,
+    /// On a GPU, time every kernel of every step (CUDA events) and print, at the end, each
+    /// kernel's share of the step and its TFLOP/s or GB/s; also logged. Turns --cuda-graph off
+    #[arg(long)]
+    #[serde(default)]
+    pub profile: bool,
 
     /// Write the JSONL log here [default: RUN_DIR/log.jsonl with --out]
     #[arg(long, value_name = "FILE")]
@@ -170,6 +186,10 @@ pub struct TrainArgs {
     /// still advances) instead of stopping the run; skipped steps are logged and counted
     #[arg(long)]
     pub skip_nonfinite: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl TrainArgs {
@@ -345,7 +365,7 @@ pub fn check_saved_args(text: &str) -> Result<()> {
         host_memory_plan(on_gpu, &config, shape.b, shape.t);
     }
     for precision in [Precision::F32, Precision::Bf16] {
-        gpu_memory_plan(&config, shape.b, shape.t, precision);
+        gpu_memory_plan(&config, shape.b, shape.t, precision, args.recompute);
     }
     let steps = args.steps.unwrap_or(1);
     for step in [1, steps / 2, steps] {

@@ -4,7 +4,8 @@
 use crate::cli::device::Device;
 use crate::cpu::model::Gpt;
 use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
-use crate::cuda::model::GpuGpt;
+use crate::cuda::model::{GpuGpt, StepOutcome};
+use crate::cuda::profile::{dense_bf16_peak, KernelTotal};
 use crate::model::config::GptConfig;
 use crate::model::layout::ParamLayout;
 use anyhow::Result;
@@ -46,6 +47,20 @@ pub fn first_nonfinite(layout: &ParamLayout, values: &[f32]) -> Option<NonFinite
     Some(NonFinite { tensor: spec.name.clone(), index, value: values[first], count })
 }
 
+/// How a GPU runs the step (TrainArgs' --cuda-graph and --recompute); the CPU ignores them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuOptions {
+    pub cuda_graph: bool,
+    pub recompute: bool,
+    pub profile: bool,
+}
+
+impl GpuOptions {
+    pub fn of(args: &super::args::TrainArgs) -> Self {
+        GpuOptions { cuda_graph: args.cuda_graph, recompute: args.recompute, profile: args.profile }
+    }
+}
+
 /// A model and its optimizer on one device.
 pub enum Engine {
     Cpu { model: Box<Gpt<f32>>, optimizer: AdamW<f32> },
@@ -53,7 +68,14 @@ pub enum Engine {
 }
 
 impl Engine {
-    pub fn new(device: &Device, config: GptConfig, params: Vec<f32>, optimizer: Option<AdamW<f32>>) -> Result<Engine> {
+    /// The model on `device`, with `options` when it is a GPU.
+    pub fn new(
+        device: &Device,
+        config: GptConfig,
+        params: Vec<f32>,
+        optimizer: Option<AdamW<f32>>,
+        options: GpuOptions,
+    ) -> Result<Engine> {
         let n = ParamLayout::new(&config).total;
         Ok(match device {
             Device::Cpu => Engine::Cpu {
@@ -62,12 +84,70 @@ impl Engine {
             },
             Device::Cuda(gpu, precision) => {
                 let mut model = GpuGpt::new(gpu.clone(), config, *precision, &params)?;
+                model.use_graph = options.cuda_graph;
+                model.set_recompute(options.recompute);
+                if options.profile {
+                    model.set_profile();
+                }
                 if let Some(opt) = optimizer {
                     model.set_optimizer(&opt)?;
                 }
                 Engine::Gpu(Box::new(model))
             }
         })
+    }
+
+    /// One optimizer step over `micro_batches` (inputs, targets; B·T each): the gradient of
+    /// the mean loss over them, its global norm and, when both are finite, clipping and AdamW;
+    /// otherwise nothing is updated (the gradients stay, for naming the culprit). The GPU does
+    /// it all on the device with one synchronisation.
+    pub fn step(
+        &mut self,
+        micro_batches: &[(Vec<u32>, Vec<u32>)],
+        (b, t): (usize, usize),
+        lr: f64,
+        hp: &AdamWConfig,
+        grad_clip: f64,
+    ) -> Result<StepOutcome> {
+        let accum = micro_batches.len() as f64;
+        match self {
+            Engine::Cpu { model, optimizer } => {
+                model.zero_grad();
+                let mut loss = 0.0;
+                for (x, y) in micro_batches {
+                    loss += model.forward(x, Some(y), b, t).expect("targets given") / accum;
+                    model.backward(1.0 / accum);
+                }
+                let grad_norm = global_norm(&model.grads);
+                let applied = loss.is_finite() && grad_norm.is_finite();
+                if applied {
+                    clip_grad_norm(&mut model.grads, grad_norm, grad_clip);
+                    optimizer.update(&mut model.params, &model.grads, &model.layout, lr, hp);
+                }
+                Ok(StepOutcome { loss, grad_norm, applied })
+            }
+            Engine::Gpu(m) => {
+                let batches: Vec<(&[u32], &[u32])> = micro_batches.iter().map(|(x, y)| (&x[..], &y[..])).collect();
+                m.train_step(&batches, (b, t), lr, hp, grad_clip)
+            }
+        }
+    }
+
+    /// The GPU's dense bf16 peak (FLOP/s) and its name, for MFU; None on the CPU or a GPU
+    /// the table lacks.
+    pub fn peak(&self) -> Option<(f64, &'static str)> {
+        match self {
+            Engine::Cpu { .. } => None,
+            Engine::Gpu(m) => dense_bf16_peak(&m.gpu_name()),
+        }
+    }
+
+    /// --profile's per-kernel totals and the steps they cover.
+    pub fn profile(&self) -> Option<(Vec<KernelTotal>, usize)> {
+        match self {
+            Engine::Cpu { .. } => None,
+            Engine::Gpu(m) => m.profile(),
+        }
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {

@@ -55,24 +55,41 @@ fn memory_refusal(
 }
 
 /// Refuses a GPU run whose buffers cannot fit in the free device memory.
-pub(super) fn check_gpu_memory(gpu: &Gpu, cfg: &GptConfig, b: usize, t: usize, precision: Precision) -> Result<()> {
+pub(super) fn check_gpu_memory(
+    gpu: &Gpu,
+    cfg: &GptConfig,
+    (b, t): (usize, usize),
+    precision: Precision,
+    recompute: bool,
+) -> Result<()> {
     let (free, _) = gpu.memory()?;
-    match gpu_memory_refusal(&gpu_memory_plan(cfg, b, t, precision), free, &gpu.name, precision) {
+    let plan = gpu_memory_plan(cfg, b, t, precision, recompute);
+    // What --recompute would need, when it is not on: the first thing to try.
+    let with_recompute = (!recompute).then(|| plan_bytes(&gpu_memory_plan(cfg, b, t, precision, true)));
+    match gpu_memory_refusal(&plan, free, &gpu.name, precision, with_recompute) {
         Some(refusal) => bail!(refusal),
         None => Ok(()),
     }
 }
 
 /// The one-line refusal of a GPU run whose buffers (`plan`) exceed the `free` device memory.
-fn gpu_memory_refusal(plan: &[(&str, usize)], free: usize, gpu_name: &str, precision: Precision) -> Option<String> {
+/// `with_recompute`: the bytes the run would need with --recompute, when it is not on.
+fn gpu_memory_refusal(
+    plan: &[(&str, usize)],
+    free: usize,
+    gpu_name: &str,
+    precision: Precision,
+    with_recompute: Option<usize>,
+) -> Option<String> {
     let needed = plan_bytes(plan);
     (needed > free).then(|| {
         format!(
-            "not enough GPU memory: training needs {} ({}) but {} is free on {gpu_name}; lower --batch-size or \
+            "not enough GPU memory: training needs {} ({}) but {} is free on {gpu_name}; {}lower --batch-size or \
              --seq-len{}, or use a smaller model",
             human_bytes(needed),
             describe_plan(plan),
             human_bytes(free),
+            with_recompute.map(|b| format!("add --recompute (needs {}), ", human_bytes(b))).unwrap_or_default(),
             if precision == Precision::F32 { ", use --precision bf16" } else { "" }
         )
     })
@@ -132,10 +149,10 @@ mod tests {
         // The refusal of check_gpu_memory, planned without a GPU: GPT-2 small at B=8, T=1024.
         let cfg = GptConfig::preset(Preset::Gpt2);
         for precision in [Precision::Bf16, Precision::F32] {
-            let plan = gpu_memory_plan(&cfg, 8, 1024, precision);
+            let plan = gpu_memory_plan(&cfg, 8, 1024, precision, false);
             let needed = plan_bytes(&plan);
-            assert_eq!(gpu_memory_refusal(&plan, needed, "H200", precision), None);
-            let refusal = gpu_memory_refusal(&plan, needed - 1, "H200", precision).expect("one byte short");
+            assert_eq!(gpu_memory_refusal(&plan, needed, "H200", precision, None), None);
+            let refusal = gpu_memory_refusal(&plan, needed - 1, "H200", precision, None).expect("one byte short");
             assert!(refusal.starts_with(&format!("not enough GPU memory: training needs {} (", human_bytes(needed))));
             for part in ["weights, ", "master weights, ", "AdamW moments, ", "activations, ", "activation gradients, "]
             {
@@ -144,8 +161,42 @@ mod tests {
             assert!(refusal.contains(" is free on H200; lower --batch-size or --seq-len"));
             assert_eq!(refusal.contains("--precision bf16"), precision == Precision::F32, "{refusal}");
         }
+        // Without --recompute, the refusal says what it would need with it.
+        let plan = gpu_memory_plan(&cfg, 8, 1024, Precision::Bf16, false);
+        let with = plan_bytes(&gpu_memory_plan(&cfg, 8, 1024, Precision::Bf16, true));
+        let refusal = gpu_memory_refusal(&plan, with, "H100", Precision::Bf16, Some(with)).expect("short");
+        assert!(refusal.contains(&format!("; add --recompute (needs {}), lower --batch-size", human_bytes(with))));
         // bf16 storage halves the weights and the activations the plan counts.
-        let bytes = |p| plan_bytes(&gpu_memory_plan(&cfg, 8, 1024, p));
+        let bytes = |p| plan_bytes(&gpu_memory_plan(&cfg, 8, 1024, p, false));
         assert!(bytes(Precision::Bf16) < bytes(Precision::F32));
+    }
+
+    #[test]
+    fn gpt2_xl_at_t1024_fits_an_80_gb_gpu_and_recompute_saves_what_it_should() {
+        // The plan's arithmetic for GPT-2 1.5B, bf16, T=1024 (README "GPU memory"): 1.56 G
+        // parameters (padded vocabulary) × (2 bf16 + 4 master + 4 gradient + 8 AdamW) bytes =
+        // 28.1 GiB, plus the activations, which grow with B.
+        let cfg = GptConfig::preset(Preset::Gpt2Xl);
+        let (b, t, c, l) = (16, 1024, cfg.n_embd, cfg.n_layer);
+        let part = |plan: &[(&str, usize)], name: &str| plan.iter().find(|(n, _)| *n == name).unwrap().1;
+        let plain = gpu_memory_plan(&cfg, b, t, Precision::Bf16, false);
+        let recompute = gpu_memory_plan(&cfg, b, t, Precision::Bf16, true);
+        let n = ParamLayout::new(&cfg).total;
+        assert_eq!(part(&plain, "weights") + part(&plain, "master weights"), 6 * n);
+        assert_eq!(part(&plain, "gradients") + part(&plain, "AdamW moments"), 12 * n);
+        // --recompute keeps one layer's ln_1/ln_2 (2L tensors of B·T·C → 1) and GELU output
+        // (L of 4·B·T·C → 1), in bf16.
+        let btc2 = b * t * c * 2;
+        let saved = part(&plain, "activations") - part(&recompute, "activations");
+        assert_eq!(saved, (2 * l - 1) * btc2 + (l - 1) * 4 * btc2);
+        // An 80 GB H100 shows about 79.1 GiB; leave 1.5 GiB for the CUDA context and modules.
+        let room = (79.1 - 1.5) * (1u64 << 30) as f64;
+        assert!((plan_bytes(&recompute) as f64) < room, "{}", describe_plan(&recompute));
+        assert!((plan_bytes(&plain) as f64) < room, "{}", describe_plan(&plain));
+        // B=24 fits only with --recompute, and B=32 not even with it.
+        let b24 = |r| plan_bytes(&gpu_memory_plan(&cfg, 24, t, Precision::Bf16, r)) as f64;
+        assert!(b24(true) < room && b24(false) > room);
+        let b32 = gpu_memory_plan(&cfg, 32, t, Precision::Bf16, true);
+        assert!(plan_bytes(&b32) as f64 > room, "{}", describe_plan(&b32));
     }
 }

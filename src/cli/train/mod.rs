@@ -16,6 +16,8 @@ pub use args::{check_saved_args, merge_resumed_args, TrainArgs};
 
 use crate::cli::device::Device;
 use crate::cpu::optimizer::{AdamW, AdamWConfig};
+use crate::cuda::model::StepOutcome;
+use crate::cuda::profile::{self, flops_per_token};
 use crate::formats::checkpoint::TrainState;
 use crate::formats::tokens::{BatchWalker, TokenStream};
 use crate::formats::trainlog::{human_duration, plural, Console, JsonlLog, StepRecord};
@@ -25,7 +27,7 @@ use crate::model::rng::Rng;
 use crate::os::files::check_free_space;
 use crate::os::interrupt::{signal_name, Interrupted, StopOnSignal};
 use anyhow::{bail, Context, Result};
-use engine::Engine;
+use engine::{Engine, GpuOptions};
 use outputs::{
     check_writable, final_outputs_are_current, mid_run, save_checkpoint, write_final_outputs, HEADER_ALLOWANCE,
 };
@@ -77,13 +79,13 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
     while run.state.step < run.steps {
         let step = run.state.step + 1;
         let started = Instant::now();
-        // Each step: forward and backward over its micro-batches, the gradient norm, the update.
-        let (loss, grad_norm) = run.forward_backward()?;
+        // Each step: forward and backward over its micro-batches, the gradient norm, the update
+        // (applied only when the loss and the norm are finite).
         let lr = args.learning_rate(step, run.steps);
-        let finite = loss.is_finite() && grad_norm.is_finite();
-        if finite {
-            run.engine.update(lr, &hp, grad_norm, args.grad_clip)?;
-        } else {
+        let batches = run.next_batches();
+        let StepOutcome { loss, grad_norm, applied: finite } =
+            run.engine.step(&batches, (run.b, run.t), lr, &hp, args.grad_clip)?;
+        if !finite {
             run.stop_or_skip(step, loss, grad_norm)?;
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -98,6 +100,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
             lr,
             ms: seconds * 1e3,
             tok_per_s: run.tokens_per_step() as f64 / seconds,
+            mfu: run.flops_per_step.zip(run.engine.peak()).map(|(flops, (peak, _))| flops / seconds / peak),
             val_loss,
             skipped: !finite,
         };
@@ -174,11 +177,13 @@ struct Run<'a> {
     /// Steps whose update --skip-nonfinite skipped.
     skipped: Vec<usize>,
     checkpoint_bytes: u64,
-    /// The batch buffer and one micro-batch's inputs and targets.
-    batch: (Vec<u32>, Vec<u32>, Vec<u32>),
+    /// The window buffer the data walker reads into.
+    batch: Vec<u32>,
     /// When the run (this process) started, and when it last checkpointed, for --checkpoint-minutes.
     started: Instant,
     last_checkpoint_at: Instant,
+    /// llm.c's FLOPs of one step, on a GPU (MFU).
+    flops_per_step: Option<f64>,
     /// The last step's record and the last validation loss, for the summary.
     last: Option<StepRecord>,
     last_val: Option<f64>,
@@ -210,7 +215,7 @@ impl<'a> Run<'a> {
             check_free_space(dir, "--save", model_bytes, "the model")?;
         }
         let last_checkpoint = (state.step > 0).then_some(state.step);
-        let engine = Engine::new(&plan.device, cfg, plan.params, optimizer)?;
+        let engine = Engine::new(&plan.device, cfg, plan.params, optimizer, GpuOptions::of(args))?;
         if state.step > 0 {
             println!("resuming after step {} (data position {})", state.step, state.walker.position);
         }
@@ -242,7 +247,14 @@ impl<'a> Run<'a> {
         // From here on Ctrl-C or SIGTERM finishes the step under way and checkpoints it (see
         // interrupt); before, there is nothing to save, and a signal stops the run at once.
         let stop_on_signal = args.out.as_deref().map(|dir| StopOnSignal::install(dir, last_checkpoint.is_some()));
-        let window = plan.b * plan.t;
+        let tokens_per_step = plan.b * plan.t * args.grad_accum;
+        let flops_per_step = engine.peak().map(|(_, peak)| {
+            println!("MFU: llm.c's FLOP count (6·N + 6·L·C·T per token) against the {peak}");
+            flops_per_token(&cfg, plan.t) * tokens_per_step as f64
+        });
+        if args.profile && matches!(engine, Engine::Cpu { .. }) {
+            println!("--profile: the run is on the CPU, where there are no kernels to time");
+        }
         Ok(Run {
             args,
             cfg,
@@ -261,9 +273,10 @@ impl<'a> Run<'a> {
             last_checkpoint,
             skipped,
             checkpoint_bytes,
-            batch: (Vec::new(), vec![0; window], vec![0; window]),
+            batch: Vec::new(),
             started: Instant::now(),
             last_checkpoint_at: Instant::now(),
+            flops_per_step,
             last: None,
             last_val: None,
         })
@@ -273,19 +286,16 @@ impl<'a> Run<'a> {
         self.b * self.t * self.args.grad_accum
     }
 
-    /// The step's micro-batches: each read, forward, and backward into the gradients, scaled so
-    /// they sum to the mean. Returns the mean loss and the global gradient norm.
-    fn forward_backward(&mut self) -> Result<(f64, f64)> {
-        let accum = self.args.grad_accum;
-        let (buf, x, y) = &mut self.batch;
-        self.engine.zero_grad()?;
-        let mut loss = 0.0;
-        for _ in 0..accum {
-            self.state.walker.next_batch(&self.train, buf, x, y);
-            loss += self.engine.forward(x, y, self.b, self.t)? / accum as f64;
-            self.engine.backward(1.0 / accum as f64)?;
-        }
-        Ok((loss, self.engine.grad_norm()?))
+    /// The step's micro-batches (inputs, targets), read in order from the training data.
+    fn next_batches(&mut self) -> Vec<(Vec<u32>, Vec<u32>)> {
+        let window = self.b * self.t;
+        (0..self.args.grad_accum)
+            .map(|_| {
+                let (mut x, mut y) = (vec![0; window], vec![0; window]);
+                self.state.walker.next_batch(&self.train, &mut self.batch, &mut x, &mut y);
+                (x, y)
+            })
+            .collect()
     }
 
     /// A step whose loss or gradient norm is not finite: stop the run before its update, naming
@@ -382,10 +392,11 @@ impl<'a> Run<'a> {
 
     /// After the last step: the model, the plot and --save, what --skip-nonfinite skipped, and a
     /// summary with the commands to try next.
-    fn finish(self) -> Result<()> {
+    fn finish(mut self) -> Result<()> {
         // A signal now lets the final outputs be written; a second one stops at once, and --resume
         // writes them from the last checkpoint.
         self.console.finish();
+        self.report_profile()?;
         let real = real_params(&self.cfg);
         self.engine.with_state(|params, _| {
             write_final_outputs(self.args, &self.cfg, params, self.log_path.as_deref(), real)
@@ -403,6 +414,44 @@ impl<'a> Run<'a> {
             );
         }
         self.print_summary();
+        Ok(())
+    }
+
+    /// --profile: the per-kernel table, and the same numbers as a "profile" event in the log.
+    fn report_profile(&mut self) -> Result<()> {
+        let Some((totals, steps)) = self.engine.profile() else {
+            if self.args.profile && matches!(self.engine, Engine::Gpu(_)) {
+                println!("--profile: a profile needs at least 2 steps in this run (the first is not timed)");
+            }
+            return Ok(());
+        };
+        profile::print_table(&totals, steps);
+        let total_ms: f64 = totals.iter().map(|t| t.ms).sum();
+        let peak = self.engine.peak();
+        let mfu = self.flops_per_step.zip(peak).map(|(f, (p, _))| f / (total_ms / steps as f64 / 1e3) / p);
+        if let Some(m) = mfu {
+            println!("MFU over the profiled GPU time: {:.1}% of the {}", 100.0 * m, peak.expect("with mfu").1);
+        }
+        let kernels: Vec<serde_json::Value> = totals
+            .iter()
+            .map(|t| {
+                let seconds = t.ms / 1e3;
+                serde_json::json!({
+                    "kernel": t.kernel,
+                    "launches_per_step": t.launches as f64 / steps as f64,
+                    "ms_per_step": t.ms / steps as f64,
+                    "share": t.ms / total_ms.max(f64::MIN_POSITIVE),
+                    "tflops": (t.flops > 0.0 && seconds > 0.0).then(|| t.flops / seconds / 1e12),
+                    "gbps": (t.bytes > 0.0 && seconds > 0.0).then(|| t.bytes / seconds / 1e9),
+                })
+            })
+            .collect();
+        if let Some(log) = &mut self.log {
+            log.write(&serde_json::json!({
+                "event": "profile", "steps": steps, "gpu_ms_per_step": total_ms / steps as f64, "mfu": mfu,
+                "peak": peak.map(|p| p.1), "kernels": kernels,
+            }))?;
+        }
         Ok(())
     }
 

@@ -194,7 +194,7 @@ pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>)
     let on_gpu = matches!(device, Device::Cuda(..));
     check_memory(&host_memory_plan(on_gpu, &config, b, t), (!on_gpu).then_some((b, t)))?;
     if let Device::Cuda(gpu, precision) = device {
-        check_gpu_memory(gpu, &config, b, t, *precision)?;
+        check_gpu_memory(gpu, &config, (b, t), *precision, a.recompute)?;
     }
     let train = open_stream(data, "--data", a, &config, window)?;
     if meta.is_none() {
@@ -353,13 +353,14 @@ pub(super) fn print_setup(args: &TrainArgs, plan: &Plan) {
             }
         }
         Device::Cuda(gpu, precision) => {
-            let plan = gpu_memory_plan(cfg, b, t, *precision);
+            let plan = gpu_memory_plan(cfg, b, t, *precision, args.recompute);
             let total = plan_bytes(&plan);
             println!(
                 "device: cuda, {} (compute {}.{}, {} kernels), {precision}{why}",
                 gpu.name, gpu.capability.0, gpu.capability.1, gpu.ptx_arch
             );
-            println!("GPU memory: {} = {}", human_bytes(total), describe_plan(&plan));
+            let recompute = if args.recompute { " (--recompute: LayerNorm and GELU outputs recomputed)" } else { "" };
+            println!("GPU memory: {} = {}{recompute}", human_bytes(total), describe_plan(&plan));
         }
     }
 }

@@ -7,14 +7,22 @@
 //
 // Every entry point takes one process-wide lock: the emulator is single-threaded (global thread
 // indices, fibers, shared-memory statics), and finch uses one stream, which orders all work anyway.
+//
+// Stream capture: work issued to a capturing stream is recorded (kernel argument values copied, as
+// the driver does), not run; cuGraphLaunch replays it in issue order, checking again what can have
+// changed since. Page-locked host memory (cuMemHostAlloc) is tracked, because only copies from
+// and to it can be captured. What CUDA refuses during a capture is refused here too, and
+// invalidates the capture.
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -39,13 +47,61 @@ struct FakeModule {
     std::map<std::string, std::unique_ptr<FakeFunction>> functions;
     std::string target;
 };
+struct FakeCapture;
 struct FakeStream {
-    unsigned flags;
+    unsigned flags;             // CU_STREAM_NON_BLOCKING (1) or 0
+    int priority;
+    FakeCapture* capture;       // the capture this stream records into (begun on it, or joined), or nullptr
 };
 struct FakeEvent {
     unsigned flags;
-    bool recorded;
-    double ms;  // host time when recorded: execution is synchronous
+    bool recorded = false;      // recorded outside a capture at least once
+    double ms = 0;              // host time when recorded: execution is synchronous
+    uint64_t captured_in = 0;   // last recorded in this capture (a "captured event"), or 0
+    // For a captured event: per stream of the capture, the index of the last operation it stands for.
+    std::map<CUstream, long> snapshot;
+};
+// One operation recorded by stream capture: a graph node, replayed by cuGraphLaunch.
+struct CapturedOp {
+    enum Kind { KERNEL, HTOD, DTOH, DTOD, MEMSET, WAIT_EXTERNAL } kind;
+    std::string what;  // the call as captured, for messages and the log
+    // KERNEL: the function, the launch, and the argument VALUES copied at capture time (the
+    // caller's void** points at its own stack), each at offsets[i] in args.
+    FakeFunction* f = nullptr;
+    const fake::KernelEntry* kernel = nullptr;
+    fake::Dims grid{}, block{};
+    unsigned smem = 0;
+    std::vector<unsigned char> args;
+    std::vector<size_t> offsets;
+    // Copies and memsets: device addresses, the page-locked host address (read or written when
+    // the graph runs, not when it was captured), bytes, the memset value.
+    CUdeviceptr dst = 0, src = 0;
+    void* host = nullptr;
+    size_t n = 0;
+    unsigned char value = 0;
+};
+// A capture sequence, from cuStreamBeginCapture_v2 to cuStreamEndCapture.
+struct FakeCapture {
+    uint64_t id;
+    CUstream origin;
+    int mode;          // CU_STREAM_CAPTURE_MODE_GLOBAL 0, THREAD_LOCAL 1, RELAXED 2
+    pthread_t thread;  // the thread that began it
+    bool invalidated = false;
+    std::string why;   // the refusal that invalidated it
+    std::vector<CapturedOp> ops;
+    std::set<CUstream> members;  // the origin and the streams that joined by waiting on its events
+    // Per member: the index of the last operation of each member it has waited for (itself
+    // included), to find forked work never joined back to the origin.
+    std::map<CUstream, std::map<CUstream, long>> known;
+};
+struct FakeGraph {
+    uint64_t id, capture;
+    std::vector<CapturedOp> ops;
+};
+struct FakeGraphExec {
+    uint64_t id, graph;
+    unsigned long long flags;
+    std::vector<CapturedOp> ops;  // a snapshot: the graph may be destroyed after instantiation
 };
 
 namespace fake {
@@ -128,7 +184,24 @@ struct Counters {
     size_t peak_bytes = 0;
     uint64_t modules = 0, errors = 0;
     double launch_seconds = 0;
+    // Graphs: captures begun, graphs instantiated, launched and uploaded, and the operations their
+    // launches ran (also counted above, as launches, copies and memsets, when they ran).
+    uint64_t captures = 0, instantiated = 0, graph_launches = 0, graph_uploads = 0;
+    uint64_t replayed_launches = 0, replayed_copies = 0, replayed_memsets = 0;
+    // Page-locked host memory, and host<->device copies by the kind of host memory they touch.
+    uint64_t pinned_allocs = 0, pinned_alloc_bytes = 0, pinned_frees = 0;
+    uint64_t pinned_copies = 0, pinned_copy_bytes = 0, pageable_copies = 0, pageable_copy_bytes = 0;
 };
+
+// A page-locked host allocation (cuMemHostAlloc).
+struct Pinned {
+    uint64_t id = 0;
+    uintptr_t start = 0;
+    size_t size = 0;    // bytes asked for
+    size_t mapped = 0;  // bytes mapped (whole pages)
+    unsigned flags = 0;
+};
+constexpr size_t kPinnedQuarantine = 1024;  // freed pinned allocations remembered for messages
 
 struct State {
     Config cfg = read_config();
@@ -139,6 +212,14 @@ struct State {
     std::set<FakeModule*> modules;
     std::set<FakeStream*> streams;
     std::set<FakeEvent*> events;
+    std::set<FakeCapture*> captures;  // begun and not ended (invalidated ones included)
+    std::set<FakeGraph*> graphs;
+    std::set<FakeGraphExec*> execs;
+    uint64_t next_capture = 1, next_graph = 1, next_exec = 1;
+    std::map<uintptr_t, Pinned> pinned, pinned_freed;  // by start
+    std::deque<uintptr_t> pinned_freed_order;
+    uint64_t next_pinned = 1;
+    size_t pinned_live = 0;
     CUresult sticky = CUDA_SUCCESS;  // a fault ends the context: every later call returns it
     FILE* log = nullptr;
     LaunchInfo launch{};
@@ -164,6 +245,11 @@ const char* error_name(CUresult r) {
         NAME(CUDA_ERROR_INVALID_HANDLE) NAME(CUDA_ERROR_NOT_FOUND) NAME(CUDA_ERROR_NOT_READY)
         NAME(CUDA_ERROR_ILLEGAL_ADDRESS) NAME(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES)
         NAME(CUDA_ERROR_MISALIGNED_ADDRESS) NAME(CUDA_ERROR_LAUNCH_FAILED) NAME(CUDA_ERROR_NOT_SUPPORTED)
+        NAME(CUDA_ERROR_ILLEGAL_STATE) NAME(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
+        NAME(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED) NAME(CUDA_ERROR_STREAM_CAPTURE_MERGE)
+        NAME(CUDA_ERROR_STREAM_CAPTURE_UNMATCHED) NAME(CUDA_ERROR_STREAM_CAPTURE_UNJOINED)
+        NAME(CUDA_ERROR_STREAM_CAPTURE_ISOLATION) NAME(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT)
+        NAME(CUDA_ERROR_CAPTURED_EVENT) NAME(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD)
 #undef NAME
         default: return nullptr;
     }
@@ -188,6 +274,18 @@ const char* error_string(CUresult r) {
         case CUDA_ERROR_MISALIGNED_ADDRESS: return "misaligned address";
         case CUDA_ERROR_LAUNCH_FAILED: return "unspecified launch failure";
         case CUDA_ERROR_NOT_SUPPORTED: return "operation not supported";
+        case CUDA_ERROR_ILLEGAL_STATE: return "the operation cannot be performed in the present state";
+        case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: return "operation not permitted when stream is capturing";
+        case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: return "operation failed due to a previous error during capture";
+        case CUDA_ERROR_STREAM_CAPTURE_MERGE: return "operation would result in a merge of separate capture sequences";
+        case CUDA_ERROR_STREAM_CAPTURE_UNMATCHED: return "capture was not ended in the same stream as it began";
+        case CUDA_ERROR_STREAM_CAPTURE_UNJOINED: return "capturing stream has unjoined work";
+        case CUDA_ERROR_STREAM_CAPTURE_ISOLATION: return "dependency created on uncaptured work in another stream";
+        case CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+            return "operation would make the legacy stream depend on a capturing blocking stream";
+        case CUDA_ERROR_CAPTURED_EVENT: return "operation not permitted on an event last recorded in a capturing stream";
+        case CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD:
+            return "attempt to terminate a thread-local capture sequence from another thread";
         default: return nullptr;
     }
 }
@@ -231,7 +329,19 @@ class Call {
         fprintf(stderr, "[fake-cuda] %s: %s (%s)\n", fn_, msg, error_name(r));
         if (FILE* f = log_file(); f && f != stderr) fprintf(f, "[fake-cuda] %s: %s = %s\n", fn_, msg, error_name(r));
         g->n.errors++;
+        // CUDA invalidates a capture on any refused call inside it: the capture then only ends,
+        // with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED and no graph.
+        for (FakeCapture* c : invalidates_)
+            if (!c->invalidated) {
+                c->invalidated = true;
+                c->why = std::string(fn_) + ": " + msg + " (" + error_name(r) + ")";
+            }
         return r;
+    }
+    // A refusal of this call invalidates capture c (the call was made on a stream capturing into
+    // it, or conflicts with it).
+    void invalidates(FakeCapture* c) {
+        if (c) invalidates_.push_back(c);
     }
     // An error the caller expects to see now and then (logged, not printed).
     CUresult quiet(CUresult r, const char* what = "") {
@@ -248,6 +358,7 @@ class Call {
    private:
     const char* fn_;
     std::lock_guard<std::recursive_mutex> guard_;
+    std::vector<FakeCapture*> invalidates_;
 };
 
 #define NEED_INIT \
@@ -261,7 +372,7 @@ class Call {
 std::string counters_json() {
     const Counters& n = g->n;
     std::string s;
-    char b[512];
+    char b[1024];
     snprintf(b, sizeof b, "{\"pid\": %d, \"compute_capability\": \"%d.%d\", \"launches\": %llu, \"per_kernel\": {",
              (int)getpid(), g->cfg.device->major, g->cfg.device->minor, (unsigned long long)n.launches);
     s += b;
@@ -286,12 +397,26 @@ std::string counters_json() {
              "\"syncs\": {\"total\": %llu, \"stream\": %llu, \"context\": %llu, \"event\": %llu, \"blocking_copies\": "
              "%llu}, \"memory\": {\"allocs\": %llu, \"alloc_bytes\": %llu, \"frees\": %llu, \"peak_bytes\": %zu, "
              "\"live_bytes\": %zu}, \"modules_loaded\": %llu, \"errors\": %llu, \"launch_seconds\": %.6f, "
-             "\"fiber_switches\": %llu}",
+             "\"fiber_switches\": %llu, ",
              (unsigned long long)(n.stream_syncs + n.ctx_syncs + n.event_syncs + n.blocking_copies),
              (unsigned long long)n.stream_syncs, (unsigned long long)n.ctx_syncs, (unsigned long long)n.event_syncs,
              (unsigned long long)n.blocking_copies, (unsigned long long)n.allocs, (unsigned long long)n.alloc_bytes,
              (unsigned long long)n.frees, n.peak_bytes, live_bytes(), (unsigned long long)n.modules,
              (unsigned long long)n.errors, n.launch_seconds, (unsigned long long)fiber_switches());
+    s += b;
+    // Added with stream capture; the keys above keep their meaning.
+    snprintf(b, sizeof b,
+             "\"graphs\": {\"captures\": %llu, \"instantiated\": %llu, \"launches\": %llu, \"uploads\": %llu, "
+             "\"replayed_launches\": %llu, \"replayed_copies\": %llu, \"replayed_memsets\": %llu}, "
+             "\"pinned\": {\"allocs\": %llu, \"alloc_bytes\": %llu, \"frees\": %llu, \"live_bytes\": %zu}, "
+             "\"host_copies\": {\"pinned\": %llu, \"pinned_bytes\": %llu, \"pageable\": %llu, \"pageable_bytes\": %llu}}",
+             (unsigned long long)n.captures, (unsigned long long)n.instantiated, (unsigned long long)n.graph_launches,
+             (unsigned long long)n.graph_uploads, (unsigned long long)n.replayed_launches,
+             (unsigned long long)n.replayed_copies, (unsigned long long)n.replayed_memsets,
+             (unsigned long long)n.pinned_allocs, (unsigned long long)n.pinned_alloc_bytes,
+             (unsigned long long)n.pinned_frees, g->pinned_live, (unsigned long long)n.pinned_copies,
+             (unsigned long long)n.pinned_copy_bytes, (unsigned long long)n.pageable_copies,
+             (unsigned long long)n.pageable_copy_bytes);
     s += b;
     return s;
 }
@@ -335,6 +460,16 @@ void print_counters() {
             (unsigned long long)n.blocking_copies);
     fprintf(stderr, "  allocations         %8llu  (%s; peak %s), frees %llu\n", (unsigned long long)n.allocs,
             human_bytes(n.alloc_bytes).c_str(), human_bytes(n.peak_bytes).c_str(), (unsigned long long)n.frees);
+    fprintf(stderr, "  graph launches      %8llu  (%llu captures, %llu instantiated; replayed %llu launches, %llu copies, "
+            "%llu memsets)\n",
+            (unsigned long long)n.graph_launches, (unsigned long long)n.captures, (unsigned long long)n.instantiated,
+            (unsigned long long)n.replayed_launches, (unsigned long long)n.replayed_copies,
+            (unsigned long long)n.replayed_memsets);
+    fprintf(stderr, "  page-locked allocs  %8llu  (%s), frees %llu\n", (unsigned long long)n.pinned_allocs,
+            human_bytes(n.pinned_alloc_bytes).c_str(), (unsigned long long)n.pinned_frees);
+    fprintf(stderr, "  host<->device copies: %llu page-locked (%s), %llu pageable (%s)\n",
+            (unsigned long long)n.pinned_copies, human_bytes(n.pinned_copy_bytes).c_str(),
+            (unsigned long long)n.pageable_copies, human_bytes(n.pageable_copy_bytes).c_str());
     fprintf(stderr, "  errors returned     %8llu\n", (unsigned long long)n.errors);
     fprintf(stderr, "[fake-cuda] counters %s\n", json.c_str());
 }
@@ -348,6 +483,132 @@ bool valid_function(CUfunction f) {
         for (auto& [name, p] : m->functions)
             if (p.get() == f) return true;
     return false;
+}
+
+// ---- capture state ----------------------------------------------------------------------------------
+constexpr int kCaptureGlobal = 0, kCaptureThreadLocal = 1, kCaptureRelaxed = 2;
+const char* mode_name(int mode) {
+    return mode == kCaptureGlobal ? "global" : mode == kCaptureThreadLocal ? "thread-local" : "relaxed";
+}
+// NULL and CU_STREAM_LEGACY: the legacy stream, which synchronises with every blocking stream.
+bool is_legacy(CUstream s) { return s == nullptr || s == (CUstream)0x1; }
+bool is_created(CUstream s) { return s && g->streams.count(s); }
+FakeCapture* capture_of(CUstream s) { return is_created(s) ? s->capture : nullptr; }
+FakeCapture* active_capture(uint64_t id) {
+    for (FakeCapture* c : g->captures)
+        if (c->id == id) return c;
+    return nullptr;
+}
+// Captures with a blocking member (a stream created without CU_STREAM_NON_BLOCKING): while one
+// runs, using the legacy stream would make it depend on the capture.
+std::vector<FakeCapture*> blocking_captures() {
+    std::vector<FakeCapture*> out;
+    for (FakeCapture* c : g->captures)
+        for (CUstream m : c->members)
+            if (!(m->flags & 1)) {
+                out.push_back(c);
+                break;
+            }
+    return out;
+}
+std::string describe_capture(const FakeCapture* c) {
+    char b[160];
+    snprintf(b, sizeof b, "capture #%llu on stream %p, %s mode", (unsigned long long)c->id, (void*)c->origin,
+             mode_name(c->mode));
+    return b;
+}
+
+// Every call that enqueues work on stream s (or waits on it) passes here first. The legacy
+// stream cannot be used while a blocking stream captures (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT); a
+// stream in an invalidated capture takes nothing more (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED).
+// *cap is the capture that s records into, or nullptr: then the work runs now. Refusals of the
+// call from here on invalidate *cap.
+CUresult enqueue_gate(Call& call, CUstream s, FakeCapture** cap) {
+    *cap = nullptr;
+    if (is_legacy(s)) {
+        const std::vector<FakeCapture*> blocking = blocking_captures();
+        if (blocking.empty()) return CUDA_SUCCESS;
+        for (FakeCapture* c : blocking) call.invalidates(c);
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
+                         "the legacy stream (%p) cannot be used while a blocking stream captures (%s): it would "
+                         "depend on the capture; create streams with CU_STREAM_NON_BLOCKING",
+                         (void*)s, describe_capture(blocking[0]).c_str());
+    }
+    FakeCapture* c = capture_of(s);
+    if (!c) return CUDA_SUCCESS;
+    if (c->invalidated)
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+                         "stream %p is in %s, invalidated by an earlier refusal (%s): end it with cuStreamEndCapture",
+                         (void*)s, describe_capture(c).c_str(), c->why.c_str());
+    call.invalidates(c);
+    *cap = c;
+    return CUDA_SUCCESS;
+}
+
+// "Potentially unsafe" calls (synchronous allocation and free, blocking copies, cuMemFreeHost) are
+// refused while a capture prohibits them for this thread: one this thread began in global or
+// thread-local mode, or one another thread began in global mode (the calling thread's own mode is
+// CUDA's default, global: cuThreadExchangeStreamCaptureMode is not emulated).
+CUresult unsafe_gate(Call& call, const char* what) {
+    std::vector<FakeCapture*> prohibiting;
+    for (FakeCapture* c : g->captures) {
+        const bool mine = pthread_equal(c->thread, pthread_self());
+        if ((mine && c->mode != kCaptureRelaxed) || (!mine && c->mode == kCaptureGlobal)) prohibiting.push_back(c);
+    }
+    if (prohibiting.empty()) return CUDA_SUCCESS;
+    for (FakeCapture* c : prohibiting) call.invalidates(c);
+    const FakeCapture* c = prohibiting[0];
+    return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                     "%s is not permitted during stream capture (%s, begun by %s thread): do it before "
+                     "cuStreamBeginCapture or after cuStreamEndCapture",
+                     what, describe_capture(c).c_str(), pthread_equal(c->thread, pthread_self()) ? "this" : "another");
+}
+
+// Appends an operation issued to stream s to its capture.
+void record_op(FakeCapture* c, CUstream s, CapturedOp op) {
+    c->known[s][s] = (long)c->ops.size();
+    c->ops.push_back(std::move(op));
+}
+
+// ---- page-locked host memory ---------------------------------------------------------------------
+// The page-locked allocation holding [p, p + n), or nullptr.
+const Pinned* pinned_holding(const void* p, size_t n) {
+    const uintptr_t a = (uintptr_t)p;
+    auto it = g->pinned.upper_bound(a);
+    if (it == g->pinned.begin()) return nullptr;
+    --it;
+    const Pinned& pin = it->second;
+    return a >= pin.start && a + n <= pin.start + pin.size ? &pin : nullptr;
+}
+// The page-locked allocation (live or recently freed) whose start is at or below p, for messages.
+const Pinned* pinned_near(const std::map<uintptr_t, Pinned>& m, const void* p) {
+    auto it = m.upper_bound((uintptr_t)p);
+    if (it == m.begin()) return nullptr;
+    --it;
+    return (uintptr_t)p < it->second.start + std::max<size_t>(it->second.size, 1) ? &it->second : nullptr;
+}
+// Why host range [p, p + n) cannot be copied asynchronously in a capture: "" if it is page-locked.
+std::string not_pinned(const void* p, size_t n) {
+    if (n == 0 || pinned_holding(p, n)) return "";
+    char b[300];
+    if (const Pinned* pin = pinned_near(g->pinned, p))
+        snprintf(b, sizeof b, "host range [%p, +%zu) runs %zu bytes past the end of page-locked allocation #%llu (%zu bytes)",
+                 p, n, (size_t)((uintptr_t)p + n - (pin->start + pin->size)), (unsigned long long)pin->id, pin->size);
+    else if (const Pinned* f = pinned_near(g->pinned_freed, p))
+        snprintf(b, sizeof b, "host range [%p, +%zu) is in page-locked allocation #%llu, freed by cuMemFreeHost", p, n,
+                 (unsigned long long)f->id);
+    else
+        snprintf(b, sizeof b, "host range [%p, +%zu) is pageable memory, not page-locked (cuMemHostAlloc)", p, n);
+    return b;
+}
+void count_host_copy(const void* host, size_t n) {
+    if (pinned_holding(host, n)) {
+        g->n.pinned_copies++;
+        g->n.pinned_copy_bytes += n;
+    } else {
+        g->n.pageable_copies++;
+        g->n.pageable_copy_bytes += n;
+    }
 }
 
 }  // namespace
@@ -512,6 +773,14 @@ API CUresult cuCtxGetDevice(CUdevice* d) {
 API CUresult cuCtxSynchronize() {
     Call call("cuCtxSynchronize");
     NEED_CONTEXT;
+    // The context encompasses every capturing stream, whatever the capture's mode.
+    if (!g->captures.empty()) {
+        for (FakeCapture* c : g->captures) call.invalidates(c);
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                         "a stream is capturing (%s%s): synchronising the context would wait for work that is only "
+                         "recorded; synchronise after cuStreamEndCapture",
+                         describe_capture(*g->captures.begin()).c_str(), g->captures.size() > 1 ? ", and others" : "");
+    }
     g->n.ctx_syncs++;
     return call.ok("()");
 }
@@ -578,10 +847,29 @@ CUresult check_range(Call& call, const char* what, CUdeviceptr p, size_t n) {
                          (unsigned long)a->start);
     return call.fail(CUDA_ERROR_INVALID_VALUE, "%s %#llx is not device memory", what, p);
 }
+// The stream checks every copy and memset starts with: a valid stream and the capture gates. The
+// non-Async calls use the legacy stream; those that also make the host wait (host<->device
+// copies; cuMemcpyDtoD and cuMemsetD8 on device memory do not) pass the "unsafe" gate too.
+CUresult copy_gate(Call& call, CUstream s, bool host_waits, FakeCapture** cap) {
+    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "stream %p", (void*)s);
+    if (CUresult r = enqueue_gate(call, s, cap)) return r;
+    if (host_waits) return unsafe_gate(call, "a blocking (non-Async) host<->device copy");
+    return CUDA_SUCCESS;
+}
 CUresult do_memset(Call& call, CUdeviceptr p, unsigned char v, size_t n, CUstream s) {
     NEED_CONTEXT;
-    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "stream %p", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = copy_gate(call, s, false, &cap)) return r;
     if (CUresult r = check_range(call, "destination", p, n)) return r;
+    if (cap) {
+        CapturedOp op{CapturedOp::MEMSET};
+        char what[120];
+        snprintf(what, sizeof what, "cuMemsetD8Async(%#llx, %#x, %zu bytes)", p, v, n);
+        op.what = what;
+        op.dst = p, op.value = v, op.n = n;
+        record_op(cap, s, std::move(op));
+        return call.ok("(%#llx, %#x, %zu bytes) captured in #%llu", p, v, n, (unsigned long long)cap->id);
+    }
     memset((void*)(uintptr_t)p, v, n);
     g->n.memsets++;
     g->n.memset_bytes += n;
@@ -589,31 +877,74 @@ CUresult do_memset(Call& call, CUdeviceptr p, unsigned char v, size_t n, CUstrea
 }
 CUresult do_htod(Call& call, CUdeviceptr dst, const void* src, size_t n, CUstream s, bool blocking) {
     NEED_CONTEXT;
-    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "stream %p", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = copy_gate(call, s, blocking, &cap)) return r;
     if (n && !src) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL host pointer");
     if (CUresult r = check_range(call, "destination", dst, n)) return r;
+    if (cap) {
+        // The graph reads the host memory when it runs, so it must stay valid and be page-locked.
+        if (std::string why = not_pinned(src, n); !why.empty())
+            return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                             "a copy from pageable host memory cannot be captured (%s, into stream %p): copy from "
+                             "memory allocated with cuMemHostAlloc",
+                             why.c_str(), (void*)s);
+        CapturedOp op{CapturedOp::HTOD};
+        char what[120];
+        snprintf(what, sizeof what, "cuMemcpyHtoDAsync_v2(%#llx <- host %p, %zu bytes)", dst, src, n);
+        op.what = what;
+        op.dst = dst, op.host = (void*)src, op.n = n;
+        record_op(cap, s, std::move(op));
+        return call.ok("(%#llx, %zu bytes) captured in #%llu", dst, n, (unsigned long long)cap->id);
+    }
     memcpy((void*)(uintptr_t)dst, src, n);
     g->n.htod++;
     g->n.htod_bytes += n;
     g->n.blocking_copies += blocking;
+    count_host_copy(src, n);
     return call.ok("(%#llx, %zu bytes)", dst, n);
 }
 CUresult do_dtoh(Call& call, void* dst, CUdeviceptr src, size_t n, CUstream s, bool blocking) {
     NEED_CONTEXT;
-    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "stream %p", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = copy_gate(call, s, blocking, &cap)) return r;
     if (n && !dst) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL host pointer");
     if (CUresult r = check_range(call, "source", src, n)) return r;
+    if (cap) {
+        if (std::string why = not_pinned(dst, n); !why.empty())
+            return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                             "a copy to pageable host memory cannot be captured (%s, into stream %p): copy to memory "
+                             "allocated with cuMemHostAlloc",
+                             why.c_str(), (void*)s);
+        CapturedOp op{CapturedOp::DTOH};
+        char what[120];
+        snprintf(what, sizeof what, "cuMemcpyDtoHAsync_v2(host %p <- %#llx, %zu bytes)", dst, src, n);
+        op.what = what;
+        op.src = src, op.host = dst, op.n = n;
+        record_op(cap, s, std::move(op));
+        return call.ok("(%#llx, %zu bytes) captured in #%llu", src, n, (unsigned long long)cap->id);
+    }
     memcpy(dst, (const void*)(uintptr_t)src, n);
     g->n.dtoh++;
     g->n.dtoh_bytes += n;
     g->n.blocking_copies += blocking;
+    count_host_copy(dst, n);
     return call.ok("(%#llx, %zu bytes)", src, n);
 }
 CUresult do_dtod(Call& call, CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
     NEED_CONTEXT;
-    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "stream %p", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = copy_gate(call, s, false, &cap)) return r;
     if (CUresult r = check_range(call, "destination", dst, n)) return r;
     if (CUresult r = check_range(call, "source", src, n)) return r;
+    if (cap) {
+        CapturedOp op{CapturedOp::DTOD};
+        char what[120];
+        snprintf(what, sizeof what, "cuMemcpyDtoDAsync_v2(%#llx <- %#llx, %zu bytes)", dst, src, n);
+        op.what = what;
+        op.dst = dst, op.src = src, op.n = n;
+        record_op(cap, s, std::move(op));
+        return call.ok("(%#llx <- %#llx, %zu bytes) captured in #%llu", dst, src, n, (unsigned long long)cap->id);
+    }
     memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
     g->n.dtod++;
     g->n.dtod_bytes += n;
@@ -623,20 +954,49 @@ CUresult do_dtod(Call& call, CUdeviceptr dst, CUdeviceptr src, size_t n, CUstrea
 
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     Call call("cuMemAlloc_v2");
+    NEED_CONTEXT;
+    if (CUresult r = unsafe_gate(call, "cuMemAlloc_v2 (a synchronous allocation)")) return r;
     return do_alloc(call, p, bytes);
 }
+// Stream-ordered allocation on a capturing stream makes a graph memory node in CUDA (owned by the
+// graph, mapped when it runs): not emulated, refused with CUDA_ERROR_NOT_SUPPORTED. A step that
+// is captured allocates its buffers beforehand. On other streams it works as outside a capture.
 API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
     Call call("cuMemAllocAsync");
+    NEED_CONTEXT;
     if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "stream %p", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (cap)
+        return call.fail(CUDA_ERROR_NOT_SUPPORTED,
+                         "%zu bytes on stream %p, which is capturing (%s): CUDA would add a graph memory node, which "
+                         "this fake does not emulate; allocate before cuStreamBeginCapture",
+                         bytes, (void*)s, describe_capture(cap).c_str());
     return do_alloc(call, p, bytes);
 }
 API CUresult cuMemFree_v2(CUdeviceptr p) {
     Call call("cuMemFree_v2");
+    NEED_CONTEXT;
+    if (CUresult r = unsafe_gate(call, "cuMemFree_v2 (a synchronous free)")) return r;
     return do_free(call, p);
 }
+// On a capturing stream, cuMemFreeAsync makes a free node, which must free a graph allocation
+// (CUDA_ERROR_INVALID_VALUE otherwise); this fake has none (see cuMemAllocAsync).
 API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     Call call("cuMemFreeAsync");
+    NEED_CONTEXT;
     if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "stream %p", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (cap && p) {
+        const Allocation* a = live_holding(p, 1);
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "%#llx on stream %p, which is capturing (%s): a free during capture becomes a graph free "
+                         "node and must free a graph allocation, but this is %s allocated outside the graph; free "
+                         "it after cuStreamEndCapture",
+                         p, (void*)s, describe_capture(cap).c_str(),
+                         a ? ("allocation #" + std::to_string(a->id)).c_str() : "memory");
+    }
     return do_free(call, p);
 }
 API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
@@ -680,26 +1040,140 @@ API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CU
     return do_dtod(call, dst, src, n, s);
 }
 
+// ---- page-locked host memory -------------------------------------------------------------------------
+// Host memory of its own mapping (page-aligned, like the driver's), filled with 0xFF as garbage,
+// and tracked: copies from and to it may be captured; freeing it twice, or a pointer it did not
+// hand out, is refused.
+API CUresult cuMemHostAlloc(void** pp, size_t bytes, unsigned flags) {
+    Call call("cuMemHostAlloc");
+    NEED_CONTEXT;
+    if (!pp) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL result pointer");
+    if (flags & ~7u)
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "flags %#x: only CU_MEMHOSTALLOC_PORTABLE (1), _DEVICEMAP (2) and _WRITECOMBINED (4) exist",
+                         flags);
+    if (bytes == 0) return call.fail(CUDA_ERROR_INVALID_VALUE, "0 bytes: an empty page-locked allocation");
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), mapped = (bytes + page - 1) / page * page;
+    void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return call.fail(CUDA_ERROR_OUT_OF_MEMORY, "%zu bytes: the host could not map that much memory", bytes);
+    memset(p, 0xff, bytes);  // cuMemHostAlloc leaves the memory unset
+    Pinned pin;
+    pin.id = g->next_pinned++;
+    pin.start = (uintptr_t)p;
+    pin.size = bytes;
+    pin.mapped = mapped;
+    pin.flags = flags;
+    // A freed allocation that was at these addresses is forgotten.
+    for (auto it = g->pinned_freed.lower_bound(pin.start); it != g->pinned_freed.end() && it->first < pin.start + mapped;)
+        it = g->pinned_freed.erase(it);
+    g->pinned[pin.start] = pin;
+    g->pinned_live += bytes;
+    g->n.pinned_allocs++;
+    g->n.pinned_alloc_bytes += bytes;
+    *pp = p;
+    return call.ok("(%zu bytes, flags %#x) -> %p (page-locked #%llu)", bytes, flags, p, (unsigned long long)pin.id);
+}
+// cuMemFreeHost synchronises the device, so a capture that prohibits unsafe calls refuses it.
+API CUresult cuMemFreeHost(void* p) {
+    Call call("cuMemFreeHost");
+    NEED_CONTEXT;
+    if (!p) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
+    if (CUresult r = unsafe_gate(call, "cuMemFreeHost (it synchronises the device)")) return r;
+    auto it = g->pinned.find((uintptr_t)p);
+    if (it == g->pinned.end()) {
+        if (auto f = g->pinned_freed.find((uintptr_t)p); f != g->pinned_freed.end())
+            return call.fail(CUDA_ERROR_INVALID_VALUE, "%p: double free of page-locked allocation #%llu (%zu bytes)", p,
+                             (unsigned long long)f->second.id, f->second.size);
+        if (const Pinned* in = pinned_near(g->pinned, p))
+            return call.fail(CUDA_ERROR_INVALID_VALUE,
+                             "%p is inside page-locked allocation #%llu (%zu bytes at %#lx), not its start", p,
+                             (unsigned long long)in->id, in->size, (unsigned long)in->start);
+        if (live_holding((uintptr_t)p, 0))
+            return call.fail(CUDA_ERROR_INVALID_VALUE, "%p is device memory (cuMemFree frees it)", p);
+        return call.fail(CUDA_ERROR_INVALID_VALUE, "%p was not allocated by cuMemHostAlloc", p);
+    }
+    const Pinned pin = it->second;
+    g->pinned.erase(it);
+    munmap((void*)pin.start, pin.mapped);
+    g->pinned_live -= pin.size;
+    g->n.pinned_frees++;
+    g->pinned_freed[pin.start] = pin;
+    g->pinned_freed_order.push_back(pin.start);
+    if (g->pinned_freed_order.size() > kPinnedQuarantine) {
+        g->pinned_freed.erase(g->pinned_freed_order.front());
+        g->pinned_freed_order.pop_front();
+    }
+    return call.ok("(%p, page-locked #%llu)", p, (unsigned long long)pin.id);
+}
+
 // ---- streams and events: execution is synchronous, so they only keep order and time ----------------
-API CUresult cuStreamCreate(CUstream* s, unsigned flags) {
-    Call call("cuStreamCreate");
+// (and, while streams capture, which work and which events belong to which capture)
+namespace {
+constexpr int kLeastPriority = 0, kGreatestPriority = -5;
+CUresult create_stream(Call& call, CUstream* s, unsigned flags, int priority) {
     NEED_CONTEXT;
     if (!s) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
-    *s = new FakeStream{flags};
+    if (flags & ~1u) return call.fail(CUDA_ERROR_INVALID_VALUE, "flags %#x: only CU_STREAM_NON_BLOCKING (1) exists", flags);
+    *s = new FakeStream{flags, priority, nullptr};
     g->streams.insert(*s);
-    return call.ok(" -> %p", (void*)*s);
+    return call.ok("(flags %#x, priority %d) -> %p", flags, priority, (void*)*s);
+}
+// An event last recorded in a capture stands for graph nodes: the host cannot wait for it or ask
+// about it (CUDA_ERROR_CAPTURED_EVENT, even after the capture ended), and asking invalidates the
+// capture if it is still going.
+CUresult captured_event(Call& call, CUevent e) {
+    FakeCapture* c = active_capture(e->captured_in);
+    call.invalidates(c);
+    return call.fail(CUDA_ERROR_CAPTURED_EVENT,
+                     "event %p was last recorded in a capturing stream (capture #%llu, %s): it stands for graph "
+                     "nodes, not for work the host can wait for or time; record it outside a capture first",
+                     (void*)e, (unsigned long long)e->captured_in, c ? "still active" : "since ended");
+}
+}  // namespace
+
+API CUresult cuStreamCreate(CUstream* s, unsigned flags) {
+    Call call("cuStreamCreate");
+    return create_stream(call, s, flags, 0);
+}
+API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned flags, int priority) {
+    Call call("cuStreamCreateWithPriority");
+    // Priorities outside the range are clamped to it, as the driver does.
+    return create_stream(call, s, flags, std::min(kLeastPriority, std::max(kGreatestPriority, priority)));
+}
+API CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
+    Call call("cuCtxGetStreamPriorityRange");
+    NEED_CONTEXT;
+    if (least) *least = kLeastPriority;
+    if (greatest) *greatest = kGreatestPriority;
+    return call.ok(" -> (%d, %d)", kLeastPriority, kGreatestPriority);
 }
 API CUresult cuStreamDestroy_v2(CUstream s) {
     Call call("cuStreamDestroy_v2");
     NEED_INIT;
-    if (!g->streams.erase(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    if (!g->streams.count(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    if (FakeCapture* c = s->capture) {
+        call.invalidates(c);
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                         "stream %p is capturing (%s): end the capture before destroying the stream", (void*)s,
+                         describe_capture(c).c_str());
+    }
+    g->streams.erase(s);
+    const unsigned long was = (unsigned long)(uintptr_t)s;
     delete s;
-    return call.ok("(%p)", (void*)s);
+    return call.ok("(%#lx)", was);
 }
 API CUresult cuStreamSynchronize(CUstream s) {
     Call call("cuStreamSynchronize");
     NEED_CONTEXT;
     if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (cap)
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                         "stream %p is capturing (%s): its work is recorded, not run, so there is nothing to wait "
+                         "for; synchronise after cuStreamEndCapture, or after cuGraphLaunch",
+                         (void*)s, describe_capture(cap).c_str());
     g->n.stream_syncs++;
     return call.ok("(%p)", (void*)s);
 }
@@ -707,19 +1181,95 @@ API CUresult cuStreamQuery(CUstream s) {
     Call call("cuStreamQuery");
     NEED_CONTEXT;
     if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (cap)
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                         "stream %p is capturing (%s): its work is recorded, not run, so it has no status to query",
+                         (void*)s, describe_capture(cap).c_str());
     return call.ok("(%p)", (void*)s);
 }
-API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+// Waiting on an event recorded in a capture joins the waiting stream to that capture (a fork), or,
+// for a stream already in it, makes it depend on the event's work (a join). A capturing stream
+// may not wait on work outside its capture (CUDA_ERROR_STREAM_CAPTURE_ISOLATION) unless the wait
+// is CU_EVENT_WAIT_EXTERNAL (an event wait node: nothing to do here, execution is synchronous).
+API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
     Call call("cuStreamWaitEvent");
     NEED_CONTEXT;
     if (!valid_stream(s) || !g->events.count(e)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "bad stream or event");
-    return call.ok("()");
+    if (flags & ~1u) return call.fail(CUDA_ERROR_INVALID_VALUE, "flags %#x: only CU_EVENT_WAIT_EXTERNAL (1) exists", flags);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    const bool external = flags & 1;
+    if (external && !cap)
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "CU_EVENT_WAIT_EXTERNAL on stream %p, which is not capturing: the flag is valid only during "
+                         "stream capture",
+                         (void*)s);
+    if (e->captured_in && !external) {
+        FakeCapture* ec = active_capture(e->captured_in);
+        if (!ec)
+            return call.fail(CUDA_ERROR_CAPTURED_EVENT,
+                             "event %p was last recorded in capture #%llu, which has ended: it stands for nodes of "
+                             "that graph; record it again outside a capture to wait on it",
+                             (void*)e, (unsigned long long)e->captured_in);
+        if (cap && cap != ec) {
+            call.invalidates(ec);
+            return call.fail(CUDA_ERROR_STREAM_CAPTURE_MERGE,
+                             "stream %p (%s) waits on event %p, recorded in another capture (%s): two captures cannot "
+                             "merge",
+                             (void*)s, describe_capture(cap).c_str(), (void*)e, describe_capture(ec).c_str());
+        }
+        if (cap == ec) {
+            std::map<CUstream, long>& known = cap->known[s];
+            for (auto& [stream, last] : e->snapshot)
+                if (!known.count(stream) || known[stream] < last) known[stream] = last;
+            return call.ok("(%p waits on %p within capture #%llu)", (void*)s, (void*)e, (unsigned long long)cap->id);
+        }
+        if (ec->invalidated)
+            return call.fail(CUDA_ERROR_INVALID_VALUE,
+                             "event %p was recorded in %s, invalidated by an earlier refusal (%s): stream %p cannot "
+                             "join it",
+                             (void*)e, describe_capture(ec).c_str(), ec->why.c_str(), (void*)s);
+        call.invalidates(ec);
+        if (!is_created(s))
+            return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                             "stream %p (the legacy or per-thread stream) waits on event %p of %s: it would join the "
+                             "capture, and only created streams can be captured",
+                             (void*)s, (void*)e, describe_capture(ec).c_str());
+        s->capture = ec;
+        ec->members.insert(s);
+        ec->known[s] = e->snapshot;
+        return call.ok("(%p joins capture #%llu through event %p)", (void*)s, (unsigned long long)ec->id, (void*)e);
+    }
+    if (cap && external) {
+        CapturedOp op{CapturedOp::WAIT_EXTERNAL};
+        char what[100];
+        snprintf(what, sizeof what, "cuStreamWaitEvent(%p, CU_EVENT_WAIT_EXTERNAL)", (void*)e);
+        op.what = what;
+        record_op(cap, s, std::move(op));
+        return call.ok("(%p, external) captured in #%llu", (void*)e, (unsigned long long)cap->id);
+    }
+    if (cap && e->recorded)
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_ISOLATION,
+                         "stream %p is capturing (%s) and waits on event %p, recorded outside the capture: captured "
+                         "work cannot depend on uncaptured work; wait before cuStreamBeginCapture, or pass "
+                         "CU_EVENT_WAIT_EXTERNAL",
+                         (void*)s, describe_capture(cap).c_str(), (void*)e);
+    return call.ok("()");  // an event never recorded: nothing to wait for
 }
 API CUresult cuEventCreate(CUevent* e, unsigned flags) {
     Call call("cuEventCreate");
     NEED_CONTEXT;
     if (!e) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
-    *e = new FakeEvent{flags, false, 0};
+    if (flags & ~7u)
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "flags %#x: only CU_EVENT_BLOCKING_SYNC (1), CU_EVENT_DISABLE_TIMING (2) and "
+                         "CU_EVENT_INTERPROCESS (4) exist",
+                         flags);
+    if ((flags & 4) && !(flags & 2))
+        return call.fail(CUDA_ERROR_INVALID_VALUE, "CU_EVENT_INTERPROCESS needs CU_EVENT_DISABLE_TIMING too");
+    *e = new FakeEvent{flags};
     g->events.insert(*e);
     return call.ok("(flags %#x) -> %p", flags, (void*)*e);
 }
@@ -727,13 +1277,24 @@ API CUresult cuEventDestroy_v2(CUevent e) {
     Call call("cuEventDestroy_v2");
     NEED_INIT;
     if (!g->events.erase(e)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not an event", (void*)e);
+    const unsigned long was = (unsigned long)(uintptr_t)e;
     delete e;
-    return call.ok("(%p)", (void*)e);
+    return call.ok("(%#lx)", was);
 }
+// On a capturing stream the event becomes a captured event (no graph node: replays do not record
+// it), which other streams may wait on to fork from and join back into the capture.
 API CUresult cuEventRecord(CUevent e, CUstream s) {
     Call call("cuEventRecord");
     NEED_CONTEXT;
     if (!g->events.count(e) || !valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "bad event or stream");
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (cap) {
+        e->captured_in = cap->id;
+        e->snapshot = cap->known[s];
+        return call.ok("(%p) in capture #%llu", (void*)e, (unsigned long long)cap->id);
+    }
+    e->captured_in = 0;
     e->recorded = true;
     e->ms = now_ms();
     return call.ok("(%p)", (void*)e);
@@ -742,6 +1303,7 @@ API CUresult cuEventSynchronize(CUevent e) {
     Call call("cuEventSynchronize");
     NEED_CONTEXT;
     if (!g->events.count(e)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not an event", (void*)e);
+    if (e->captured_in) return captured_event(call, e);
     g->n.event_syncs++;
     return call.ok("(%p)", (void*)e);
 }
@@ -749,6 +1311,7 @@ API CUresult cuEventQuery(CUevent e) {
     Call call("cuEventQuery");
     NEED_CONTEXT;
     if (!g->events.count(e)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not an event", (void*)e);
+    if (e->captured_in) return captured_event(call, e);
     return call.ok("(%p)", (void*)e);
 }
 API CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
@@ -756,6 +1319,8 @@ API CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
     NEED_CONTEXT;
     if (!ms) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
     if (!g->events.count(a) || !g->events.count(b)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "bad event");
+    if (a->captured_in) return captured_event(call, a);
+    if (b->captured_in) return captured_event(call, b);
     if ((a->flags | b->flags) & 0x2)
         return call.fail(CUDA_ERROR_INVALID_HANDLE, "an event created with CU_EVENT_DISABLE_TIMING");
     if (!a->recorded || !b->recorded) return call.fail(CUDA_ERROR_INVALID_HANDLE, "an event never recorded");
@@ -925,42 +1490,12 @@ API CUresult cuFuncSetAttribute(CUfunction f, int attr, int v) {
 }
 
 // ---- launch -----------------------------------------------------------------------------------------
-API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                            unsigned bz, unsigned smem, CUstream s, void** params, void** extra) {
-    Call call("cuLaunchKernel");
-    NEED_CONTEXT;
-    if (!valid_function(f)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a function", (void*)f);
-    const KernelEntry& k = *f->kernel;
-    // Every message names the kernel and the launch.
-    char what[200];
-    snprintf(what, sizeof what, "%s grid (%u,%u,%u) block (%u,%u,%u) smem %u", k.name, gx, gy, gz, bx, by, bz, smem);
-    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%s: %p is not a stream", what, (void*)s);
-    if (extra) return call.fail(CUDA_ERROR_NOT_SUPPORTED, "%s: `extra` launch arguments are not emulated", what);
-    if (gx == 0 || gy == 0 || gz == 0 || gx > 2147483647u || gy > 65535 || gz > 65535)
-        return call.fail(CUDA_ERROR_INVALID_VALUE,
-                         "%s: the grid must be within (1..2147483647, 1..65535, 1..65535) blocks", what);
-    const unsigned long long threads = (unsigned long long)bx * by * bz;
-    if (bx == 0 || by == 0 || bz == 0 || bx > 1024 || by > 1024 || bz > 64 || threads > 1024)
-        return call.fail(CUDA_ERROR_INVALID_VALUE,
-                         "%s: a block must be within (1024, 1024, 64) threads and 1024 in all", what);
-    if (threads > f->ptx.maxntid)
-        return call.fail(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
-                         "%s: %llu threads per block exceed the kernel's __launch_bounds__ (.maxntid %u)", what,
-                         threads, f->ptx.maxntid);
-    if ((size_t)smem + f->ptx.static_smem > (size_t)g->cfg.device->smem_optin)
-        return call.fail(CUDA_ERROR_INVALID_VALUE,
-                         "%s: %u bytes of dynamic + %zu of static shared memory exceed the sm_%d%d maximum of %d", what,
-                         smem, f->ptx.static_smem, g->cfg.device->major, g->cfg.device->minor,
-                         g->cfg.device->smem_optin);
-    if ((int)smem > f->max_dynamic_smem)
-        return call.fail(CUDA_ERROR_INVALID_VALUE,
-                         "%s: %u bytes of dynamic shared memory exceed the kernel's limit of %d (%zu static; raise "
-                         "it with cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES))",
-                         what, smem, f->max_dynamic_smem, f->ptx.static_smem);
-    if (k.nparams > 0 && !params) return call.fail(CUDA_ERROR_INVALID_VALUE, "%s: kernelParams is NULL", what);
-    // Pointer arguments: NULL, or inside a live allocation (its end included: an empty tensor
-    // may sit there) and aligned for what they point to. On a GPU these fault inside the kernel;
-    // here they are refused before it runs, with the same error, and end the context the same way.
+namespace {
+// Pointer arguments: NULL, or inside a live allocation (its end included: an empty tensor may sit
+// there) and aligned for what they point to. On a GPU these fault inside the kernel; here they are
+// refused before it runs, with the same error, and end the context the same way. Checked at launch,
+// at capture, and again when a graph replays the launch (an allocation may be freed in between).
+CUresult check_pointer_args(Call& call, const KernelEntry& k, void** params, const char* what) {
     for (int i = 0; i < k.nparams; i++) {
         if (!params[i]) return call.fail(CUDA_ERROR_INVALID_VALUE, "%s: kernelParams[%d] is NULL", what, i);
         if (!k.is_pointer[i]) continue;
@@ -986,10 +1521,15 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz,
             return r;
         }
     }
+    return CUDA_SUCCESS;
+}
+// Runs a checked launch on the CPU and counts it; returns the seconds it took.
+double run_launch(const KernelEntry& k, bool refill_shared, Dims grid, Dims block, unsigned smem, void** params,
+                  const char* what) {
     ensure_signal_stack();
-    g->launch = LaunchInfo{k.name, {gx, gy, gz}, {bx, by, bz}, smem, pthread_self()};
+    g->launch = LaunchInfo{k.name, grid, block, smem, pthread_self()};
     const double t0 = now_ms();
-    run_kernel(k, params, Dims{gx, gy, gz}, Dims{bx, by, bz}, smem, f->ptx.static_smem > 0);
+    run_kernel(k, params, grid, block, smem, refill_shared);
     const double seconds = (now_ms() - t0) / 1000;
     g->launch.kernel = nullptr;
     std::string damage;
@@ -1000,15 +1540,335 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz,
                 what, damage.c_str());
         abort();
     }
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
     KernelCount& kc = g->n.per_kernel[k.name];
     kc.launches++;
-    kc.blocks += (unsigned long long)gx * gy * gz;
-    kc.threads += (unsigned long long)gx * gy * gz * threads;
+    kc.blocks += blocks;
+    kc.threads += blocks * block.x * block.y * block.z;
     kc.seconds += seconds;
     kc.max_dynamic_smem = std::max(kc.max_dynamic_smem, last_dynamic_smem());
     g->n.launches++;
     g->n.launch_seconds += seconds;
+    return seconds;
+}
+}  // namespace
+
+API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                            unsigned bz, unsigned smem, CUstream s, void** params, void** extra) {
+    Call call("cuLaunchKernel");
+    NEED_CONTEXT;
+    if (!valid_function(f)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a function", (void*)f);
+    const KernelEntry& k = *f->kernel;
+    // Every message names the kernel and the launch.
+    char what[200];
+    snprintf(what, sizeof what, "%s grid (%u,%u,%u) block (%u,%u,%u) smem %u", k.name, gx, gy, gz, bx, by, bz, smem);
+    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%s: %p is not a stream", what, (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (extra) return call.fail(CUDA_ERROR_NOT_SUPPORTED, "%s: `extra` launch arguments are not emulated", what);
+    if (gx == 0 || gy == 0 || gz == 0 || gx > 2147483647u || gy > 65535 || gz > 65535)
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "%s: the grid must be within (1..2147483647, 1..65535, 1..65535) blocks", what);
+    const unsigned long long threads = (unsigned long long)bx * by * bz;
+    if (bx == 0 || by == 0 || bz == 0 || bx > 1024 || by > 1024 || bz > 64 || threads > 1024)
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "%s: a block must be within (1024, 1024, 64) threads and 1024 in all", what);
+    if (threads > f->ptx.maxntid)
+        return call.fail(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+                         "%s: %llu threads per block exceed the kernel's __launch_bounds__ (.maxntid %u)", what,
+                         threads, f->ptx.maxntid);
+    if ((size_t)smem + f->ptx.static_smem > (size_t)g->cfg.device->smem_optin)
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "%s: %u bytes of dynamic + %zu of static shared memory exceed the sm_%d%d maximum of %d", what,
+                         smem, f->ptx.static_smem, g->cfg.device->major, g->cfg.device->minor,
+                         g->cfg.device->smem_optin);
+    if ((int)smem > f->max_dynamic_smem)
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "%s: %u bytes of dynamic shared memory exceed the kernel's limit of %d (%zu static; raise "
+                         "it with cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES))",
+                         what, smem, f->max_dynamic_smem, f->ptx.static_smem);
+    if (k.nparams > 0 && !params) return call.fail(CUDA_ERROR_INVALID_VALUE, "%s: kernelParams is NULL", what);
+    if (CUresult r = check_pointer_args(call, k, params, what)) return r;
+    if (cap) {
+        // A kernel node: the argument values are copied now, as the driver does (params points at
+        // the caller's variables, which may change or die before the graph runs).
+        CapturedOp op{CapturedOp::KERNEL};
+        op.what = what;
+        op.f = f;
+        op.kernel = &k;
+        op.grid = {gx, gy, gz};
+        op.block = {bx, by, bz};
+        op.smem = smem;
+        for (int i = 0; i < k.nparams; i++) {
+            const size_t at = (op.args.size() + 15) / 16 * 16;
+            op.offsets.push_back(at);
+            op.args.resize(at + k.size[i]);
+            memcpy(op.args.data() + at, params[i], k.size[i]);
+        }
+        record_op(cap, s, std::move(op));
+        return call.ok("(%s) captured in #%llu", what, (unsigned long long)cap->id);
+    }
+    const double seconds = run_launch(k, f->ptx.static_smem > 0, Dims{gx, gy, gz}, Dims{bx, by, bz}, smem, params, what);
     return call.ok("(%s) %.3f s", what, seconds);
+}
+
+// ---- stream capture and graphs ----------------------------------------------------------------------
+API CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
+    Call call("cuStreamBeginCapture_v2");
+    NEED_CONTEXT;
+    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    if (mode < kCaptureGlobal || mode > kCaptureRelaxed)
+        return call.fail(CUDA_ERROR_INVALID_VALUE, "capture mode %d: not GLOBAL (0), THREAD_LOCAL (1) or RELAXED (2)",
+                         mode);
+    if (is_legacy(s))
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                         "the legacy stream (%p) cannot be captured: capture a stream made by cuStreamCreate", (void*)s);
+    if (!is_created(s))
+        return call.fail(CUDA_ERROR_NOT_SUPPORTED,
+                         "capturing the per-thread default stream is not emulated: capture a stream made by "
+                         "cuStreamCreate");
+    if (FakeCapture* c = s->capture) {
+        call.invalidates(c);
+        return call.fail(CUDA_ERROR_ILLEGAL_STATE, "stream %p is already capturing (%s%s)", (void*)s,
+                         describe_capture(c).c_str(), c->origin == s ? "" : ", joined through an event");
+    }
+    FakeCapture* c = new FakeCapture{g->next_capture++, s, mode, pthread_self()};
+    c->members.insert(s);
+    c->known[s];
+    s->capture = c;
+    g->captures.insert(c);
+    g->n.captures++;
+    return call.ok("(%p, %s) -> capture #%llu", (void*)s, mode_name(mode), (unsigned long long)c->id);
+}
+API CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
+    Call call("cuStreamEndCapture");
+    NEED_CONTEXT;
+    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    if (!out) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL graph pointer");
+    FakeCapture* c = capture_of(s);
+    if (!c)
+        return call.fail(CUDA_ERROR_ILLEGAL_STATE, "stream %p is not capturing: no cuStreamBeginCapture on it to end",
+                         (void*)s);
+    if (c->origin != s) {
+        call.invalidates(c);
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNMATCHED,
+                         "stream %p joined the capture through an event (%s): the capture ends on the stream that "
+                         "began it",
+                         (void*)s, describe_capture(c).c_str());
+    }
+    if (c->mode != kCaptureRelaxed && !pthread_equal(c->thread, pthread_self())) {
+        call.invalidates(c);
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD,
+                         "%s was begun by another thread: only a relaxed-mode capture may end in another thread",
+                         describe_capture(c).c_str());
+    }
+    *out = nullptr;
+    // Work forked to another stream must have been joined back: the origin waited on an event
+    // recorded after that stream's last captured operation.
+    std::string unjoined;
+    std::map<CUstream, long>& origin = c->known[s];
+    for (CUstream m : c->members) {
+        if (m == s) continue;
+        std::map<CUstream, long>& mk = c->known[m];
+        const long last = mk.count(m) ? mk[m] : -1;
+        if (last >= 0 && (!origin.count(m) || origin[m] < last) && unjoined.empty()) {
+            char b[200];
+            snprintf(b, sizeof b, "stream %p, joined to the capture, has captured work (node %ld) the origin stream %p never waited for",
+                     (void*)m, last, (void*)s);
+            unjoined = b;
+        }
+    }
+    for (CUstream m : c->members) m->capture = nullptr;
+    g->captures.erase(c);
+    std::unique_ptr<FakeCapture> ended(c);
+    if (c->invalidated)
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+                         "capture #%llu on stream %p was invalidated by an earlier refusal (%s): it ends without a "
+                         "graph",
+                         (unsigned long long)c->id, (void*)s, c->why.c_str());
+    if (!unjoined.empty())
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNJOINED,
+                         "capture #%llu: %s (record an event after it and cuStreamWaitEvent the origin on it); it "
+                         "ends without a graph",
+                         (unsigned long long)c->id, unjoined.c_str());
+    FakeGraph* graph = new FakeGraph{g->next_graph++, c->id, std::move(c->ops)};
+    g->graphs.insert(graph);
+    *out = graph;
+    return call.ok("(%p) -> graph #%llu (%zu nodes, capture #%llu)", (void*)s, (unsigned long long)graph->id,
+                   graph->ops.size(), (unsigned long long)c->id);
+}
+API CUresult cuStreamIsCapturing(CUstream s, int* status) {
+    Call call("cuStreamIsCapturing");
+    NEED_CONTEXT;
+    if (!status) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
+    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    // The legacy stream while a blocking stream captures: an error, which does not invalidate.
+    if (is_legacy(s)) {
+        const std::vector<FakeCapture*> blocking = blocking_captures();
+        if (!blocking.empty())
+            return call.fail(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
+                             "the legacy stream (%p) is implicitly part of %s, on a blocking stream", (void*)s,
+                             describe_capture(blocking[0]).c_str());
+    }
+    const FakeCapture* c = capture_of(s);
+    *status = !c ? 0 : c->invalidated ? 2 : 1;  // CU_STREAM_CAPTURE_STATUS_NONE, _ACTIVE, _INVALIDATED
+    return call.ok("(%p) -> %s", (void*)s, !c ? "none" : c->invalidated ? "invalidated" : "active");
+}
+
+API CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph graph, unsigned long long flags) {
+    Call call("cuGraphInstantiateWithFlags");
+    NEED_CONTEXT;
+    if (!out) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL result pointer");
+    if (!g->graphs.count(graph)) return call.fail(CUDA_ERROR_INVALID_VALUE, "%p is not a graph", (void*)graph);
+    // AUTO_FREE_ON_LAUNCH 1, DEVICE_LAUNCH 4, USE_NODE_PRIORITY 8; UPLOAD (2) belongs to
+    // cuGraphInstantiateWithParams, which has the stream to upload on.
+    if (flags & ~(1ull | 4ull | 8ull))
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "flags %#llx: cuGraphInstantiateWithFlags takes CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH "
+                         "(1), _DEVICE_LAUNCH (4) and _USE_NODE_PRIORITY (8)",
+                         flags);
+    if ((flags & 1) && (flags & 4))
+        return call.fail(CUDA_ERROR_INVALID_VALUE,
+                         "flags %#llx: AUTO_FREE_ON_LAUNCH and DEVICE_LAUNCH cannot be combined", flags);
+    FakeGraphExec* x = new FakeGraphExec{g->next_exec++, graph->id, flags, graph->ops};
+    g->execs.insert(x);
+    g->n.instantiated++;
+    *out = x;
+    return call.ok("(graph #%llu, flags %#llx) -> graph exec #%llu (%zu nodes)", (unsigned long long)graph->id, flags,
+                   (unsigned long long)x->id, x->ops.size());
+}
+
+namespace {
+// Runs node i of a graph exec: what was checked at capture is checked again where it can have
+// changed (allocations freed, page-locked memory freed, the module unloaded). A failure here is
+// the device faulting: CUDA_ERROR_ILLEGAL_ADDRESS, and the context is dead.
+CUresult replay(Call& call, const FakeGraphExec& x, size_t i) {
+    const CapturedOp& op = x.ops[i];
+    char where[320];
+    snprintf(where, sizeof where, "graph exec #%llu node %zu of %zu (%s)", (unsigned long long)x.id, i, x.ops.size(),
+             op.what.c_str());
+    auto fault = [&](const char* why) {
+        g->sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+        return call.fail(CUDA_ERROR_ILLEGAL_ADDRESS, "%s: %s", where, why);
+    };
+    auto device_range = [&](const char* role, CUdeviceptr p, size_t n) -> std::string {
+        if (n == 0 || live_holding(p, n)) return "";
+        char b[200];
+        if (const Allocation* f = freed_holding(p))
+            snprintf(b, sizeof b, "the %s %#llx is in allocation #%llu, freed after the capture (use after free)", role,
+                     p, (unsigned long long)f->id);
+        else
+            snprintf(b, sizeof b, "the %s [%#llx, +%zu) is not device memory any more", role, p, n);
+        return b;
+    };
+    if (FILE* f = log_file()) fprintf(f, "[fake-cuda]   replay %s\n", where);
+    switch (op.kind) {
+        case CapturedOp::KERNEL: {
+            if (!valid_function(op.f) || op.f->kernel != op.kernel)
+                return call.fail(CUDA_ERROR_INVALID_HANDLE, "%s: the kernel's module was unloaded after the capture",
+                                 where);
+            void* params[kMaxParams];
+            for (size_t a = 0; a < op.offsets.size(); a++) params[a] = (void*)(op.args.data() + op.offsets[a]);
+            if (CUresult r = check_pointer_args(call, *op.kernel, params, where)) return r;
+            run_launch(*op.kernel, op.f->ptx.static_smem > 0, op.grid, op.block, op.smem, params, op.what.c_str());
+            g->n.replayed_launches++;
+            return CUDA_SUCCESS;
+        }
+        case CapturedOp::HTOD:
+        case CapturedOp::DTOH: {
+            const bool htod = op.kind == CapturedOp::HTOD;
+            std::string why = device_range(htod ? "destination" : "source", htod ? op.dst : op.src, op.n);
+            if (why.empty()) why = not_pinned(op.host, op.n);
+            if (!why.empty()) return fault(why.c_str());
+            if (htod) {
+                memcpy((void*)(uintptr_t)op.dst, op.host, op.n);
+                g->n.htod++;
+                g->n.htod_bytes += op.n;
+            } else {
+                memcpy(op.host, (const void*)(uintptr_t)op.src, op.n);
+                g->n.dtoh++;
+                g->n.dtoh_bytes += op.n;
+            }
+            count_host_copy(op.host, op.n);
+            g->n.replayed_copies++;
+            return CUDA_SUCCESS;
+        }
+        case CapturedOp::DTOD: {
+            std::string why = device_range("destination", op.dst, op.n);
+            if (why.empty()) why = device_range("source", op.src, op.n);
+            if (!why.empty()) return fault(why.c_str());
+            memmove((void*)(uintptr_t)op.dst, (const void*)(uintptr_t)op.src, op.n);
+            g->n.dtod++;
+            g->n.dtod_bytes += op.n;
+            g->n.replayed_copies++;
+            return CUDA_SUCCESS;
+        }
+        case CapturedOp::MEMSET: {
+            const std::string why = device_range("destination", op.dst, op.n);
+            if (!why.empty()) return fault(why.c_str());
+            memset((void*)(uintptr_t)op.dst, op.value, op.n);
+            g->n.memsets++;
+            g->n.memset_bytes += op.n;
+            g->n.replayed_memsets++;
+            return CUDA_SUCCESS;
+        }
+        case CapturedOp::WAIT_EXTERNAL: return CUDA_SUCCESS;  // execution is synchronous
+    }
+    return CUDA_SUCCESS;
+}
+}  // namespace
+
+// Replays the recorded operations in order (a valid order of the graph: every dependency was
+// issued before what depends on it). On a capturing stream, the graph's nodes are recorded into
+// that capture instead (a child graph).
+API CUresult cuGraphLaunch(CUgraphExec x, CUstream s) {
+    Call call("cuGraphLaunch");
+    NEED_CONTEXT;
+    if (!g->execs.count(x)) return call.fail(CUDA_ERROR_INVALID_VALUE, "%p is not an instantiated graph", (void*)x);
+    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (cap) {
+        for (const CapturedOp& op : x->ops) record_op(cap, s, op);
+        return call.ok("(graph exec #%llu) captured in #%llu as %zu nodes", (unsigned long long)x->id,
+                       (unsigned long long)cap->id, x->ops.size());
+    }
+    const double t0 = now_ms();
+    for (size_t i = 0; i < x->ops.size(); i++)
+        if (CUresult r = replay(call, *x, i)) return r;
+    g->n.graph_launches++;
+    return call.ok("(graph exec #%llu, %zu nodes) %.3f s", (unsigned long long)x->id, x->ops.size(),
+                   (now_ms() - t0) / 1000);
+}
+API CUresult cuGraphUpload(CUgraphExec x, CUstream s) {
+    Call call("cuGraphUpload");
+    NEED_CONTEXT;
+    if (!g->execs.count(x)) return call.fail(CUDA_ERROR_INVALID_VALUE, "%p is not an instantiated graph", (void*)x);
+    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (cap)
+        return call.fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                         "graph exec #%llu: an upload cannot be captured (stream %p is capturing, %s)",
+                         (unsigned long long)x->id, (void*)s, describe_capture(cap).c_str());
+    g->n.graph_uploads++;  // nothing to upload: device memory is host memory
+    return call.ok("(graph exec #%llu)", (unsigned long long)x->id);
+}
+API CUresult cuGraphExecDestroy(CUgraphExec x) {
+    Call call("cuGraphExecDestroy");
+    NEED_INIT;
+    if (!g->execs.erase(x)) return call.fail(CUDA_ERROR_INVALID_VALUE, "%p is not an instantiated graph", (void*)x);
+    const unsigned long long id = x->id;
+    delete x;
+    return call.ok("(graph exec #%llu)", id);
+}
+API CUresult cuGraphDestroy(CUgraph graph) {
+    Call call("cuGraphDestroy");
+    NEED_INIT;
+    if (!g->graphs.erase(graph)) return call.fail(CUDA_ERROR_INVALID_VALUE, "%p is not a graph", (void*)graph);
+    const unsigned long long id = graph->id;
+    delete graph;
+    return call.ok("(graph #%llu)", id);
 }
 
 // For an in-process reader of the counters (the self-test; a later per-step measurement): writes

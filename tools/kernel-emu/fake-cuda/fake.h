@@ -26,11 +26,15 @@ struct FakeModule;
 struct FakeFunction;
 struct FakeStream;
 struct FakeEvent;
+struct FakeGraph;
+struct FakeGraphExec;
 typedef FakeContext* CUcontext;
 typedef FakeModule* CUmodule;
 typedef FakeFunction* CUfunction;
 typedef FakeStream* CUstream;
 typedef FakeEvent* CUevent;
+typedef FakeGraph* CUgraph;
+typedef FakeGraphExec* CUgraphExec;
 
 enum : int {
     CUDA_SUCCESS = 0,
@@ -43,6 +47,7 @@ enum : int {
     CUDA_ERROR_INVALID_PTX = 218,
     CUDA_ERROR_UNSUPPORTED_PTX_VERSION = 222,
     CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
@@ -50,6 +55,15 @@ enum : int {
     CUDA_ERROR_MISALIGNED_ADDRESS = 716,
     CUDA_ERROR_LAUNCH_FAILED = 719,
     CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
+    CUDA_ERROR_STREAM_CAPTURE_MERGE = 902,
+    CUDA_ERROR_STREAM_CAPTURE_UNMATCHED = 903,
+    CUDA_ERROR_STREAM_CAPTURE_UNJOINED = 904,
+    CUDA_ERROR_STREAM_CAPTURE_ISOLATION = 905,
+    CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906,
+    CUDA_ERROR_CAPTURED_EVENT = 907,
+    CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD = 908,
 };
 
 namespace fake {

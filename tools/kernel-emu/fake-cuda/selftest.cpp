@@ -40,7 +40,19 @@ enum {
     LAUNCH_OUT_OF_RESOURCES = 701,
     MISALIGNED_ADDRESS = 716,
     NOT_SUPPORTED = 801,
+    INVALID_HANDLE = 400,
+    ILLEGAL_STATE = 401,
+    CAPTURE_UNSUPPORTED = 900,
+    CAPTURE_INVALIDATED = 901,
+    CAPTURE_MERGE = 902,
+    CAPTURE_UNMATCHED = 903,
+    CAPTURE_UNJOINED = 904,
+    CAPTURE_ISOLATION = 905,
+    CAPTURE_IMPLICIT = 906,
+    CAPTURED_EVENT = 907,
+    CAPTURE_WRONG_THREAD = 908,
 };
+enum { MODE_GLOBAL = 0, MODE_THREAD_LOCAL = 1, MODE_RELAXED = 2 };  // CUstreamCaptureMode
 
 // ---- the library, one symbol at a time (a missing one fails the case, as cudarc would panic) ----
 const char* g_library;
@@ -88,6 +100,25 @@ API(CUresult, cuEventSynchronize, (Handle))
 API(CUresult, cuEventElapsedTime_v2, (float*, Handle, Handle))
 API(CUresult, cuEventDestroy_v2, (Handle))
 API(CUresult, cuGetErrorName, (CUresult, const char**))
+API(CUresult, cuMemAlloc_v2, (CUdeviceptr*, size_t))
+API(CUresult, cuMemFree_v2, (CUdeviceptr))
+API(CUresult, cuMemcpyHtoD_v2, (CUdeviceptr, const void*, size_t))
+API(CUresult, cuMemcpyDtoH_v2, (void*, CUdeviceptr, size_t))
+API(CUresult, cuMemHostAlloc, (void**, size_t, unsigned))
+API(CUresult, cuMemFreeHost, (void*))
+API(CUresult, cuStreamCreate, (Handle*, unsigned))
+API(CUresult, cuStreamDestroy_v2, (Handle))
+API(CUresult, cuStreamQuery, (Handle))
+API(CUresult, cuStreamWaitEvent, (Handle, Handle, unsigned))
+API(CUresult, cuEventQuery, (Handle))
+API(CUresult, cuStreamBeginCapture_v2, (Handle, int))
+API(CUresult, cuStreamEndCapture, (Handle, Handle*))
+API(CUresult, cuStreamIsCapturing, (Handle, int*))
+API(CUresult, cuGraphInstantiateWithFlags, (Handle*, Handle, unsigned long long))
+API(CUresult, cuGraphLaunch, (Handle, Handle))
+API(CUresult, cuGraphUpload, (Handle, Handle))
+API(CUresult, cuGraphExecDestroy, (Handle))
+API(CUresult, cuGraphDestroy, (Handle))
 API(size_t, fake_cuda_counters_json, (char*, size_t))
 
 // ---- checks inside a case ------------------------------------------------------------------------
@@ -668,6 +699,414 @@ void case_real_ptx() {
            compared);
 }
 
+// ---- page-locked memory, streams, capture and graphs -------------------------------------------------
+// f32_to_floatx_bf16(bf16* out, const float* in, long long n), from kernels/optimizer.cu: the
+// kernel the capture cases record between their copies.
+const char* kConvertPtx =
+    "\n.visible .entry f32_to_floatx_bf16(\n\t.param .u64 v0,\n\t.param .u64 v1,\n\t.param .u64 v2\n)\n"
+    ".maxntid 256, 1, 1\n{\n\tret;\n}\n";
+
+// bf16 of an f32 that bf16 holds exactly (the cases' values): its upper 16 bits.
+uint16_t bf16_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)(u >> 16);
+}
+
+// A training step in miniature, as finch's captured step does it: upload from page-locked memory,
+// a kernel, download into page-locked memory, all on a created non-blocking stream.
+struct Step {
+    static constexpr int N = 1000;
+    Handle stream = nullptr;
+    float* in = nullptr;     // page-locked, N floats
+    uint16_t* out = nullptr; // page-locked, N bf16
+    CUdeviceptr d_in = 0, d_out = 0;
+    // What the launch's kernelParams point at: the values are copied when the launch is captured.
+    CUdeviceptr arg_out = 0, arg_in = 0;
+    long long count = 600;  // elements the launch converts (of N)
+    Handle graph = nullptr, exec = nullptr;
+    void setup() {
+        open_with_module(mini_ptx("sm_90a", "9.0", nullptr, ".f32", kConvertPtx));
+        EXPECT(cuStreamCreate(&stream, 1u), OK);  // CU_STREAM_NON_BLOCKING, as cudarc's new_stream
+        EXPECT(cuMemHostAlloc((void**)&in, (size_t)4 * N, 0u), OK);
+        EXPECT(cuMemHostAlloc((void**)&out, (size_t)2 * N, 4u), OK);  // CU_MEMHOSTALLOC_WRITECOMBINED
+        d_in = alloc(4 * N);
+        d_out = alloc(2 * N);
+        arg_out = d_out, arg_in = d_in;
+    }
+    CUresult launch(unsigned block = 256) {
+        void* args[3] = {&arg_out, &arg_in, &count};
+        return cuLaunchKernel(function("f32_to_floatx_bf16"), (unsigned)(N + 255) / 256, 1u, 1u, block, 1u, 1u, 0u,
+                              stream, args, (void**)nullptr);
+    }
+    void record() {
+        EXPECT(cuMemcpyHtoDAsync_v2(d_in, in, (size_t)4 * N, stream), OK);
+        EXPECT(launch(), OK);
+        EXPECT(cuMemcpyDtoHAsync_v2(out, d_out, (size_t)2 * N, stream), OK);
+    }
+    void capture() {
+        EXPECT(cuStreamBeginCapture_v2(stream, MODE_GLOBAL), OK);
+        record();
+        EXPECT(cuStreamEndCapture(stream, &graph), OK);
+        EXPECT(cuGraphInstantiateWithFlags(&exec, graph, 0ull), OK);
+    }
+    void fill(int r) {
+        for (int i = 0; i < N; i++) in[i] = (float)(i % 50 - 25) * 0.25f + (float)r;
+    }
+    // out after a run on fill(r): the first 600 converted, the rest untouched (0xFF from allocation).
+    int wrong(int r) const {
+        int bad = 0;
+        for (int i = 0; i < N; i++) bad += out[i] != (i < 600 ? bf16_bits((float)(i % 50 - 25) * 0.25f + (float)r) : 0xffff);
+        return bad;
+    }
+    void begin(int mode = MODE_GLOBAL) { EXPECT(cuStreamBeginCapture_v2(stream, mode), OK); }
+    // A capture a refusal invalidated: it says so, takes no more work, and ends without a graph.
+    void invalidated(const char* after, Handle s = nullptr) {
+        if (!s) s = stream;
+        int status = -1;
+        if (cuStreamIsCapturing(s, &status) != OK || status != 2)
+            fail(__LINE__, "after %s: capture status %d, expected 2 (invalidated)", after, status);
+        if (cuMemsetD8Async(d_out, (unsigned char)0, (size_t)2, s) != CAPTURE_INVALIDATED)
+            fail(__LINE__, "after %s: work on the invalidated capture was not refused", after);
+        Handle got = (Handle)1;
+        if (cuStreamEndCapture(s, &got) != CAPTURE_INVALIDATED || got != nullptr)
+            fail(__LINE__, "after %s: cuStreamEndCapture did not return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED and no graph",
+                 after);
+        if (cuStreamIsCapturing(s, &status) != OK || status != 0)
+            fail(__LINE__, "after %s: the stream still captures (status %d)", after, status);
+    }
+};
+
+bool json_has(const char* want) {
+    char json[8192];
+    fake_cuda_counters_json(json, sizeof json);
+    if (strstr(json, want)) return true;
+    printf("  counters lack %s:\n  %s\n", want, json);
+    return false;
+}
+
+void case_pinned() {
+    open_device();
+    void *a = nullptr, *b = nullptr, *none = nullptr;
+    EXPECT(cuMemHostAlloc(&a, (size_t)4096, 0u), OK);
+    EXPECT(cuMemHostAlloc(&b, (size_t)100, 7u), OK);  // PORTABLE | DEVICEMAP | WRITECOMBINED
+    TRUE(a && (uintptr_t)a % 4096 == 0 && b && (uintptr_t)b % 4096 == 0, "page-locked memory at %p, %p", a, b);
+    TRUE(((unsigned char*)a)[4095] == 0xff && ((unsigned char*)b)[99] == 0xff, "fresh page-locked memory is not 0xFF");
+    memset(a, 1, 4096);  // the host may use it
+    EXPECT(cuMemHostAlloc(&none, (size_t)64, 8u), INVALID_VALUE);
+    EXPECT(cuMemHostAlloc(&none, (size_t)0, 0u), INVALID_VALUE);
+    EXPECT(cuMemHostAlloc((void**)nullptr, (size_t)64, 0u), INVALID_VALUE);
+    int local = 0;
+    CUdeviceptr device = alloc(256);
+    EXPECT(cuMemFreeHost((char*)a + 16), INVALID_VALUE);  // not the start
+    EXPECT(cuMemFreeHost((void*)&local), INVALID_VALUE);   // pageable memory
+    EXPECT(cuMemFreeHost((void*)(uintptr_t)device), INVALID_VALUE);
+    EXPECT(cuMemFreeHost(a), OK);
+    EXPECT(cuMemFreeHost(a), INVALID_VALUE);  // double free
+    TRUE(json_has("\"pinned\": {\"allocs\": 2, \"alloc_bytes\": 4196, \"frees\": 1, \"live_bytes\": 100}"), "counters");
+}
+
+// The step captured once and replayed 3 times, the page-locked input refilled before each replay;
+// the launch's argument values are the ones at capture time.
+void case_graph_replay() {
+    Step t;
+    t.setup();
+    int status = -1;
+    EXPECT(cuStreamIsCapturing(t.stream, &status), OK);
+    TRUE(status == 0, "capture status %d before capture", status);
+    t.fill(7);
+    EXPECT(cuStreamBeginCapture_v2(t.stream, MODE_GLOBAL), OK);
+    EXPECT(cuStreamIsCapturing(t.stream, &status), OK);
+    TRUE(status == 1, "capture status %d during capture", status);
+    t.record();
+    EXPECT(cuStreamEndCapture(t.stream, &t.graph), OK);
+    TRUE(t.graph != nullptr, "no graph");
+    // Nothing ran while capturing.
+    TRUE(t.out[0] == 0xffff && json_has("\"launches\": 0,") && json_has("\"htod\": {\"count\": 0,"),
+         "work ran during the capture");
+    // The host variables the launch pointed at change (or die): the graph keeps the captured values.
+    t.count = 1000;
+    t.arg_out = t.arg_in = 0;
+    EXPECT(cuGraphInstantiateWithFlags(&t.exec, t.graph, 0ull), OK);
+    EXPECT(cuGraphDestroy(t.graph), OK);  // the exec keeps its own copy
+    EXPECT(cuGraphUpload(t.exec, t.stream), OK);
+    for (int r = 0; r < 3; r++) {
+        t.fill(r);  // the copy node reads the page-locked input when the graph runs
+        EXPECT(cuGraphLaunch(t.exec, t.stream), OK);
+        EXPECT(cuStreamSynchronize(t.stream), OK);
+        const int bad = t.wrong(r);
+        TRUE(bad == 0, "replay %d: %d of %d outputs wrong (out[0] %#x, out[600] %#x)", r, bad, Step::N, t.out[0],
+             t.out[600]);
+    }
+    for (const char* want :
+         {"\"launches\": 3, \"per_kernel\": {\"f32_to_floatx_bf16\": {\"launches\": 3, \"blocks\": 12, \"threads\": 3072,",
+          "\"htod\": {\"count\": 3, \"bytes\": 12000}", "\"dtoh\": {\"count\": 3, \"bytes\": 6000}",
+          "\"syncs\": {\"total\": 3, \"stream\": 3, \"context\": 0, \"event\": 0, \"blocking_copies\": 0}",
+          "\"graphs\": {\"captures\": 1, \"instantiated\": 1, \"launches\": 3, \"uploads\": 1, \"replayed_launches\": 3, "
+          "\"replayed_copies\": 6, \"replayed_memsets\": 0}",
+          "\"pinned\": {\"allocs\": 2, \"alloc_bytes\": 6000, \"frees\": 0, \"live_bytes\": 6000}",
+          "\"host_copies\": {\"pinned\": 6, \"pinned_bytes\": 18000, \"pageable\": 0, \"pageable_bytes\": 0}",
+          "\"errors\": 0"})
+        TRUE(json_has(want), "counters");
+    EXPECT(cuGraphExecDestroy(t.exec), OK);
+    EXPECT(cuGraphLaunch(t.exec, t.stream), INVALID_VALUE);  // destroyed
+    EXPECT(cuStreamDestroy_v2(t.stream), OK);
+}
+
+// Work forked to a second stream through an event and joined back is captured as one graph.
+void case_graph_fork_join() {
+    Step t;
+    t.setup();
+    Handle side = nullptr, forked = nullptr, joined = nullptr;
+    EXPECT(cuStreamCreate(&side, 1u), OK);
+    EXPECT(cuEventCreate(&forked, 2u), OK);  // CU_EVENT_DISABLE_TIMING, as cudarc's default
+    EXPECT(cuEventCreate(&joined, 2u), OK);
+    t.begin();
+    EXPECT(cuMemcpyHtoDAsync_v2(t.d_in, t.in, (size_t)4 * Step::N, t.stream), OK);
+    EXPECT(cuEventRecord(forked, t.stream), OK);
+    EXPECT(cuStreamWaitEvent(side, forked, 0u), OK);  // side joins the capture
+    int status = -1;
+    EXPECT(cuStreamIsCapturing(side, &status), OK);
+    TRUE(status == 1, "the forked stream's capture status is %d", status);
+    std::swap(t.stream, side);
+    EXPECT(t.launch(), OK);  // on the forked stream
+    std::swap(t.stream, side);
+    EXPECT(cuEventRecord(joined, side), OK);
+    EXPECT(cuStreamWaitEvent(t.stream, joined, 0u), OK);
+    EXPECT(cuMemcpyDtoHAsync_v2(t.out, t.d_out, (size_t)2 * Step::N, t.stream), OK);
+    EXPECT(cuStreamEndCapture(t.stream, &t.graph), OK);
+    EXPECT(cuStreamIsCapturing(side, &status), OK);
+    TRUE(status == 0, "the forked stream still captures (status %d)", status);
+    EXPECT(cuGraphInstantiateWithFlags(&t.exec, t.graph, 1ull), OK);  // AUTO_FREE_ON_LAUNCH
+    t.fill(5);
+    EXPECT(cuGraphLaunch(t.exec, t.stream), OK);
+    EXPECT(cuStreamSynchronize(t.stream), OK);
+    TRUE(t.wrong(5) == 0, "fork/join replay: %d outputs wrong", t.wrong(5));
+    TRUE(json_has("\"replayed_launches\": 1, \"replayed_copies\": 2,"), "counters");
+    // The events stand for graph nodes now: the host cannot wait on them, even after the capture.
+    EXPECT(cuEventQuery(joined), CAPTURED_EVENT);
+}
+
+// Synchronising what a capture only records: the stream, the context, an event recorded in it.
+void case_capture_sync() {
+    Step t;
+    t.setup();
+    Handle e = nullptr;
+    EXPECT(cuEventCreate(&e, 0u), OK);
+    t.begin();
+    t.record();
+    EXPECT(cuStreamSynchronize(t.stream), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuStreamSynchronize");
+    t.begin();
+    EXPECT(cuStreamQuery(t.stream), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuStreamQuery");
+    t.begin(MODE_RELAXED);  // even in relaxed mode
+    EXPECT(cuCtxSynchronize(), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuCtxSynchronize");
+    t.begin();
+    EXPECT(cuEventRecord(e, t.stream), OK);
+    EXPECT(cuEventSynchronize(e), CAPTURED_EVENT);
+    t.invalidated("cuEventSynchronize");
+    t.begin();
+    EXPECT(cuEventRecord(e, t.stream), OK);
+    EXPECT(cuEventQuery(e), CAPTURED_EVENT);
+    t.invalidated("cuEventQuery");
+    EXPECT(cuEventSynchronize(e), CAPTURED_EVENT);  // still a captured event after the capture
+    EXPECT(cuEventRecord(e, t.stream), OK);         // until recorded outside one
+    EXPECT(cuEventSynchronize(e), OK);
+    EXPECT(cuStreamSynchronize(t.stream), OK);
+    // Nothing ran, and only the two syncs that happened count.
+    TRUE(json_has("\"launches\": 0,") &&
+             json_has("\"syncs\": {\"total\": 2, \"stream\": 1, \"context\": 0, \"event\": 1, \"blocking_copies\": 0}"),
+         "counters");
+}
+
+// Allocation, free and copies a capture refuses, and those it leaves alone.
+void case_capture_memory() {
+    Step t;
+    t.setup();
+    std::vector<float> pageable(Step::N);
+    CUdeviceptr p = 0;
+    t.begin();
+    EXPECT(cuMemcpyHtoD_v2(t.d_in, pageable.data(), (size_t)16), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuMemcpyHtoD_v2");
+    t.begin();
+    EXPECT(cuMemcpyDtoH_v2(pageable.data(), t.d_in, (size_t)16), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuMemcpyDtoH_v2");
+    t.begin();
+    EXPECT(cuMemAlloc_v2(&p, (size_t)256), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuMemAlloc_v2");
+    t.begin();
+    EXPECT(cuMemFree_v2(t.d_in), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuMemFree_v2");
+    t.begin();
+    EXPECT(cuMemFreeHost((void*)t.in), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuMemFreeHost");
+    t.begin();
+    EXPECT(cuMemAllocAsync(&p, (size_t)256, t.stream), NOT_SUPPORTED);  // a graph memory node: not emulated
+    t.invalidated("cuMemAllocAsync on the capturing stream");
+    t.begin();
+    EXPECT(cuMemFreeAsync(t.d_in, t.stream), INVALID_VALUE);  // not a graph allocation
+    t.invalidated("cuMemFreeAsync on the capturing stream");
+    t.begin();
+    EXPECT(cuMemcpyHtoDAsync_v2(t.d_in, pageable.data(), (size_t)16, t.stream), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuMemcpyHtoDAsync_v2 from pageable memory");
+    t.begin();
+    EXPECT(cuMemcpyDtoHAsync_v2(pageable.data(), t.d_in, (size_t)16, t.stream), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuMemcpyDtoHAsync_v2 to pageable memory");
+    t.begin();
+    EXPECT(cuMemcpyHtoDAsync_v2(t.d_in, t.in + 1, (size_t)4 * Step::N, t.stream), CAPTURE_UNSUPPORTED);
+    t.invalidated("a copy running past the end of page-locked memory");
+    // Stream-ordered allocation on another (not capturing) stream is no business of the capture,
+    // and a relaxed capture allows the synchronous calls.
+    t.begin();
+    EXPECT(cuMemAllocAsync(&p, (size_t)256, (Handle) nullptr), OK);
+    EXPECT(cuMemFreeAsync(p, (Handle) nullptr), OK);
+    EXPECT(cuStreamEndCapture(t.stream, &t.graph), OK);
+    TRUE(t.graph != nullptr, "no graph");
+    t.begin(MODE_RELAXED);
+    EXPECT(cuMemAlloc_v2(&p, (size_t)256), OK);
+    EXPECT(cuMemFree_v2(p), OK);
+    t.record();
+    EXPECT(cuStreamEndCapture(t.stream, &t.graph), OK);
+    TRUE(t.graph != nullptr, "no graph from the relaxed capture");
+    // Outside a capture, copies with pageable memory work (the driver stages them).
+    EXPECT(cuMemcpyHtoDAsync_v2(t.d_in, pageable.data(), (size_t)16, t.stream), OK);
+    TRUE(json_has("\"host_copies\": {\"pinned\": 0, \"pinned_bytes\": 0, \"pageable\": 1, \"pageable_bytes\": 16}"),
+         "counters");
+}
+
+// Beginning and ending captures, forks never joined, events and streams across captures.
+void case_capture_streams() {
+    Step t;
+    t.setup();
+    Handle side = nullptr, blocking = nullptr, e = nullptr, graph = nullptr, exec = nullptr;
+    EXPECT(cuStreamCreate(&side, 1u), OK);
+    EXPECT(cuStreamCreate(&blocking, 0u), OK);
+    EXPECT(cuEventCreate(&e, 2u), OK);
+    EXPECT(cuStreamBeginCapture_v2((Handle) nullptr, MODE_GLOBAL), CAPTURE_UNSUPPORTED);
+    EXPECT(cuStreamBeginCapture_v2(t.stream, 3), INVALID_VALUE);
+    EXPECT(cuStreamEndCapture(t.stream, &graph), ILLEGAL_STATE);  // never begun
+    t.begin();
+    EXPECT(cuStreamBeginCapture_v2(t.stream, MODE_GLOBAL), ILLEGAL_STATE);  // twice
+    t.invalidated("a second cuStreamBeginCapture_v2");
+    // Ending on a stream that joined, not on the origin.
+    t.begin();
+    EXPECT(cuEventRecord(e, t.stream), OK);
+    EXPECT(cuStreamWaitEvent(side, e, 0u), OK);
+    EXPECT(cuStreamEndCapture(side, &graph), CAPTURE_UNMATCHED);
+    t.invalidated("cuStreamEndCapture on the joined stream");
+    int status = -1;
+    EXPECT(cuStreamIsCapturing(side, &status), OK);
+    TRUE(status == 0, "the joined stream still captures (status %d)", status);
+    // A fork never joined back.
+    t.begin();
+    EXPECT(cuEventRecord(e, t.stream), OK);
+    EXPECT(cuStreamWaitEvent(side, e, 0u), OK);
+    EXPECT(cuMemsetD8Async(t.d_out, (unsigned char)0, (size_t)2, side), OK);
+    graph = (Handle)1;
+    EXPECT(cuStreamEndCapture(t.stream, &graph), CAPTURE_UNJOINED);
+    TRUE(graph == nullptr, "a graph from an unjoined capture");
+    // Waiting on an event recorded outside the capture.
+    EXPECT(cuEventRecord(e, side), OK);
+    t.begin();
+    EXPECT(cuStreamWaitEvent(t.stream, e, 0u), CAPTURE_ISOLATION);
+    t.invalidated("a wait on an event recorded outside the capture");
+    EXPECT(cuStreamWaitEvent(t.stream, e, 1u), INVALID_VALUE);  // CU_EVENT_WAIT_EXTERNAL outside capture
+    // Two captures that would merge.
+    t.begin();
+    EXPECT(cuStreamBeginCapture_v2(side, MODE_GLOBAL), OK);
+    EXPECT(cuEventRecord(e, t.stream), OK);
+    EXPECT(cuStreamWaitEvent(side, e, 0u), CAPTURE_MERGE);
+    t.invalidated("a wait merging two captures");
+    t.invalidated("a wait merging two captures (the other capture)", side);
+    // A blocking stream captures: the legacy stream cannot be used meanwhile.
+    EXPECT(cuStreamBeginCapture_v2(blocking, MODE_GLOBAL), OK);
+    EXPECT(cuStreamIsCapturing((Handle) nullptr, &status), CAPTURE_IMPLICIT);
+    EXPECT(cuMemsetD8Async(t.d_out, (unsigned char)0, (size_t)2, (Handle) nullptr), CAPTURE_IMPLICIT);
+    t.invalidated("work on the legacy stream", blocking);
+    // A launch refused at capture invalidates the capture too.
+    t.begin();
+    EXPECT(t.launch(2048), INVALID_VALUE);
+    t.invalidated("a refused launch");
+    // A capturing stream cannot be destroyed.
+    t.begin();
+    EXPECT(cuStreamDestroy_v2(t.stream), CAPTURE_UNSUPPORTED);
+    t.invalidated("cuStreamDestroy_v2");
+    // Instantiation flags.
+    t.begin();
+    t.record();
+    EXPECT(cuStreamEndCapture(t.stream, &graph), OK);
+    EXPECT(cuGraphInstantiateWithFlags(&exec, graph, 5ull), INVALID_VALUE);  // AUTO_FREE | DEVICE_LAUNCH
+    EXPECT(cuGraphInstantiateWithFlags(&exec, graph, 2ull), INVALID_VALUE);  // UPLOAD: WithParams only
+    EXPECT(cuGraphInstantiateWithFlags(&exec, graph, 9ull), OK);             // AUTO_FREE | USE_NODE_PRIORITY
+    EXPECT(cuGraphDestroy(graph), OK);
+    EXPECT(cuGraphDestroy(graph), INVALID_VALUE);
+    EXPECT(cuGraphExecDestroy(exec), OK);
+}
+
+// One thread's capture and another thread's calls: global mode prohibits unsafe calls in every
+// thread, thread-local mode only in its own; a non-relaxed capture ends in the thread that began it.
+void* unsafe_alloc_thread(void* arg) {
+    EXPECT(cuCtxSetCurrent(g_ctx), OK);
+    CUdeviceptr p = 0;
+    *(CUresult*)arg = cuMemAlloc_v2(&p, (size_t)256);
+    if (p) EXPECT(cuMemFree_v2(p), OK);
+    return nullptr;
+}
+struct EndAttempt {
+    Handle stream;
+    CUresult r;
+};
+void* end_capture_thread(void* arg) {
+    EndAttempt* a = (EndAttempt*)arg;
+    EXPECT(cuCtxSetCurrent(g_ctx), OK);
+    Handle graph = nullptr;
+    a->r = cuStreamEndCapture(a->stream, &graph);
+    return nullptr;
+}
+void case_capture_threads() {
+    Step t;
+    t.setup();
+    CUresult r = -1;
+    pthread_t th;
+    t.begin(MODE_THREAD_LOCAL);
+    pthread_create(&th, nullptr, unsafe_alloc_thread, &r);
+    pthread_join(th, nullptr);
+    TRUE(r == OK, "another thread's cuMemAlloc_v2 during a thread-local capture returned %d", r);
+    EXPECT(cuStreamEndCapture(t.stream, &t.graph), OK);
+    t.begin(MODE_GLOBAL);
+    pthread_create(&th, nullptr, unsafe_alloc_thread, &r);
+    pthread_join(th, nullptr);
+    TRUE(r == CAPTURE_UNSUPPORTED, "another thread's cuMemAlloc_v2 during a global capture returned %d", r);
+    t.invalidated("another thread's cuMemAlloc_v2");
+    t.begin(MODE_GLOBAL);
+    EndAttempt attempt{t.stream, -1};
+    pthread_create(&th, nullptr, end_capture_thread, &attempt);
+    pthread_join(th, nullptr);
+    TRUE(attempt.r == CAPTURE_WRONG_THREAD, "cuStreamEndCapture from another thread returned %d", attempt.r);
+    t.invalidated("cuStreamEndCapture from another thread");
+}
+
+// What can change between capture and replay is checked again when the graph runs: here the
+// device faults, as a GPU would (CUDA_ERROR_ILLEGAL_ADDRESS, and the context is dead).
+void case_replay_freed_buffer() {
+    Step t;
+    t.setup();
+    t.capture();
+    EXPECT(cuGraphLaunch(t.exec, t.stream), OK);
+    EXPECT(cuMemFreeAsync(t.d_out, (Handle) nullptr), OK);
+    EXPECT(cuGraphLaunch(t.exec, t.stream), ILLEGAL_ADDRESS);
+    EXPECT(cuStreamSynchronize(t.stream), ILLEGAL_ADDRESS);
+}
+void case_replay_freed_pinned() {
+    Step t;
+    t.setup();
+    t.capture();
+    EXPECT(cuMemFreeHost((void*)t.in), OK);
+    EXPECT(cuGraphLaunch(t.exec, t.stream), ILLEGAL_ADDRESS);
+}
+
 // ---- the table of cases, and the parent's side ------------------------------------------------------
 enum Ending { PASSES, ABORTS, CRASHES, EXITS };  // EXITS: non-zero, as a sanitizer does
 struct Case {
@@ -776,6 +1215,76 @@ std::vector<Case> cases() {
          ABORTS},
         {"a segfault that is not the fake's is left alone", case_not_ours, {}, {}, CRASHES, {"[fake-cuda]"}},
         {"three host threads at once", case_threads, {}, {}},
+        {"page-locked memory: cuMemHostAlloc, cuMemFreeHost and their refusals", case_pinned, {},
+         {"cuMemHostAlloc: flags 0x8: only CU_MEMHOSTALLOC_PORTABLE (1), _DEVICEMAP (2) and _WRITECOMBINED (4) exist "
+          "(CUDA_ERROR_INVALID_VALUE)",
+          "cuMemHostAlloc: 0 bytes: an empty page-locked allocation (CUDA_ERROR_INVALID_VALUE)",
+          "cuMemHostAlloc: NULL result pointer", "is inside page-locked allocation #1 (4096 bytes at",
+          "was not allocated by cuMemHostAlloc (CUDA_ERROR_INVALID_VALUE)", "is device memory (cuMemFree frees it)",
+          "double free of page-locked allocation #1 (4096 bytes) (CUDA_ERROR_INVALID_VALUE)"}},
+        {"a captured step (copy in, kernel, copy out) replayed 3 times on new page-locked input", case_graph_replay,
+         {},
+         {"cuGraphLaunch: ", "is not an instantiated graph (CUDA_ERROR_INVALID_VALUE)"}},
+        {"work forked to another stream and joined back is captured into one graph", case_graph_fork_join, {},
+         {"cuEventQuery: event ", "was last recorded in a capturing stream (capture #1, since ended)",
+          "(CUDA_ERROR_CAPTURED_EVENT)"}},
+        {"capture: synchronising the stream, the context or a captured event is refused and invalidates it",
+         case_capture_sync, {},
+         {"cuStreamSynchronize: stream ", "is capturing (capture #1 on stream ",
+          "global mode): its work is recorded, not run, so there is nothing to wait for",
+          "(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)", "cuMemsetD8Async: stream ",
+          "global mode, invalidated by an earlier refusal (cuStreamSynchronize: stream ",
+          "cuStreamEndCapture: capture #1 on stream ", "it ends without a graph (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED)",
+          "cuStreamQuery: stream ", "so it has no status to query (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)",
+          "cuCtxSynchronize: a stream is capturing (capture #3 on stream ", "relaxed mode): synchronising the context",
+          "cuEventSynchronize: event ", "was last recorded in a capturing stream (capture #4, still active)",
+          "cuEventQuery: event ", "(capture #5, still active)", "(capture #5, since ended)", "(CUDA_ERROR_CAPTURED_EVENT)"}},
+        {"capture: blocking copies, synchronous allocation and free, pageable async copies are refused",
+         case_capture_memory, {},
+         {"cuMemcpyHtoD_v2: a blocking (non-Async) host<->device copy is not permitted during stream capture "
+          "(capture #1 on stream ",
+          "begun by this thread)", "cuMemcpyDtoH_v2: a blocking (non-Async) host<->device copy is not permitted",
+          "cuMemAlloc_v2: cuMemAlloc_v2 (a synchronous allocation) is not permitted during stream capture",
+          "cuMemFree_v2: cuMemFree_v2 (a synchronous free) is not permitted",
+          "cuMemFreeHost: cuMemFreeHost (it synchronises the device) is not permitted",
+          "cuMemAllocAsync: 256 bytes on stream ", "CUDA would add a graph memory node, which this fake does not "
+          "emulate; allocate before cuStreamBeginCapture (CUDA_ERROR_NOT_SUPPORTED)",
+          "cuMemFreeAsync: ", "must free a graph allocation, but this is allocation #1 allocated outside the graph",
+          "cuMemcpyHtoDAsync_v2: a copy from pageable host memory cannot be captured (host range ",
+          "is pageable memory, not page-locked (cuMemHostAlloc)",
+          "cuMemcpyDtoHAsync_v2: a copy to pageable host memory cannot be captured",
+          "runs 4 bytes past the end of page-locked allocation #1 (4000 bytes)"}},
+        {"capture: begin and end, unmatched and unjoined forks, isolation, merges, the legacy stream",
+         case_capture_streams, {},
+         {"cuStreamBeginCapture_v2: the legacy stream (", "cannot be captured",
+          "capture mode 3: not GLOBAL (0), THREAD_LOCAL (1) or RELAXED (2)",
+          "is not capturing: no cuStreamBeginCapture on it to end (CUDA_ERROR_ILLEGAL_STATE)",
+          "is already capturing (capture #1 on stream ", "(CUDA_ERROR_ILLEGAL_STATE)",
+          "joined the capture through an event (capture #2 on stream ",
+          "the capture ends on the stream that began it (CUDA_ERROR_STREAM_CAPTURE_UNMATCHED)",
+          "has captured work (node 0) the origin stream ", "(CUDA_ERROR_STREAM_CAPTURE_UNJOINED)",
+          "recorded outside the capture: captured work cannot depend on uncaptured work",
+          "(CUDA_ERROR_STREAM_CAPTURE_ISOLATION)", "the flag is valid only during stream capture",
+          "two captures cannot merge (CUDA_ERROR_STREAM_CAPTURE_MERGE)",
+          "cuStreamIsCapturing: the legacy stream (", "is implicitly part of capture #",
+          "cuMemsetD8Async: the legacy stream (", "cannot be used while a blocking stream captures",
+          "(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT)",
+          "cuLaunchKernel: f32_to_floatx_bf16 grid (4,1,1) block (2048,1,1) smem 0: a block must be within",
+          "end the capture before destroying the stream",
+          "flags 0x5: AUTO_FREE_ON_LAUNCH and DEVICE_LAUNCH cannot be combined",
+          "flags 0x2: cuGraphInstantiateWithFlags takes", "cuGraphDestroy: ", "is not a graph"}},
+        {"capture modes across threads: global, thread-local, and ending in another thread", case_capture_threads, {},
+         {"cuMemAlloc_v2: cuMemAlloc_v2 (a synchronous allocation) is not permitted during stream capture (capture #2 "
+          "on stream ",
+          "begun by another thread)", "cuStreamEndCapture: capture #3 on stream ",
+          "was begun by another thread: only a relaxed-mode capture may end in another thread "
+          "(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD)"}},
+        {"a replay after a kernel's buffer was freed faults", case_replay_freed_buffer, {},
+         {"cuGraphLaunch: graph exec #1 node 1 of 3 (f32_to_floatx_bf16 grid (4,1,1) block (256,1,1) smem 0): argument 0",
+          "points into allocation #2 (2000 bytes), which was freed (use after free) (CUDA_ERROR_ILLEGAL_ADDRESS)"}},
+        {"a replay after its page-locked input was freed faults", case_replay_freed_pinned, {},
+         {"cuGraphLaunch: graph exec #1 node 0 of 3 (cuMemcpyHtoDAsync_v2(",
+          "is in page-locked allocation #1, freed by cuMemFreeHost (CUDA_ERROR_ILLEGAL_ADDRESS)"}},
         {"loaded by name, unloaded and loaded again (cudarc's probe)", case_probe_reload, {}, {}},
     };
     if (g_ptx_dir) c.push_back({"the real nvcc PTX of kernels/*.cu", case_real_ptx, {}, {}});
