@@ -17,6 +17,39 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
 
+// ---- 16-byte vectors: 8 consecutive elements (one uint4 of bf16, two float4 of float) ----------
+// The memory-bound kernels move 8 elements per access when the row length is a multiple of 8 and
+// the pointers are 16-byte aligned (checked once per launch: `aligned16`), else one at a time.
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+    return (uintptr_t)p % 16 == 0;
+}
+__device__ __forceinline__ void load8(float* v, const float* p) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void load8(float* v, const bf16* p) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const bf16* h = reinterpret_cast<const bf16*>(&u);
+    for (int e = 0; e < 8; e++) v[e] = to_float(h[e]);
+}
+__device__ __forceinline__ void store8(float* p, const float* v) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(bf16* p, const float* v) {
+    uint4 u;
+    bf16* h = reinterpret_cast<bf16*>(&u);
+    for (int e = 0; e < 8; e++) h[e] = from_float<bf16>(v[e]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+// A grid-stride loop: each thread takes i = its global index, then every gridDim·blockDim-th.
+// Element-wise kernels written this way are correct at any grid, so the host sizes grids from
+// the SM count; a thread's own work does not depend on the grid.
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
 // Butterfly reductions: every lane ends with the same value, and the order of additions is
 // fixed, so results are bit-identical run to run.
 __device__ __forceinline__ float warp_sum(float v) {

@@ -1,44 +1,85 @@
 // Fused softmax + cross-entropy over a padded vocabulary (src/cpu/crossentropy.rs).
 //
 // Launch configuration (N rows of Vp logits):
-//   crossentropy_forward: grid N, block 256
+//   crossentropy_forward: block 256, any grid (blocks take rows grid-stride): the host uses
+//                         min(N, 8 · SMs)
 //   loss_accumulate:      grid 1, block 256
 #include "common.cuh"
+
+// W consecutive logits of a row as floats (W = 8: one 16-byte access).
+template <int W, typename T>
+__device__ __forceinline__ void logits_w(float* z, const T* p) {
+    if constexpr (W == 8)
+        load8(z, p);
+    else
+        z[0] = to_float(p[0]);
+}
 
 // For row n: losses[n] = lse − logits[n, target] with lse = log Σ_{v<V} exp(logits[n, v]).
 // If dlogits is not NULL, also writes dlogits[n, v] = (softmax_v − [v = target]) · dloss for
 // v < V and 0 in the padding V..Vp. dlogits may be the logits buffer itself (in place): every
 // element is read and then written by the same thread, and the target logit is read before the
-// first barrier.
-template <typename floatX>
-__device__ void crossentropy_forward(float* losses, floatX* dlogits, const floatX* logits, const int* targets, int V,
-                                     int Vp, float dloss) {
+// first barrier. Thread i takes W logits at v = W·i, W·i + 256·W, ...: with W = 8 (Vp a multiple
+// of 8, aligned rows) one 16-byte access each.
+template <int W, typename floatX>
+__device__ void crossentropy_rows(float* losses, floatX* dlogits, const floatX* logits, const int* targets, int N,
+                                  int V, int Vp, float dloss) {
     __shared__ float scratch[32];
-    const long long row = (long long)blockIdx.x * Vp;
-    const int target = targets[blockIdx.x];
-    const float z_target = to_float(logits[row + target]);
+    for (int n = blockIdx.x; n < N; n += gridDim.x) {
+        const long long row = (long long)n * Vp;
+        const int target = targets[n];
+        const float z_target = to_float(logits[row + target]);
 
-    float max = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) max = fmaxf(max, to_float(logits[row + v]));
-    max = block_max(max, scratch);
-    float sum = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(to_float(logits[row + v]) - max);
-    sum = block_sum(sum, scratch);
-    const float lse = max + logf(sum);
-    if (threadIdx.x == 0) losses[blockIdx.x] = lse - z_target;
+        float max = -INFINITY;
+        for (int v0 = threadIdx.x * W; v0 < Vp; v0 += blockDim.x * W) {
+            float z[W];
+            logits_w<W>(z, logits + row + v0);
+            for (int e = 0; e < W; e++)
+                if (v0 + e < V) max = fmaxf(max, z[e]);
+        }
+        max = block_max(max, scratch);
+        float sum = 0.0f;
+        for (int v0 = threadIdx.x * W; v0 < Vp; v0 += blockDim.x * W) {
+            float z[W];
+            logits_w<W>(z, logits + row + v0);
+            for (int e = 0; e < W; e++)
+                if (v0 + e < V) sum += expf(z[e] - max);
+        }
+        sum = block_sum(sum, scratch);
+        const float lse = max + logf(sum);
+        if (threadIdx.x == 0) losses[n] = lse - z_target;
 
-    if (dlogits == nullptr) return;
-    for (int v = threadIdx.x; v < Vp; v += blockDim.x) {
-        float d = 0.0f;
-        if (v < V) d = (expf(to_float(logits[row + v]) - lse) - (v == target ? 1.0f : 0.0f)) * dloss;
-        dlogits[row + v] = from_float<floatX>(d);
+        if (dlogits == nullptr) continue;
+        for (int v0 = threadIdx.x * W; v0 < Vp; v0 += blockDim.x * W) {
+            float z[W];
+            logits_w<W>(z, logits + row + v0);
+            for (int e = 0; e < W; e++) {
+                const int v = v0 + e;
+                z[e] = v < V ? (expf(z[e] - lse) - (v == target ? 1.0f : 0.0f)) * dloss : 0.0f;
+            }
+            if constexpr (W == 8)
+                store8(dlogits + row + v0, z);
+            else
+                dlogits[row + v0] = from_float<floatX>(z[0]);
+        }
+        // The next row's first barrier (in block_max) keeps its scratch use after this row's.
     }
+}
+
+template <typename floatX>
+__device__ void crossentropy_forward(float* losses, floatX* dlogits, const floatX* logits, const int* targets, int N,
+                                     int V, int Vp, float dloss) {
+    if (Vp % 8 == 0 && aligned16(logits) && (dlogits == nullptr || aligned16(dlogits)))
+        crossentropy_rows<8>(losses, dlogits, logits, targets, N, V, Vp, dloss);
+    else
+        crossentropy_rows<1>(losses, dlogits, logits, targets, N, V, Vp, dloss);
 }
 
 #define EXPORT(suffix, floatX)                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) crossentropy_forward_##suffix(                             \
-        float* losses, floatX* dlogits, const floatX* logits, const int* targets, int V, int Vp, float dloss) { \
-        crossentropy_forward<floatX>(losses, dlogits, logits, targets, V, Vp, dloss);                            \
+        float* losses, floatX* dlogits, const floatX* logits, const int* targets, int N, int V, int Vp,         \
+        float dloss) {                                                                                          \
+        crossentropy_forward<floatX>(losses, dlogits, logits, targets, N, V, Vp, dloss);                        \
     }
 FINCH_FOR_EACH_FLOATX(EXPORT)
 

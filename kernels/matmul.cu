@@ -29,7 +29,9 @@
 //   matmul_tc128x64_bf16, matmul_tc128x64_f32out_bf16:
 //       grid (ceil(N/64), ceil(M/128)), block 128, dynamic smem 49152 B (cuFuncSetAttribute)
 //   matmul_f32, matmul_f32out_f32: grid (ceil(N/64), ceil(M/64)), block 128, smem 0 (static)
-//   bias_grad_{bf16,f32}: grid ceil(N/32), block 256
+//   bias_grad_partial_{bf16,f32}: block 256, any grid (blocks take units of 64 rows × 256
+//       columns grid-stride): the host uses min(units, 8 · SMs); partials of ceil(M/64) × N floats
+//   bias_grad_reduce: grid ceil(N/256), block 256
 #include <type_traits>
 #include "common.cuh"
 #include "tensorcore.cuh"
@@ -147,11 +149,6 @@ __device__ __forceinline__ void tc_mainloop(bf16* smem, const bf16* a, const bf1
             c_tile[(r + 8) * LD + c + 1] = acc[i][j][3];
         }
     __syncthreads();
-}
-
-template <typename T>
-__device__ __forceinline__ bool aligned16(const T* p) {
-    return (uintptr_t)p % 16 == 0;
 }
 
 // The epilogue of element (m, n), x its sum; see `matmul` below for the order of operations.
@@ -321,22 +318,52 @@ __device__ void matmul_simt(OutT* out, const float* a, const float* b, const flo
     }
 }
 
-// dbias[n] += Σ_m dout[m, n] (fp32). Block: 32 columns × 8 row groups; row group r sums rows
-// r, r+8, r+16, ... then group sums are added in order r = 0..7: a fixed order, no atomics.
+// dbias[n] += Σ_m dout[m, n] (fp32), in two kernels and a fixed order, without atomics:
+// bias_grad_partial cuts dout into units of BIAS_ROWS rows × 256 columns (fixed by M and N, not
+// by the device). In a unit, warp w sums rows w, w+8, ... of the unit, each lane 8 columns
+// (16-byte loads when N is a multiple of 8); the 8 warps' sums are added in order w = 0..7 into
+// partials[row chunk][n]. bias_grad_reduce then adds the chunks in order into dbias.
+#define BIAS_ROWS 64
 template <typename floatX>
-__device__ void bias_grad(float* dbias, const floatX* dout, int M, int N) {
-    __shared__ float partial[8][32];
-    const int col = blockIdx.x * 32 + threadIdx.x % 32, group = threadIdx.x / 32;
-    float acc = 0.0f;
-    if (col < N)
-        for (int m = group; m < M; m += 8) acc += to_float(dout[(long long)m * N + col]);
-    partial[group][threadIdx.x % 32] = acc;
-    __syncthreads();
-    if (group == 0 && col < N) {
-        float total = 0.0f;
-        for (int r = 0; r < 8; r++) total += partial[r][threadIdx.x];
-        dbias[col] += total;
+__device__ void bias_grad_partial(float* partials, const floatX* dout, int M, int N) {
+    __shared__ float sums[8][256];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int slabs = (N + 255) / 256, units = (M + BIAS_ROWS - 1) / BIAS_ROWS * slabs;
+    const bool vec = N % 8 == 0 && aligned16(dout);
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {  // uniform across the block
+        const int chunk = u / slabs, n0 = (u % slabs) * 256 + lane * 8;
+        const int m_end = min(M, (chunk + 1) * BIAS_ROWS);
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int m = chunk * BIAS_ROWS + warp; m < m_end; m += 8) {
+            const floatX* row = dout + (long long)m * N;
+            if (vec && n0 + 8 <= N) {
+                float d[8];
+                load8(d, row + n0);
+                for (int e = 0; e < 8; e++) acc[e] += d[e];
+            } else {
+                for (int e = 0; e < 8 && n0 + e < N; e++) acc[e] += to_float(row[n0 + e]);
+            }
+        }
+        for (int e = 0; e < 8; e++) sums[warp][lane * 8 + e] = acc[e];
+        __syncthreads();
+        const int n = (u % slabs) * 256 + threadIdx.x;
+        if (n < N) {
+            float total = 0.0f;
+            for (int w = 0; w < 8; w++) total += sums[w][threadIdx.x];
+            partials[(long long)chunk * N + n] = total;
+        }
+        __syncthreads();  // sums is rewritten by the next unit
     }
+}
+
+// dbias[n] += Σ_chunk partials[chunk][n], chunks in increasing order.
+extern "C" __global__ void __launch_bounds__(256) bias_grad_reduce(float* dbias, const float* partials, int chunks,
+                                                                   int N) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    float total = 0.0f;
+    for (int k = 0; k < chunks; k++) total += partials[(long long)k * N + n];
+    dbias[n] += total;
 }
 
 #define MATMUL_PARAMS(OutT, floatX)                                                                             \
@@ -364,8 +391,9 @@ extern "C" __global__ void __launch_bounds__(SIMT_THREADS) matmul_f32out_f32 MAT
     matmul_simt<float> MATMUL_ARGS;
 }
 
-#define EXPORT(suffix, floatX)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256) bias_grad_##suffix(float* dbias, const floatX* dout, int M, int N) { \
-        bias_grad<floatX>(dbias, dout, M, N);                                                                       \
+#define EXPORT(suffix, floatX)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256)                                                       \
+        bias_grad_partial_##suffix(float* partials, const floatX* dout, int M, int N) {                     \
+        bias_grad_partial<floatX>(partials, dout, M, N);                                                    \
     }
 FINCH_FOR_EACH_FLOATX(EXPORT)

@@ -2,11 +2,14 @@
 // (src/cpu/optimizer.rs).
 //
 // Launch configuration (n elements):
-//   grad_norm_squares: grid G (the host fixes G, so the result does not depend on the device), block 256
+//   grad_norm_squares: U = 1024 units of work (fixed, so the result does not depend on the
+//                      device), block 256, any grid (blocks take units grid-stride): the host
+//                      uses min(U, 8 · SMs)
 //   grad_norm_finish:  grid 1, block 256
 //   step_finish:       grid 1, block 32
-//   adamw:             grid = chunks in the chunk table, block 256 (one launch for every tensor)
-//   f32_to_floatx, floatx_to_f32: grid ceil(n / 256), block 256
+//   adamw:             block 256, any grid (blocks take the chunk table's chunks grid-stride):
+//                      the host uses min(chunks, 8 · SMs); one launch for every tensor
+//   f32_to_floatx, floatx_to_f32: block 256, any grid (grid-stride)
 #include "common.cuh"
 
 // Sum in double over a block of exactly 256 threads, in a fixed tree order; valid in thread 0.
@@ -21,16 +24,30 @@ __device__ double block_sum_double_256(double v) {
     return partial[0];
 }
 
-// partials[block] = Σ grads[i]² over the block's grid-stride share of i. Each thread sums its
-// elements in float (a few hundred at most for GPT-2 sizes), blocks combine in double.
-extern "C" __global__ void __launch_bounds__(256) grad_norm_squares(double* partials, const float* grads, long long n) {
-    float acc = 0.0f;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float g = grads[i];
-        acc += g * g;
+// partials[u] = Σ grads[i]² over unit u's share: thread t of unit u takes the groups of 4
+// elements g = u·256 + t, then every U·256-th (one 16-byte load each), and unit 0 the n % 4 last
+// elements. Each thread sums in float (a few hundred values at most for GPT-2 sizes); a unit
+// combines its threads in double, in a fixed tree. Which block runs a unit does not matter.
+extern "C" __global__ void __launch_bounds__(256) grad_norm_squares(double* partials, const float* grads, long long n,
+                                                                    int U) {
+    for (int u = blockIdx.x; u < U; u += gridDim.x) {  // uniform across the block: block_sum below
+        float acc = 0.0f;
+        const long long groups = n / 4;
+        for (long long g = (long long)u * 256 + threadIdx.x; g < groups; g += (long long)U * 256) {
+            const float4 v = reinterpret_cast<const float4*>(grads)[g];
+            acc += v.x * v.x;
+            acc += v.y * v.y;
+            acc += v.z * v.z;
+            acc += v.w * v.w;
+        }
+        if (u == 0 && threadIdx.x < n % 4) {
+            const float g = grads[groups * 4 + threadIdx.x];
+            acc += g * g;
+        }
+        const double total = block_sum_double_256((double)acc);
+        if (threadIdx.x == 0) partials[u] = total;
+        __syncthreads();  // block_sum_double_256's shared memory is reused by the next unit
     }
-    double total = block_sum_double_256((double)acc);
-    if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
 // out[0] = Σ partials[0..G] (the squared global norm), in a fixed order.
@@ -84,43 +101,80 @@ struct AdamWChunk {
 //   p ← p − step_size · m / (sqrt(v)/bc2_sqrt + eps);  params (the floatX copy the forward reads) ← round(p).
 // Nothing at all when the step's loss or norm was not finite. One block per chunk.
 template <typename floatX>
+__device__ __forceinline__ void adamw_one(floatX* params, float* master, const float* grads, float* m, float* v,
+                                          long long i, float grad_scale, float decay, const AdamWParams* hp) {
+    float g = grads[i] * grad_scale;
+    float p = master[i] * decay;
+    float mi = m[i];
+    mi += hp->one_minus_beta1 * (g - mi);
+    float vi = v[i] * hp->beta2 + hp->one_minus_beta2 * g * g;
+    p -= hp->step_size * mi / (sqrtf(vi) / hp->bc2_sqrt + hp->eps);
+    master[i] = p;
+    m[i] = mi;
+    v[i] = vi;
+    params[i] = from_float<floatX>(p);
+}
+
+template <typename floatX>
 __device__ void adamw(floatX* params, float* master, const float* grads, float* m, float* v, const AdamWChunk* chunks,
-                      const AdamWParams* hp, const StepState* st) {
+                      int n_chunks, const AdamWParams* hp, const StepState* st) {
     if (!st->finite) return;
-    const AdamWChunk ch = chunks[blockIdx.x];
-    const float grad_scale = st->grad_scale, decay = ch.decay ? hp->decay : 1.0f;
-    for (int j = threadIdx.x; j < ch.len; j += blockDim.x) {
-        const long long i = ch.offset + j;
-        float g = grads[i] * grad_scale;
-        float p = master[i] * decay;
-        float mi = m[i];
-        mi += hp->one_minus_beta1 * (g - mi);
-        float vi = v[i] * hp->beta2 + hp->one_minus_beta2 * g * g;
-        p -= hp->step_size * mi / (sqrtf(vi) / hp->bc2_sqrt + hp->eps);
-        master[i] = p;
-        m[i] = mi;
-        v[i] = vi;
-        params[i] = from_float<floatX>(p);
+    const float grad_scale = st->grad_scale;
+    for (int k = blockIdx.x; k < n_chunks; k += gridDim.x) {
+        const AdamWChunk ch = chunks[k];
+        const float decay = ch.decay ? hp->decay : 1.0f;
+        // The f32 arrays share the chunk's offset: 4 at a time when it is a multiple of 4 (the
+        // bases are 256-byte aligned), the same formula per element either way.
+        const bool vec = ch.offset % 4 == 0 && ch.len % 4 == 0 && aligned16(master) && aligned16(grads) &&
+                         aligned16(m) && aligned16(v) && (uintptr_t)params % (4 * sizeof(floatX)) == 0;
+        for (int j = threadIdx.x * (vec ? 4 : 1); j < ch.len; j += blockDim.x * (vec ? 4 : 1)) {
+            const long long i = ch.offset + j;
+            if (!vec) {
+                adamw_one(params, master, grads, m, v, i, grad_scale, decay, hp);
+                continue;
+            }
+            float4 g4 = *reinterpret_cast<const float4*>(grads + i), p4 = *reinterpret_cast<const float4*>(master + i);
+            float4 m4 = *reinterpret_cast<const float4*>(m + i), v4 = *reinterpret_cast<const float4*>(v + i);
+            float* gs = &g4.x;
+            float* ps = &p4.x;
+            float* ms = &m4.x;
+            float* vs = &v4.x;
+            floatX out[4];
+            for (int e = 0; e < 4; e++) {
+                const float g = gs[e] * grad_scale;
+                float p = ps[e] * decay;
+                ms[e] += hp->one_minus_beta1 * (g - ms[e]);
+                vs[e] = vs[e] * hp->beta2 + hp->one_minus_beta2 * g * g;
+                p -= hp->step_size * ms[e] / (sqrtf(vs[e]) / hp->bc2_sqrt + hp->eps);
+                ps[e] = p;
+                out[e] = from_float<floatX>(p);
+            }
+            *reinterpret_cast<float4*>(master + i) = p4;
+            *reinterpret_cast<float4*>(m + i) = m4;
+            *reinterpret_cast<float4*>(v + i) = v4;
+            if constexpr (sizeof(floatX) == 2)
+                *reinterpret_cast<uint2*>(params + i) = *reinterpret_cast<const uint2*>(out);
+            else
+                *reinterpret_cast<float4*>(params + i) = *reinterpret_cast<const float4*>(out);
+        }
     }
 }
 
 template <typename floatX>
 __device__ void f32_to_floatx(floatX* out, const float* in, long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = from_float<floatX>(in[i]);
+    GRID_STRIDE(i, n) out[i] = from_float<floatX>(in[i]);
 }
 
 template <typename floatX>
 __device__ void floatx_to_f32(float* out, const floatX* in, long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = to_float(in[i]);
+    GRID_STRIDE(i, n) out[i] = to_float(in[i]);
 }
 
 #define EXPORT(suffix, floatX)                                                                                         \
     extern "C" __global__ void __launch_bounds__(256) adamw_##suffix(                                                   \
         floatX* params, float* master, const float* grads, float* m, float* v, const AdamWChunk* chunks,               \
-        const AdamWParams* hp, const StepState* st) {                                                                   \
-        adamw<floatX>(params, master, grads, m, v, chunks, hp, st);                                                     \
+        int n_chunks, const AdamWParams* hp, const StepState* st) {                                                     \
+        adamw<floatX>(params, master, grads, m, v, chunks, n_chunks, hp, st);                                           \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) f32_to_floatx_##suffix(floatX* out, const float* in, long long n) { \
         f32_to_floatx<floatX>(out, in, n);                                                                              \

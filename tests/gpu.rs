@@ -357,6 +357,28 @@ fn the_attention_benchmark_runs() {
     );
 }
 
+/// `finch bench memory --quick`: every memory-bound operation, with the bytes `--profile` counts,
+/// against the copy measured in the same run.
+#[test]
+fn the_memory_benchmark_runs() {
+    if gpu_or_skip("the_memory_benchmark_runs").is_none() {
+        return;
+    }
+    let out = finch(&["bench", "memory", "--quick", "--warmup", "0", "--repeats", "1", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    for op in ["encoder forward", "layernorm backward", "bias gradient", "gradient norm", "AdamW (all tensors)"] {
+        assert!(ops.contains(&op), "{op} missing: {ops:?}");
+    }
+    for r in &rows {
+        assert!(r["bytes"].as_f64().unwrap() > 0.0 && r["gbps"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["of_copy"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let bias = rows.iter().find(|r| r["op"] == "bias gradient").unwrap();
+    assert_eq!(bias["kernels"], serde_json::json!(["bias_grad_partial_bf16", "bias_grad_reduce"]));
+}
+
 /// The captured step (the default), the step issued launch by launch (`--cuda-graph false`),
 /// `--recompute` and `--profile` compute the same bits: identical logs and final weights.
 #[test]

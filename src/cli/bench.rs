@@ -1,10 +1,12 @@
-//! `finch bench`: the flags, and the tables: our matmul against cuBLAS, our attention in TFLOP/s
-//! (the benchmarks themselves are in `cuda::bench`).
+//! `finch bench`: the flags, and the tables: our matmul against cuBLAS, our attention in TFLOP/s,
+//! the memory-bound kernels in GB/s (the benchmarks themselves are in `cuda::bench` and
+//! `cuda::bench_memory`).
 
 use crate::cuda::bench::{
     attention_shapes, bench_attention, bench_shape, gpt2_shapes, shapes, square_shapes, MatmulResult, SWEEP_ROWS,
     TOLERANCE,
 };
+use crate::cuda::bench_memory::bench_memory;
 use crate::cuda::ops::{MatmulVariant, MATMUL_VARIANTS};
 use crate::cuda::Gpu;
 use crate::model::rng::Rng;
@@ -17,6 +19,8 @@ pub enum BenchKind {
     Matmul,
     /// Causal attention forward and backward (bf16), FlashAttention's shapes and FLOP count
     Attention,
+    /// The step's memory-bound kernels at GPT-2 124M shapes: GB/s and % of a device-to-device copy
+    Memory,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -25,7 +29,8 @@ pub enum BenchKind {
   finch bench matmul --json > mm.jsonl   # one JSON object per shape
   finch bench matmul --shapes square --repeats 100
   finch bench matmul --sweep             # every variant on GPT-2 shapes at B·T 8K-64K and squares
-  finch bench attention                  # forward, backward TFLOP/s; compare benches/attention_torch.py")]
+  finch bench attention                  # forward, backward TFLOP/s; compare benches/attention_torch.py
+  finch bench memory                     # memory-bound kernels: GB/s, % of the copy bandwidth")]
 pub struct BenchArgs {
     pub kind: BenchKind,
     /// Which shapes: gpt2 (forward, dX and dW of GPT-2 124M at B·T = 8192 and 16384), square, or all
@@ -35,7 +40,7 @@ pub struct BenchArgs {
     /// 4096³ and 8192³: TFLOP/s and % of cuBLAS per variant, and the best per shape
     #[arg(long, conflicts_with = "shapes")]
     pub sweep: bool,
-    /// attention: two tiny shapes, to show the benchmark runs; the numbers mean nothing
+    /// attention, memory: tiny shapes, to show the benchmark runs; the numbers mean nothing
     #[arg(long)]
     pub quick: bool,
     /// Timed runs per kernel and shape (the median is reported)
@@ -56,6 +61,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.kind == BenchKind::Attention {
         return run_attention(&args);
+    }
+    if args.kind == BenchKind::Memory {
+        return run_memory(&args);
     }
     let shapes = match args.sweep {
         true => [gpt2_shapes(&SWEEP_ROWS), square_shapes()].concat(),
@@ -207,6 +215,36 @@ fn run_attention(args: &BenchArgs) -> Result<()> {
     }
     if !args.json {
         println!("PyTorch's reference on this device: python3 benches/attention_torch.py (same shapes and counts)");
+    }
+    Ok(())
+}
+
+/// `finch bench memory`: each memory-bound operation's GB/s against the copy's, same run.
+fn run_memory(args: &BenchArgs) -> Result<()> {
+    let gpu = Gpu::open()?;
+    let bench = bench_memory(&gpu, args.quick, (args.warmup, args.repeats))?;
+    if args.json {
+        for r in &bench.results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "device: {} ({} kernels, {} SMs); bf16; bytes = each input and output once; median of {} batches",
+        gpu.name, gpu.ptx_arch, gpu.sm_count, args.repeats
+    );
+    println!("device-to-device copy: {:.0} GB/s (read + write)", bench.copy_gbps);
+    println!("{:<36} {:<18} {:>10} {:>9} {:>8} {:>7}", "operation", "shape", "MB", "ms", "GB/s", "% copy");
+    for r in &bench.results {
+        println!(
+            "{:<36} {:<18} {:>10.1} {:>9.3} {:>8.0} {:>6.0}%",
+            r.op,
+            r.shape,
+            r.bytes / 1e6,
+            r.ms,
+            r.gbps,
+            100.0 * r.of_copy
+        );
     }
     Ok(())
 }

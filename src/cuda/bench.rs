@@ -133,7 +133,7 @@ const MAX_BATCH: usize = 200;
 /// Each batch is `n` back-to-back calls, `n` chosen from the warm-up so that a batch lasts about
 /// [`BATCH_MS`]: small shapes are then timed as cuBLAS is usually quoted, without per-launch
 /// overhead.
-fn time_ms(gpu: &Gpu, warmup: usize, repeats: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+pub(super) fn time_ms(gpu: &Gpu, warmup: usize, repeats: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let (start, end) = (gpu.ctx.new_event(flags)?, gpu.ctx.new_event(flags)?);
     let mut one = f64::INFINITY;
@@ -164,7 +164,7 @@ fn batch_size(one_ms: f64) -> usize {
 
 /// `n` normal bf16 values, generated in parallel: chunk i draws from its own generator seeded
 /// from `seed` and i, so the values depend on neither the thread count nor the schedule.
-fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+pub(super) fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 20;
     let mut x = vec![bf16::ZERO; n];
@@ -177,7 +177,7 @@ fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
     x
 }
 
-fn ptr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> DPtr {
+pub(super) fn ptr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> DPtr {
     DPtr(s.device_ptr(&gpu.stream).0)
 }
 

@@ -19,7 +19,8 @@
 
 use super::model::{adamw_chunks, adamw_header, StepState, STEP_STATE_BYTES};
 use super::ops::{
-    attention_scratch_len, layernorm_scratch_len, MatmulVariant, Ops, TokenBuckets, MATMUL_VARIANTS, NORM_BLOCKS,
+    attention_scratch_len, bias_scratch_len, layernorm_scratch_len, MatmulVariant, Ops, TokenBuckets, MATMUL_VARIANTS,
+    NORM_BLOCKS,
 };
 use super::{DPtr, DeviceBuffer, Gpu, Precision};
 use crate::cpu;
@@ -388,7 +389,9 @@ fn check_matmul(h: &mut Harness, n: usize, c: usize, oc: usize, layout: WeightLa
     cpu::matmul::matmul_backward(&mut dinp, &mut dw, db_ref, &f64s(&dout), &f64s(&inp), &f64s(&w), n, c, oc, layout);
     let (dout_d, dw_d, db_d) = (h.stored(&dout)?, h.f32s(&dw0)?, h.f32s(&db0)?);
     let dinp_d = h.poisoned(n * c, false)?;
-    let db_arg = (layout == InOut).then_some(db_d);
+    // The bias gradient's partial sums go through NaN-filled scratch: every one must be written.
+    let bias_scratch = h.poisoned(bias_scratch_len(n, oc), true)?;
+    let db_arg = (layout == InOut).then_some((db_d, bias_scratch));
     h.ops().matmul_backward(dinp_d, dw_d, db_arg, dout_d, inp_d, w_d, None, n, c, oc, layout)?;
     let got = h.fetch(dinp_d, n * c)?;
     h.record("matmul_backward dinp", &shape, &got, &dinp);

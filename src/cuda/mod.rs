@@ -7,6 +7,7 @@
 //! - [`check`]: every kernel against the CPU reference (`finch check`, and the GPU tests).
 
 pub mod bench;
+pub mod bench_memory;
 pub mod check;
 pub mod model;
 pub mod ops;
@@ -109,6 +110,9 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub capability: (i32, i32),
+    /// Streaming multiprocessors: the memory-bound kernels' grids are sized from it (their
+    /// results are not: see kernels/README.md).
+    pub sm_count: u32,
     /// Which embedded kernels were loaded: "sm_90a cubin" (or "compute_90a PTX" when the cubin
     /// would not load) on Hopper (9.0), "sm_80 cubin" on other 8.x GPUs, "compute_80 PTX" elsewhere.
     pub ptx_arch: &'static str,
@@ -160,6 +164,9 @@ impl Gpu {
                 capability.1
             );
         }
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        let sm_count = ctx.attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).context("cannot query the SM count")?;
+        let sm_count = u32::try_from(sm_count).unwrap_or(1).max(1);
         let hopper = capability == (9, 0);
         let mut functions = HashMap::new();
         let mut all_cubins = true;
@@ -202,6 +209,7 @@ impl Gpu {
             stream,
             name,
             capability,
+            sm_count,
             ptx_arch,
             functions,
             sync_each_launch,

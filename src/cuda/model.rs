@@ -942,7 +942,7 @@ fn block_backward(
     ops.matmul_backward(
         dl.fch,
         gl.mlp_proj_w,
-        Some(gl.mlp_proj_b),
+        Some((gl.mlp_proj_b, scratch)),
         dres3,
         al.fch_gelu,
         pl.mlp_proj_w,
@@ -952,7 +952,19 @@ fn block_backward(
         c,
         InOut,
     )?;
-    ops.matmul_backward(dl.ln_2, gl.c_fc_w, Some(gl.c_fc_b), dl.fch, al.ln_2, pl.c_fc_w, None, n, c, 4 * c, InOut)?;
+    ops.matmul_backward(
+        dl.ln_2,
+        gl.c_fc_w,
+        Some((gl.c_fc_b, scratch)),
+        dl.fch,
+        al.ln_2,
+        pl.c_fc_w,
+        None,
+        n,
+        c,
+        4 * c,
+        InOut,
+    )?;
     ops.layernorm_backward(
         dl.residual2,
         dres3,
@@ -970,7 +982,7 @@ fn block_backward(
     ops.matmul_backward(
         dl.atty,
         gl.attn_proj_w,
-        Some(gl.attn_proj_b),
+        Some((gl.attn_proj_b, scratch)),
         dl.residual2,
         al.atty,
         pl.attn_proj_w,
@@ -992,7 +1004,7 @@ fn block_backward(
     ops.matmul_backward(
         dl.ln_1,
         gl.c_attn_w,
-        Some(gl.c_attn_b),
+        Some((gl.c_attn_b, scratch)),
         dl.qkv,
         al.ln_1,
         pl.c_attn_w,

@@ -12,11 +12,20 @@ use super::{Arg, DPtr, Gpu, Precision};
 use crate::cpu::matmul::WeightLayout;
 use anyhow::Result;
 
-/// Workers of the layernorm backward: fixed (not derived from the device) so the order of the
-/// parameter-gradient sums, hence every bit of the result, is the same on any GPU.
-const LAYERNORM_BLOCKS: usize = 128;
-/// Blocks of the gradient-norm reduction, fixed for the same reason.
+// Determinism with grids sized from the GPU: every reduction is cut into units of work fixed by
+// the problem's shape alone (the constants below, and 64-row chunks of the bias gradient); the
+// blocks of the grid take units grid-stride, and the units' results are combined in unit order.
+// The SM count decides only which block computes which unit, never the order of any sum.
+
+/// Most workers (warps, each owning rows w, w+G, ...) of the layernorm backward.
+const LAYERNORM_WORKERS: usize = 2048;
+/// Units of the gradient-norm reduction.
 pub const NORM_BLOCKS: usize = 1024;
+/// Rows per unit of the bias gradient (kernels/matmul.cu's BIAS_ROWS).
+const BIAS_ROWS: usize = 64;
+
+/// Blocks per SM for the memory-bound kernels: 8 × 256 threads fill an SM of 2048 (sm_80, sm_90).
+const BLOCKS_PER_SM: usize = 8;
 
 fn blocks(n: usize, per_block: usize) -> u32 {
     u32::try_from(n.div_ceil(per_block).max(1)).expect("grid too large")
@@ -30,17 +39,19 @@ fn i64_of(n: usize) -> Arg {
     Arg::I64(n as i64)
 }
 
-/// Floats of scratch the layernorm backward needs for N rows of C channels.
+/// Floats of scratch the layernorm backward and the bias gradient need for N rows of C channels
+/// (the widest bias is the MLP's, 4·C).
 pub fn layernorm_scratch_len(n: usize, c: usize) -> usize {
-    layernorm_workers(n) * 2 * c
-}
-
-fn layernorm_blocks(n: usize) -> usize {
-    n.div_ceil(8).clamp(1, LAYERNORM_BLOCKS)
+    (layernorm_workers(n) * 2 * c).max(bias_scratch_len(n, 4 * c))
 }
 
 fn layernorm_workers(n: usize) -> usize {
-    8 * layernorm_blocks(n)
+    n.clamp(1, LAYERNORM_WORKERS)
+}
+
+/// Floats of the bias gradient's partial sums for N rows of OC columns.
+pub fn bias_scratch_len(n: usize, oc: usize) -> usize {
+    n.div_ceil(BIAS_ROWS) * oc
 }
 
 /// Tokens grouped by value for the deterministic wte gradient: bucket u holds `tokens[u]` at
@@ -114,6 +125,13 @@ pub struct Ops<'a> {
 }
 
 impl Ops<'_> {
+    /// A grid for `units` independent pieces of work (rows, groups, chunks) taken grid-stride:
+    /// no more blocks than the GPU runs at once.
+    fn grid_for(&self, units: usize, per_block: usize, per_sm: usize) -> (u32, u32, u32) {
+        let most = self.gpu.sm_count as usize * per_sm;
+        (blocks(units, per_block).min(most.max(1) as u32), 1, 1)
+    }
+
     /// Launches `family` at this precision (its `_bf16` or `_f32` kernel), doing `work`.
     fn launch(&self, family: &str, grid: (u32, u32, u32), block: u32, args: &[Arg], work: Work) -> Result<()> {
         self.run(&format!("{family}_{}", self.precision.suffix()), grid, block, 0, args, work)
@@ -143,7 +161,7 @@ impl Ops<'_> {
         let args = [out.into(), inp.into(), wte.into(), wpe.into(), i32_of(b * t), i32_of(t), i32_of(c)];
         // Rows of wte and wpe in, the sum out.
         let work = Work::bytes(3.0 * self.x(b * t * c) + 4.0 * (b * t) as f64);
-        self.launch("encoder_forward", (blocks(b * t * c, 256), 1, 1), 256, &args, work)
+        self.launch("encoder_forward", self.grid_for((b * t * c).div_ceil(8), 256, BLOCKS_PER_SM), 256, &args, work)
     }
 
     /// dwte (f32) and dwpe (f32) += the gradient from dout (B,T,C) floatX. `buckets` lives on
@@ -160,7 +178,8 @@ impl Ops<'_> {
     ) -> Result<()> {
         let args = [dwpe.into(), dout.into(), i32_of(b), i32_of(t), i32_of(c)];
         let work = Work::bytes(self.x(b * t * c) + 8.0 * (t * c) as f64);
-        self.launch("encoder_backward_wpe", (blocks(t * c, 256), 1, 1), 256, &args, work)?;
+        let grid = self.grid_for((t * c).div_ceil(8), 256, BLOCKS_PER_SM);
+        self.launch("encoder_backward_wpe", grid, 256, &args, work)?;
         // One block per possible bucket (B·T); those past the count in device memory return.
         let (tokens, starts, positions, count) = buckets;
         let args = [dwte.into(), dout.into(), tokens.into(), starts.into(), positions.into(), count.into(), i32_of(c)];
@@ -205,7 +224,7 @@ impl Ops<'_> {
             Arg::F32(eps as f32),
         ];
         let work = Work::bytes(2.0 * self.x(n * c) + 8.0 * n as f64);
-        self.launch("layernorm_forward", (blocks(n, 8), 1, 1), 256, &args, work)
+        self.launch("layernorm_forward", self.grid_for(n, 8, 4), 256, &args, work)
     }
 
     /// residual = inp1 + inp2, then out, mean, rstd = LayerNorm(residual): the residual add of
@@ -238,7 +257,7 @@ impl Ops<'_> {
             Arg::F32(eps as f32),
         ];
         let work = Work::bytes(4.0 * self.x(n * c) + 8.0 * n as f64);
-        self.launch("residual_layernorm_forward", (blocks(n, 8), 1, 1), 256, &args, work)
+        self.launch("residual_layernorm_forward", self.grid_for(n, 8, 4), 256, &args, work)
     }
 
     /// dinp (N,C) floatX = dresidual (NULL: 0; may equal dinp) + the LayerNorm input gradient;
@@ -268,11 +287,12 @@ impl Ops<'_> {
             weight.into(),
             i32_of(n),
             i32_of(c),
+            i32_of(layernorm_workers(n)),
         ];
         // dout, the input and the residual gradient in, the input gradient out; partials out.
         let partials = 4.0 * (layernorm_workers(n) * 2 * c) as f64;
         let work = Work::bytes(4.0 * self.x(n * c) + 8.0 * n as f64 + partials);
-        self.launch("layernorm_backward", (layernorm_blocks(n) as u32, 1, 1), 256, &args, work)?;
+        self.launch("layernorm_backward", self.grid_for(layernorm_workers(n), 8, 4), 256, &args, work)?;
         let args = [dweight.into(), dbias.into(), scratch.into(), i32_of(layernorm_workers(n)), i32_of(c)];
         let work = Work::bytes(partials + 16.0 * c as f64);
         self.run("layernorm_param_grads_reduce", (blocks(2 * c, 256), 1, 1), 256, 0, &args, work)
@@ -366,12 +386,12 @@ impl Ops<'_> {
 
     /// dinp (N, C) floatX = dout · Wᵀ (times GELU'(gelu_input) when given: the gradient through
     /// a GELU whose output was this layer's input); dweight f32 += its gradient in W's layout;
-    /// dbias (OC) f32 += Σ_rows dout.
+    /// dbias (OC) f32 += Σ_rows dout, through `scratch` (bias_scratch_len floats): (dbias, scratch).
     pub fn matmul_backward(
         &self,
         dinp: DPtr,
         dweight: DPtr,
-        dbias: Option<DPtr>,
+        dbias: Option<(DPtr, DPtr)>,
         dout: DPtr,
         inp: DPtr,
         weight: DPtr,
@@ -391,12 +411,23 @@ impl Ops<'_> {
             // dW (OC × C) += doutᵀ · inp
             WeightLayout::OutIn => self.matmul(dweight, true, (dout, 1, oc), (inp, c, 1), accumulate, oc, c, n)?,
         }
-        if let Some(dbias) = dbias {
-            let args = [dbias.into(), dout.into(), i32_of(n), i32_of(oc)];
-            let work = Work::bytes(self.x(n * oc) + 8.0 * oc as f64);
-            self.launch("bias_grad", (blocks(oc, 32), 1, 1), 256, &args, work)?;
+        if let Some((dbias, scratch)) = dbias {
+            self.bias_grad(dbias, scratch, dout, n, oc)?;
         }
         Ok(())
+    }
+
+    /// dbias (OC) f32 += Σ_rows dout (N, OC) floatX: partial sums per 64-row chunk into
+    /// `scratch` (bias_scratch_len floats), then added in chunk order.
+    pub fn bias_grad(&self, dbias: DPtr, scratch: DPtr, dout: DPtr, n: usize, oc: usize) -> Result<()> {
+        let args = [scratch.into(), dout.into(), i32_of(n), i32_of(oc)];
+        let units = n.div_ceil(BIAS_ROWS) * oc.div_ceil(256);
+        let partials = 4.0 * bias_scratch_len(n, oc) as f64;
+        let work = Work::bytes(self.x(n * oc) + partials);
+        self.launch("bias_grad_partial", self.grid_for(units, 1, BLOCKS_PER_SM), 256, &args, work)?;
+        let args = [dbias.into(), scratch.into(), i32_of(n.div_ceil(BIAS_ROWS)), i32_of(oc)];
+        let work = Work::bytes(partials + 8.0 * oc as f64);
+        self.run("bias_grad_reduce", (blocks(oc, 256), 1, 1), 256, 0, &args, work)
     }
 
     /// out (B,T,C) floatX and lse (B,NH,T) f32 from qkv (B,T,3C) floatX. bf16 runs the
@@ -496,13 +527,14 @@ impl Ops<'_> {
             DPtr::or_null(dlogits).into(),
             logits.into(),
             targets.into(),
+            i32_of(n),
             i32_of(v),
             i32_of(vp),
             Arg::F32(dloss),
         ];
         // The logits in, their gradient out when asked.
         let work = Work::bytes(self.x(n * vp) * if dlogits.is_some() { 2.0 } else { 1.0 } + 8.0 * n as f64);
-        self.launch("crossentropy_forward", (blocks(n, 1), 1, 1), 256, &args, work)
+        self.launch("crossentropy_forward", self.grid_for(n, 1, BLOCKS_PER_SM), 256, &args, work)
     }
 
     /// The squared L2 norm of `n` f32 at `grads`, via `scratch` (NORM_BLOCKS + 1 f64), read back.
@@ -517,8 +549,11 @@ impl Ops<'_> {
     /// out (one f64, on the device) = the squared L2 norm of `n` f32 at `grads`, via `scratch`
     /// (NORM_BLOCKS f64); nothing read back.
     pub fn grad_norm_squared_into(&self, out: DPtr, grads: DPtr, n: usize, scratch: DPtr) -> Result<()> {
-        let args = [scratch.into(), grads.into(), i64_of(n)];
-        self.run("grad_norm_squares", (NORM_BLOCKS as u32, 1, 1), 256, 0, &args, Work::bytes(4.0 * n as f64))?;
+        // grads: a buffer's start, 16-byte aligned (the kernel reads 4 floats at a time).
+        assert!(grads.0 % 16 == 0, "grad_norm_squares: misaligned gradients");
+        let args = [scratch.into(), grads.into(), i64_of(n), i32_of(NORM_BLOCKS)];
+        let grid = self.grid_for(NORM_BLOCKS, 1, BLOCKS_PER_SM);
+        self.run("grad_norm_squares", grid, 256, 0, &args, Work::bytes(4.0 * n as f64))?;
         let args = [out.into(), scratch.into(), i32_of(NORM_BLOCKS)];
         self.run("grad_norm_finish", (1, 1, 1), 256, 0, &args, Work::bytes(8.0 * NORM_BLOCKS as f64))
     }
@@ -545,23 +580,44 @@ impl Ops<'_> {
         hp: DPtr,
         state: DPtr,
     ) -> Result<()> {
-        let args =
-            [params.into(), master.into(), grads.into(), m.into(), v.into(), chunks.into(), hp.into(), state.into()];
+        let args = [
+            params.into(),
+            master.into(),
+            grads.into(),
+            m.into(),
+            v.into(),
+            chunks.into(),
+            i32_of(n_chunks),
+            hp.into(),
+            state.into(),
+        ];
         // Per element: the gradient, master weight and moments in; those three and params out.
         let work = Work::bytes((28 * n) as f64 + self.x(n));
-        self.launch("adamw", (n_chunks as u32, 1, 1), 256, &args, work)
+        self.launch("adamw", self.grid_for(n_chunks, 1, BLOCKS_PER_SM), 256, &args, work)
     }
 
     /// out (n) floatX = round(inp (n) f32).
     pub fn f32_to_floatx(&self, out: DPtr, inp: DPtr, n: usize) -> Result<()> {
         let work = Work::bytes(4.0 * n as f64 + self.x(n));
-        self.launch("f32_to_floatx", (blocks(n, 256), 1, 1), 256, &[out.into(), inp.into(), i64_of(n)], work)
+        self.launch(
+            "f32_to_floatx",
+            self.grid_for(n, 256, BLOCKS_PER_SM),
+            256,
+            &[out.into(), inp.into(), i64_of(n)],
+            work,
+        )
     }
 
     /// out (n) f32 = inp (n) floatX.
     pub fn floatx_to_f32(&self, out: DPtr, inp: DPtr, n: usize) -> Result<()> {
         let work = Work::bytes(4.0 * n as f64 + self.x(n));
-        self.launch("floatx_to_f32", (blocks(n, 256), 1, 1), 256, &[out.into(), inp.into(), i64_of(n)], work)
+        self.launch(
+            "floatx_to_f32",
+            self.grid_for(n, 256, BLOCKS_PER_SM),
+            256,
+            &[out.into(), inp.into(), i64_of(n)],
+            work,
+        )
     }
 }
 

@@ -55,6 +55,11 @@ pub struct Profiler {
 }
 
 impl Profiler {
+    /// A profiler timing launches from now on.
+    pub fn recording() -> Profiler {
+        Profiler { recording: true, ..Profiler::default() }
+    }
+
     fn event(&mut self, gpu: &Gpu, i: usize) -> Result<&CudaEvent> {
         while self.events.len() <= i {
             // Timing events (the default, None, disables timing).

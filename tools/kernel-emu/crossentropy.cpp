@@ -35,11 +35,22 @@ static void test(int N, int V, int Vp, double scale, Grad grad, uint64_t seed) {
     }
     const float dloss = grad == Grad::None ? 0.0f : (float)(0.7 / N);
 
-    auto losses = nans<float>(N);
-    auto dlogits = nans<X>(NV);
-    X* dl_ptr = grad == Grad::None ? nullptr : grad == Grad::Separate ? dlogits.data() : logits.data();
-    emu::launch("crossentropy_forward", blocks(N, 1), 256,
-                [&] { K<X>::fwd(losses.data(), dl_ptr, logits.data(), targets.data(), V, Vp, dloss); });
+    // At each SM count (grid min(N, 8·SMs), blocks taking rows grid-stride): the same bits.
+    const auto logits0 = logits;
+    std::vector<float> losses, first_losses;
+    std::vector<X> dlogits, first_grad;
+    bool same = true;
+    for (unsigned sms : kSmCounts) {
+        logits = logits0;
+        losses = nans<float>(N);
+        dlogits = nans<X>(NV);
+        X* dl_ptr = grad == Grad::None ? nullptr : grad == Grad::Separate ? dlogits.data() : logits.data();
+        emu::launch("crossentropy_forward", sm_grid(N, 1, 8, sms), 256,
+                    [&] { K<X>::fwd(losses.data(), dl_ptr, logits.data(), targets.data(), N, V, Vp, dloss); });
+        const std::vector<X>& g = grad == Grad::InPlace ? logits : dlogits;
+        if (first_losses.empty()) first_losses = losses, first_grad = g;
+        same &= same_bits(losses, first_losses) && same_bits(g, first_grad);
+    }
 
     // Reference: softmax_crossentropy_forward, then the gradient (p - onehot)·dloss, written.
     std::vector<double> loss_r(N), dl_r(NV, 0.0);
@@ -55,6 +66,7 @@ static void test(int N, int V, int Vp, double scale, Grad grad, uint64_t seed) {
     const char* gn = grad == Grad::None ? "no dlogits" : grad == Grad::Separate ? "dlogits" : "dlogits in place";
     Case k(fmt("crossentropy %-4s N=%2d V=%5d Vp=%5d scale=%.0f %s", pname<X>(), N, V, Vp, scale, gn));
     k.cmp(pname<X>(), "losses", as_double(losses), loss_r, kTight);
+    k.expect("same bits at every SM count", same);
     if (grad == Grad::Separate) k.cmp("dlogits", dlogits, dl_r, tol<X>());
     if (grad == Grad::InPlace) k.cmp("dlogits", logits, dl_r, tol<X>());
     if (grad != Grad::None) {  // the padding gradient must be exactly 0

@@ -55,9 +55,10 @@ static void test(int B, int T, int C, int Vp, int maxT, uint64_t seed) {
     auto dwpe = randn<float>((size_t)maxT * C, r, 1.0, &dwpe0);
     auto out = nans<X>((size_t)N * C);
 
-    emu::launch("encoder_forward", blocks((size_t)N * C, 256), 256,
+    // The element-wise kernels at 1 SM (8 blocks, many groups each): grids do not change them.
+    emu::launch("encoder_forward", sm_grid(((size_t)N * C + 7) / 8, 256, 8, 1), 256,
                 [&] { K<X>::fwd(out.data(), inp.data(), wte.data(), wpe.data(), N, T, C); });
-    emu::launch("encoder_backward_wpe", blocks((size_t)T * C, 256), 256,
+    emu::launch("encoder_backward_wpe", sm_grid(((size_t)T * C + 7) / 8, 256, 8, 1), 256,
                 [&] { K<X>::wpe(dwpe.data(), dout.data(), B, T, C); });
     Buckets bk = buckets(inp);
     // One block per position (the launch shape of every batch); those past the bucket count,

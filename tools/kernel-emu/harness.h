@@ -71,6 +71,17 @@ inline std::vector<X> nans(size_t n) {
 }
 // The grid size ops.rs computes: ceil(n / per), at least 1.
 inline unsigned blocks(size_t n, size_t per) { return (unsigned)std::max<size_t>(1, (n + per - 1) / per); }
+// The grid src/cuda/ops.rs (Ops::grid_for) gives `units` of work on a GPU with `sms` SMs.
+inline unsigned sm_grid(size_t units, size_t per_block, unsigned per_sm, unsigned sms) {
+    return std::min<unsigned>(blocks(units, per_block), per_sm * sms);
+}
+// SM counts the grid-sized kernels are run at, whose results must be the same bits: an H100's
+// and one SM (every block then takes many units).
+constexpr unsigned kSmCounts[] = {132, 1};
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
 
 // max |got - ref| / max |ref|, NaN-aware (a NaN makes it NaN).
 inline double relerr(const std::vector<double>& got, const std::vector<double>& ref) {

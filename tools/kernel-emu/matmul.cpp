@@ -23,11 +23,11 @@ template <typename X>
 struct K;
 template <>
 struct K<float> {
-    static constexpr auto bias_grad = bias_grad_f32;
+    static constexpr auto bias_grad = bias_grad_partial_f32;
 };
 template <>
 struct K<bf16> {
-    static constexpr auto bias_grad = bias_grad_bf16;
+    static constexpr auto bias_grad = bias_grad_partial_bf16;
 };
 
 enum class Layout { InOut, OutIn };
@@ -144,8 +144,23 @@ static void test_backward(int N, int C, int OC, Layout layout, bool has_bias, bo
         ops_matmul_f32out<X>(dweight.data(), inp.data(), {1, C}, dout.data(), {OC, 1}, true, C, OC, N);
     else  // dW (OC × C) += doutᵀ · inp
         ops_matmul_f32out<X>(dweight.data(), dout.data(), {1, OC}, inp.data(), {C, 1}, true, OC, C, N);
-    if (has_bias)
-        emu::launch("bias_grad", blocks(OC, 32), 256, [&] { K<X>::bias_grad(dbias.data(), dout.data(), N, OC); });
+    // The bias gradient as Ops::matmul_backward launches it, at each SM count: the same bits.
+    std::vector<float> first_dbias;
+    bool same_dbias = true;
+    const auto dbias_start = dbias;
+    for (unsigned sms : kSmCounts) {
+        if (!has_bias) break;
+        dbias = dbias_start;
+        const int chunks = (N + 63) / 64;
+        auto partials = nans<float>((size_t)chunks * OC);  // bias_scratch_len
+        const size_t units = (size_t)chunks * ((OC + 255) / 256);
+        emu::launch("bias_grad_partial", sm_grid(units, 1, 8, sms), 256,
+                    [&] { K<X>::bias_grad(partials.data(), dout.data(), N, OC); });
+        emu::launch("bias_grad_reduce", blocks(OC, 256), 256,
+                    [&] { bias_grad_reduce(dbias.data(), partials.data(), chunks, OC); });
+        if (first_dbias.empty()) first_dbias = dbias;
+        same_dbias &= same_bits(dbias, first_dbias);
+    }
 
     std::vector<double> dinp_r((size_t)N * C), dw_r = dw0, db_r = db0;
     auto widx = [&](int c, int o) { return layout == Layout::InOut ? (size_t)c * OC + o : (size_t)o * C + c; };
@@ -170,6 +185,7 @@ static void test_backward(int N, int C, int OC, Layout layout, bool has_bias, bo
     k.cmp("dinp", dinp, dinp_r, tol<X>());
     k.cmp(pname<X>(), "dweight", as_double(dweight), dw_r, kTight);
     if (has_bias) k.cmp(pname<X>(), "dbias", as_double(dbias), db_r, kTight);
+    if (has_bias) k.expect("dbias same bits at every SM count", same_dbias);
     else k.cmp(pname<X>(), "dbias", as_double(dbias), db0, 0.0);  // untouched
 }
 
@@ -217,6 +233,9 @@ static void run_all(uint64_t& seed) {
     // with bias (and GELU for c_fc, GELU' for mlp_proj's dX), OutIn (wte as classifier) without.
     test_forward<X>(256, 768, 200, Layout::InOut, true, true, seed++);
     test_backward<X>(256, 768, 200, Layout::InOut, true, true, seed++);
+    // The bias gradient over 3 row chunks × 3 column slabs, the last ones partial.
+    test_backward<X>(130, 16, 520, Layout::InOut, true, false, seed++);
+    test_backward<X>(65, 8, 300, Layout::InOut, true, false, seed++);  // OC not a multiple of 8
     test_forward<X>(256, 768, 200, Layout::OutIn, false, false, seed++);
     test_backward<X>(256, 768, 200, Layout::OutIn, false, false, seed++);
     test_all_options<X>(7, 33, 100, seed++);

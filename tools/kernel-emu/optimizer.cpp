@@ -26,14 +26,22 @@ static void test_norm(long long n, uint64_t seed) {
     Rng r(seed);
     std::vector<double> gd;
     auto grads = randn<float>((size_t)n, r, 1e-2, &gd);
-    std::vector<double> scratch(NORM_BLOCKS + 1, NAN);
-    emu::launch("grad_norm_squares", NORM_BLOCKS, 256, [&] { grad_norm_squares(scratch.data(), grads.data(), n); });
-    double* total = scratch.data() + NORM_BLOCKS;
-    emu::launch("grad_norm_finish", 1, 256, [&] { grad_norm_finish(total, scratch.data(), NORM_BLOCKS); });
+    double first = NAN;
+    bool same = true;
+    for (unsigned sms : kSmCounts) {  // grid min(units, 8·SMs): the same bits
+        std::vector<double> scratch(NORM_BLOCKS + 1, NAN);
+        emu::launch("grad_norm_squares", sm_grid(NORM_BLOCKS, 1, 8, sms), 256,
+                    [&] { grad_norm_squares(scratch.data(), grads.data(), n, NORM_BLOCKS); });
+        double* total = scratch.data() + NORM_BLOCKS;
+        emu::launch("grad_norm_finish", 1, 256, [&] { grad_norm_finish(total, scratch.data(), NORM_BLOCKS); });
+        if (std::isnan(first)) first = *total;
+        same &= memcmp(total, &first, 8) == 0;
+    }
     double ref = 0;  // global_norm(grads)², summed in f64
     for (double g : gd) ref += g * g;
     Case k(fmt("grad_norm          n=%8lld", n));
-    k.cmp("f32", "norm_squared", {*total}, {ref}, kTight);
+    k.cmp("f32", "norm_squared", {first}, {ref}, kTight);
+    k.expect("same bits at every SM count", same);
 }
 
 // step_finish against clip_coefficient (src/cpu/optimizer.rs: torch's rule) and the host's
@@ -80,8 +88,10 @@ static void test_adamw(std::vector<long long> sizes, int chunk, int t, double lr
     for (size_t i = 0; i < v.size(); i++) v[i] = v[i] * v[i], vd[i] = v[i];  // v >= 0
     auto params = nans<X>((size_t)n);
     const auto master0 = master, m0 = m, v0 = v;
-    emu::launch("adamw", (int)chunks.size(), 256, [&] {
-        K<X>::adamw(params.data(), master.data(), grads.data(), m.data(), v.data(), chunks.data(), &hp, &st);
+    // At 1 SM the 8 blocks take many chunks each (element-wise: nothing else to compare).
+    emu::launch("adamw", sm_grid(chunks.size(), 1, 8, 1), 256, [&] {
+        K<X>::adamw(params.data(), master.data(), grads.data(), m.data(), v.data(), chunks.data(), (int)chunks.size(),
+                    &hp, &st);
     });
     Case k(fmt("adamw %-4s chunk=%4d n=%8lld tensors=%zu t=%d lr=%g grad_scale=%g finite=%d", pname<X>(), chunk, n,
                sizes.size(), t, lr, grad_scale, finite));
@@ -128,9 +138,9 @@ static void test_convert(long long n, uint64_t seed) {
     auto in = randn<float>((size_t)n, r, 3.0, &id);
     if (n > 4) in[0] = INFINITY, in[1] = -0.0f, in[2] = 1e-40f, in[3] = 3.3895314e38f;  // inf, -0, denormal, near max
     auto x = nans<X>((size_t)n);
-    emu::launch("f32_to_floatx", blocks((size_t)n, 256), 256, [&] { K<X>::to_x(x.data(), in.data(), n); });
+    emu::launch("f32_to_floatx", sm_grid(n, 256, 8, 1), 256, [&] { K<X>::to_x(x.data(), in.data(), n); });
     auto back = nans<float>((size_t)n);
-    emu::launch("floatx_to_f32", blocks((size_t)n, 256), 256, [&] { K<X>::to_f32(back.data(), x.data(), n); });
+    emu::launch("floatx_to_f32", sm_grid(n, 256, 8, 1), 256, [&] { K<X>::to_f32(back.data(), x.data(), n); });
     bool ok1 = true, ok2 = true;
     for (long long i = 0; i < n; i++) {
         const X want = from_f<X>(in[i]);
@@ -145,7 +155,8 @@ static void test_convert(long long n, uint64_t seed) {
 
 int main() {
     uint64_t seed = 1;
-    for (long long n : {7LL, 300000LL}) test_norm(n, seed++);  // 300000 > 1024 · 256: two grid-stride steps
+    // 1100003 > 1024 · 256 · 4: two grid-stride steps of 4-float groups, and a tail of 3.
+    for (long long n : {7LL, 1100003LL}) test_norm(n, seed++);
     test_step_finish(3.5, 4.0, 1.0);       // clipped: 1 / (2 + 1e-6)
     test_step_finish(3.5, 0.25, 1.0);      // below the limit: 1
     test_step_finish(3.5, 4.0, 0.0);       // no clipping: 1
