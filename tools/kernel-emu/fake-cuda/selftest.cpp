@@ -172,9 +172,9 @@ std::string mini_ptx(const char* target = "sm_90a", const char* version = "9.0",
          "\t.param .u32 a3,\n\t.param .u32 a4,\n\t.param .u32 a5,\n\t.param .u32 a6\n)\n.maxntid 128, 1, 1\n"
          "{\n\tret;\n}\n\n";
     s += ".visible .entry crossentropy_forward_f32(\n\t.param .u64 c0,\n\t.param .u64 c1,\n\t.param .u64 c2,\n"
-         "\t.param .u64 c3,\n\t.param .u32 c4,\n\t.param .u32 c5,\n\t.param ";
+         "\t.param .u64 c3,\n\t.param .u32 c4,\n\t.param .u32 c5,\n\t.param .u32 c6,\n\t.param ";
     s += crossentropy_last;
-    s += " c6\n)\n.maxntid 256, 1, 1\n{\n\t// demoted variable\n\t.shared .align 4 .b8 ce_scratch[128];\n"
+    s += " c7\n)\n.maxntid 256, 1, 1\n{\n\t// demoted variable\n\t.shared .align 4 .b8 ce_scratch[128];\n"
          "\tst.shared.f32 [ce_scratch+4], %f1;\n\tret;\n}\n";
     s += extra;
     return s;
@@ -1160,8 +1160,9 @@ std::vector<Case> cases() {
          {"kernel encoder_forward_f32: the PTX's parameters (.u64 .u64 .u64 .u64 .u32 .u32) differ from those of the "
           "C++ source compiled into the fake (ptr ptr ptr ptr int32 int32 int32), from parameter 6",
           "(.u64 .u64 .u64 .u64 .u32 .u32 .u64) differ",
-          "kernel crossentropy_forward_f32: the PTX's parameters (.u64 .u64 .u64 .u64 .u32 .u32 .u32) differ from "
-          "those of the C++ source compiled into the fake (ptr ptr ptr ptr int32 int32 float), from parameter 6",
+          "kernel crossentropy_forward_f32: the PTX's parameters (.u64 .u64 .u64 .u64 .u32 .u32 .u32 .u32) differ "
+          "from those of the C++ source compiled into the fake (ptr ptr ptr ptr int32 int32 int32 float), from "
+          "parameter 7",
           "kernel no_such_kernel is in the PTX but not compiled into the fake driver",
           "(CUDA_ERROR_INVALID_IMAGE)", "cuModuleGetFunction: no kernel no_such_kernel in this module (", "(CUDA_ERROR_NOT_FOUND)",
           "no .version or .target directive: not PTX text (CUDA_ERROR_INVALID_PTX)"}},
