@@ -7,10 +7,11 @@
 #                                           target/first-light carried: every step below, each
 #                                           time-boxed, all output in OUT_DIR/first-light.log
 #
-# The run, at most about 8 minutes: nvidia-smi and the driver; finch check (every kernel at f32
-# and bf16, and training CPU vs GPU); the GPU tests; finch train --model gpt2 on random tokens at
-# B=16 and B=64, T=1024, 20 steps each (the first loss should be about ln 50257 = 10.8-11);
-# finch bench matmul against cuBLAS, square shapes first, then GPT-2's; finch bench attention;
+# The run, at most about 9.5 minutes: nvidia-smi and the driver; finch check (every kernel at
+# f32 and bf16, and training CPU vs GPU); the GPU tests; finch train --model gpt2 on random tokens
+# at B=16 and B=64, T=1024, 20 steps each (the first loss should be about ln 50257 = 10.8-11;
+# tok/s and MFU), then 8 steps at B=16 with --profile (per-kernel times); finch bench matmul
+# against cuBLAS, square shapes first, then GPT-2's; finch bench attention; finch bench memory;
 # the PyTorch references in benches/. A step that fails or runs out of time is recorded and the next one starts: a
 # short GPU window is not spent on one problem. The table at the end says what passed.
 # BENCHMARKS.md says how the results are recorded.
@@ -78,10 +79,12 @@ with open(sys.argv[1], "wb") as f:
 EOF
 }
 
+# train B OUT [STEPS NAME EXTRA...]: GPT-2 124M at T=1024 on the random tokens, logging to OUT/NAME.jsonl.
 train() {
-    local b=$1 out=$2
+    local b=$1 out=$2 steps=${3:-20} name=${4:-train-b$1}
+    shift 4 2>/dev/null || shift $#
     "$bin/finch" train --device cuda --data "$out/tokens.bin" --model gpt2 --batch-size "$b" --seq-len 1024 \
-        --steps 20 --lr-schedule constant --warmup-steps 0 --print-every 1 --log "$out/train-b$b.jsonl"
+        --steps "$steps" --lr-schedule constant --warmup-steps 0 --print-every 1 --log "$out/$name.jsonl" "$@"
 }
 
 run() {
@@ -107,9 +110,11 @@ print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob
     step tokens 20 "${self[@]}" _tokens "$out/tokens.bin"
     step train-b16 60 "${self[@]}" _train 16 "$out"
     step train-b64 45 "${self[@]}" _train 64 "$out"
+    step profile-b16 40 "${self[@]}" _train 16 "$out" 8 profile-b16 --profile
     step bench-square 45 "$bin/finch" bench matmul --shapes square
     step bench-gpt2 50 "$bin/finch" bench matmul --shapes gpt2
     step bench-attention 30 "$bin/finch" bench attention
+    step bench-memory 30 "$bin/finch" bench memory
     step torch-gpt2 60 python3 benches/gpt2_torch.py --batch-size 16 --seq-len 1024 --steps 10
     step torch-attention 30 python3 benches/attention_torch.py --backends flash
     rm -f "$out/tokens.bin"
@@ -123,8 +128,10 @@ import json, statistics, sys
 steps = [json.loads(l) for l in open(sys.argv[1]) if '"step"' in l]
 if steps:
     rate = statistics.median(s["tok_per_s"] for s in steps[2:] or steps)
+    mfus = [s["mfu"] for s in steps[2:] or steps if "mfu" in s]
+    mfu = f", median MFU {100 * statistics.median(mfus):.1f}%" if mfus else ""
     print(f"train B={sys.argv[2]} T=1024: first loss {steps[0]['loss']:.3f} (ln 50257 = 10.825), "
-          f"{len(steps)} steps, median {rate:,.0f} tok/s after the first two")
+          f"{len(steps)} steps, median {rate:,.0f} tok/s after the first two{mfu}")
 EOF
     done
 }
@@ -132,7 +139,7 @@ EOF
 case "${1:-}" in
     build) build ;;
     _tokens) random_tokens "$2" ;;
-    _train) train "$2" "$3" ;;
+    _train) shift; train "$@" ;;
     run) [ -n "${2:-}" ] || { echo "usage: $0 run OUT_DIR" >&2; exit 2; }; run "$2" ;;
     *) echo "usage: $0 build | run OUT_DIR" >&2; exit 2 ;;
 esac
