@@ -13,6 +13,12 @@
 // changed since. Page-locked host memory (cuMemHostAlloc) is tracked, because only copies from
 // and to it can be captured. What CUDA refuses during a capture is refused here too, and
 // invalidates the capture.
+//
+// Host functions (cuLaunchHostFunc): run at once outside a capture, recorded as a node (the
+// function and its userData pointer) during one and called again at every replay. The fake NCCL
+// (../fake-nccl) issues its collectives this way, so that a captured step replays them in order.
+// A host function must not call the CUDA API (CUDA forbids it); a call from one is refused with
+// CUDA_ERROR_NOT_PERMITTED.
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,7 +69,7 @@ struct FakeEvent {
 };
 // One operation recorded by stream capture: a graph node, replayed by cuGraphLaunch.
 struct CapturedOp {
-    enum Kind { KERNEL, HTOD, DTOH, DTOD, MEMSET, WAIT_EXTERNAL } kind;
+    enum Kind { KERNEL, HTOD, DTOH, DTOD, MEMSET, WAIT_EXTERNAL, HOST_FN } kind;
     std::string what;  // the call as captured, for messages and the log
     // KERNEL: the function, the launch, and the argument VALUES copied at capture time (the
     // caller's void** points at its own stack), each at offsets[i] in args.
@@ -79,6 +85,10 @@ struct CapturedOp {
     void* host = nullptr;
     size_t n = 0;
     unsigned char value = 0;
+    // HOST_FN: the function and the userData pointer given to cuLaunchHostFunc (what it points at
+    // must stay valid for every replay: the caller's business, as in CUDA).
+    void (*fn)(void*) = nullptr;
+    void* user = nullptr;
 };
 // A capture sequence, from cuStreamBeginCapture_v2 to cuStreamEndCapture.
 struct FakeCapture {
@@ -139,6 +149,7 @@ struct Config {
     size_t total_mem = 16ull << 30;
     std::string log;       // "" off, "1" stderr, else a file (%p: the process id)
     std::string counters;  // "" off, "1" stderr, else a JSON file (%p: the process id)
+    int devices = 1;       // FAKE_CUDA_DEVICES: identical devices; a process uses one of them
 };
 
 std::string with_pid(const std::string& path) {
@@ -163,6 +174,7 @@ Config read_config() {
         else c.bad_cc = s;
     }
     if (const char* s = getenv("FAKE_CUDA_MEM_MB"); s && *s) c.total_mem = (size_t)(strtod(s, nullptr) * 1048576);
+    if (const char* s = getenv("FAKE_CUDA_DEVICES"); s && *s) c.devices = std::clamp(atoi(s), 1, 64);
     if (const char* s = getenv("FAKE_CUDA_LOG"); s && *s && strcmp(s, "0") != 0) c.log = s;
     if (const char* s = getenv("FAKE_CUDA_COUNTERS"); s && *s && strcmp(s, "0") != 0) c.counters = s;
     return c;
@@ -191,6 +203,10 @@ struct Counters {
     // Page-locked host memory, and host<->device copies by the kind of host memory they touch.
     uint64_t pinned_allocs = 0, pinned_alloc_bytes = 0, pinned_frees = 0;
     uint64_t pinned_copies = 0, pinned_copy_bytes = 0, pageable_copies = 0, pageable_copy_bytes = 0;
+    // Host functions (cuLaunchHostFunc) that ran, directly or replayed, those graph launches
+    // replayed, and the seconds spent in them (a fake NCCL collective waits for its peers there).
+    uint64_t host_fns = 0, host_fns_replayed = 0;
+    double host_fn_seconds = 0;
 };
 
 // A page-locked host allocation (cuMemHostAlloc).
@@ -209,6 +225,7 @@ struct State {
     bool initialised = false;
     bool exit_hook = false;
     int primary_refs = 0;
+    int device = 0;  // the device whose primary context this process uses (FAKE_CUDA_DEVICES)
     std::set<FakeModule*> modules;
     std::set<FakeStream*> streams;
     std::set<FakeEvent*> events;
@@ -230,6 +247,8 @@ State* const g = new State;
 std::recursive_mutex* const g_lock = new std::recursive_mutex;
 FakeContext g_primary;
 thread_local CUcontext t_current = nullptr;
+// Set while this thread runs a host function (cuLaunchHostFunc): CUDA calls from it are refused.
+thread_local const char* t_host_fn = nullptr;
 
 double now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -244,7 +263,8 @@ const char* error_name(CUresult r) {
         NAME(CUDA_ERROR_INVALID_CONTEXT) NAME(CUDA_ERROR_INVALID_PTX) NAME(CUDA_ERROR_UNSUPPORTED_PTX_VERSION)
         NAME(CUDA_ERROR_INVALID_HANDLE) NAME(CUDA_ERROR_NOT_FOUND) NAME(CUDA_ERROR_NOT_READY)
         NAME(CUDA_ERROR_ILLEGAL_ADDRESS) NAME(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES)
-        NAME(CUDA_ERROR_MISALIGNED_ADDRESS) NAME(CUDA_ERROR_LAUNCH_FAILED) NAME(CUDA_ERROR_NOT_SUPPORTED)
+        NAME(CUDA_ERROR_MISALIGNED_ADDRESS) NAME(CUDA_ERROR_LAUNCH_FAILED) NAME(CUDA_ERROR_NOT_PERMITTED)
+        NAME(CUDA_ERROR_NOT_SUPPORTED)
         NAME(CUDA_ERROR_ILLEGAL_STATE) NAME(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
         NAME(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED) NAME(CUDA_ERROR_STREAM_CAPTURE_MERGE)
         NAME(CUDA_ERROR_STREAM_CAPTURE_UNMATCHED) NAME(CUDA_ERROR_STREAM_CAPTURE_UNJOINED)
@@ -273,6 +293,7 @@ const char* error_string(CUresult r) {
         case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
         case CUDA_ERROR_MISALIGNED_ADDRESS: return "misaligned address";
         case CUDA_ERROR_LAUNCH_FAILED: return "unspecified launch failure";
+        case CUDA_ERROR_NOT_PERMITTED: return "operation not permitted";
         case CUDA_ERROR_NOT_SUPPORTED: return "operation not supported";
         case CUDA_ERROR_ILLEGAL_STATE: return "the operation cannot be performed in the present state";
         case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: return "operation not permitted when stream is capturing";
@@ -361,7 +382,14 @@ class Call {
     std::vector<FakeCapture*> invalidates_;
 };
 
-#define NEED_INIT \
+// A host function must not call the CUDA API ("may result in CUDA_ERROR_NOT_PERMITTED", says
+// CUDA's documentation of cuLaunchHostFunc; here it always does).
+#define NEED_INIT                                                                                        \
+    if (t_host_fn)                                                                                       \
+        return call.fail(CUDA_ERROR_NOT_PERMITTED,                                                       \
+                         "called from inside a host function (%s): a host function must not call the " \
+                         "CUDA API",                                                                     \
+                         t_host_fn);                                                                     \
     if (!g->initialised) return call.fail(CUDA_ERROR_NOT_INITIALIZED, "cuInit has not been called")
 #define NEED_CONTEXT                                                                   \
     NEED_INIT;                                                                         \
@@ -409,7 +437,7 @@ std::string counters_json() {
              "\"graphs\": {\"captures\": %llu, \"instantiated\": %llu, \"launches\": %llu, \"uploads\": %llu, "
              "\"replayed_launches\": %llu, \"replayed_copies\": %llu, \"replayed_memsets\": %llu}, "
              "\"pinned\": {\"allocs\": %llu, \"alloc_bytes\": %llu, \"frees\": %llu, \"live_bytes\": %zu}, "
-             "\"host_copies\": {\"pinned\": %llu, \"pinned_bytes\": %llu, \"pageable\": %llu, \"pageable_bytes\": %llu}}",
+             "\"host_copies\": {\"pinned\": %llu, \"pinned_bytes\": %llu, \"pageable\": %llu, \"pageable_bytes\": %llu}, ",
              (unsigned long long)n.captures, (unsigned long long)n.instantiated, (unsigned long long)n.graph_launches,
              (unsigned long long)n.graph_uploads, (unsigned long long)n.replayed_launches,
              (unsigned long long)n.replayed_copies, (unsigned long long)n.replayed_memsets,
@@ -417,6 +445,10 @@ std::string counters_json() {
              (unsigned long long)n.pinned_frees, g->pinned_live, (unsigned long long)n.pinned_copies,
              (unsigned long long)n.pinned_copy_bytes, (unsigned long long)n.pageable_copies,
              (unsigned long long)n.pageable_copy_bytes);
+    s += b;
+    // Added with cuLaunchHostFunc; the keys above keep their meaning.
+    snprintf(b, sizeof b, "\"host_functions\": {\"run\": %llu, \"replayed\": %llu, \"seconds\": %.6f}}",
+             (unsigned long long)n.host_fns, (unsigned long long)n.host_fns_replayed, n.host_fn_seconds);
     s += b;
     return s;
 }
@@ -470,6 +502,8 @@ void print_counters() {
     fprintf(stderr, "  host<->device copies: %llu page-locked (%s), %llu pageable (%s)\n",
             (unsigned long long)n.pinned_copies, human_bytes(n.pinned_copy_bytes).c_str(),
             (unsigned long long)n.pageable_copies, human_bytes(n.pageable_copy_bytes).c_str());
+    fprintf(stderr, "  host functions      %8llu  (%llu replayed, %.2f s in them)\n", (unsigned long long)n.host_fns,
+            (unsigned long long)n.host_fns_replayed, n.host_fn_seconds);
     fprintf(stderr, "  errors returned     %8llu\n", (unsigned long long)n.errors);
     fprintf(stderr, "[fake-cuda] counters %s\n", json.c_str());
 }
@@ -648,21 +682,23 @@ API CUresult cuDeviceGetCount(int* n) {
     Call call("cuDeviceGetCount");
     NEED_INIT;
     if (!n) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
-    *n = 1;
-    return call.ok(" -> 1");
+    *n = g->cfg.devices;
+    return call.ok(" -> %d", *n);
 }
 API CUresult cuDeviceGet(CUdevice* d, int ordinal) {
     Call call("cuDeviceGet");
     NEED_INIT;
     if (!d) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
-    if (ordinal != 0) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d: the fake has one device, 0", ordinal);
-    *d = 0;
-    return call.ok("(0)");
+    if (ordinal < 0 || ordinal >= g->cfg.devices)
+        return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d: the fake has %d (FAKE_CUDA_DEVICES)", ordinal,
+                         g->cfg.devices);
+    *d = ordinal;
+    return call.ok("(%d)", ordinal);
 }
 API CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
     Call call("cuDeviceGetName");
     NEED_INIT;
-    if (d != 0) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d", d);
+    if (d < 0 || d >= g->cfg.devices) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d of %d", d, g->cfg.devices);
     if (!name || len <= 0) return call.fail(CUDA_ERROR_INVALID_VALUE, "no buffer");
     snprintf(name, (size_t)len, "Fake CUDA sm_%d%d (%s limits; kernels emulated on the CPU)", g->cfg.device->major,
              g->cfg.device->minor, g->cfg.device->like);
@@ -671,7 +707,7 @@ API CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
 API CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
     Call call("cuDeviceTotalMem_v2");
     NEED_INIT;
-    if (d != 0) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d", d);
+    if (d < 0 || d >= g->cfg.devices) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d of %d", d, g->cfg.devices);
     if (!bytes) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
     *bytes = g->cfg.total_mem;
     return call.ok(" -> %zu", *bytes);
@@ -679,7 +715,7 @@ API CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
 API CUresult cuDeviceGetUuid_v2(unsigned char* uuid, CUdevice d) {
     Call call("cuDeviceGetUuid_v2");
     NEED_INIT;
-    if (d != 0) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d", d);
+    if (d < 0 || d >= g->cfg.devices) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d of %d", d, g->cfg.devices);
     if (!uuid) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
     memcpy(uuid, "fake-cuda-dev-00", 16);
     return call.ok("()");
@@ -687,7 +723,7 @@ API CUresult cuDeviceGetUuid_v2(unsigned char* uuid, CUdevice d) {
 API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
     Call call("cuDeviceGetAttribute");
     NEED_INIT;
-    if (d != 0) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d", d);
+    if (d < 0 || d >= g->cfg.devices) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d of %d", d, g->cfg.devices);
     if (!v) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
     const DeviceModel& m = *g->cfg.device;
     switch (attr) {
@@ -735,8 +771,14 @@ API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
 API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice d) {
     Call call("cuDevicePrimaryCtxRetain");
     NEED_INIT;
-    if (d != 0) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d", d);
+    if (d < 0 || d >= g->cfg.devices) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d of %d", d, g->cfg.devices);
     if (!ctx) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
+    // One emulated device per process: a process (a data-parallel rank) picks any of
+    // FAKE_CUDA_DEVICES, and keeps to it.
+    if (g->primary_refs > 0 && d != g->device)
+        return call.fail(CUDA_ERROR_NOT_SUPPORTED, "device %d: this process already uses device %d, and the fake "
+                         "emulates one device per process", d, g->device);
+    g->device = d;
     g->primary_refs++;
     *ctx = &g_primary;
     return call.ok(" -> %d references", g->primary_refs);
@@ -744,7 +786,7 @@ API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice d) {
 API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
     Call call("cuDevicePrimaryCtxRelease_v2");
     NEED_INIT;
-    if (d != 0) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d", d);
+    if (d < 0 || d >= g->cfg.devices) return call.fail(CUDA_ERROR_INVALID_DEVICE, "device %d of %d", d, g->cfg.devices);
     if (g->primary_refs == 0) return call.fail(CUDA_ERROR_INVALID_CONTEXT, "the primary context is not retained");
     g->primary_refs--;
     return call.ok(" -> %d references", g->primary_refs);
@@ -767,8 +809,8 @@ API CUresult cuCtxGetDevice(CUdevice* d) {
     Call call("cuCtxGetDevice");
     NEED_CONTEXT;
     if (!d) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL pointer");
-    *d = 0;
-    return call.ok("()");
+    *d = g->device;
+    return call.ok(" -> %d", *d);
 }
 API CUresult cuCtxSynchronize() {
     Call call("cuCtxSynchronize");
@@ -1551,6 +1593,18 @@ double run_launch(const KernelEntry& k, bool refill_shared, Dims grid, Dims bloc
     g->n.launch_seconds += seconds;
     return seconds;
 }
+// Runs a host function and counts it. It runs on the calling thread with the driver's lock held,
+// as CUDA runs host functions in order with the stream's other work; CUDA calls from it are
+// refused (t_host_fn), so it cannot deadlock on the lock, only wait (a fake NCCL collective
+// waits there for its peers, in other processes).
+void run_host_fn(void (*fn)(void*), void* user, const char* what) {
+    const double t0 = now_ms();
+    t_host_fn = what;
+    fn(user);
+    t_host_fn = nullptr;
+    g->n.host_fns++;
+    g->n.host_fn_seconds += (now_ms() - t0) / 1000;
+}
 }  // namespace
 
 API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
@@ -1610,6 +1664,32 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz,
     }
     const double seconds = run_launch(k, f->ptx.static_smem > 0, Dims{gx, gy, gz}, Dims{bx, by, bz}, smem, params, what);
     return call.ok("(%s) %.3f s", what, seconds);
+}
+
+// A host function, in stream order: outside a capture it runs now (execution is synchronous, so
+// the stream's earlier work is done); during one it becomes a host node, called at every replay
+// with the same userData pointer. Refused: a NULL function (CUDA_ERROR_INVALID_VALUE), and, from
+// inside a host function, any CUDA call (CUDA_ERROR_NOT_PERMITTED, see NEED_INIT).
+API CUresult cuLaunchHostFunc(CUstream s, void (*fn)(void*), void* user) {
+    Call call("cuLaunchHostFunc");
+    NEED_CONTEXT;
+    if (!valid_stream(s)) return call.fail(CUDA_ERROR_INVALID_HANDLE, "%p is not a stream", (void*)s);
+    FakeCapture* cap;
+    if (CUresult r = enqueue_gate(call, s, &cap)) return r;
+    if (!fn) return call.fail(CUDA_ERROR_INVALID_VALUE, "NULL host function (userData %p)", user);
+    char what[120];
+    snprintf(what, sizeof what, "cuLaunchHostFunc(%p, userData %p)", (void*)fn, user);
+    if (cap) {
+        CapturedOp op{CapturedOp::HOST_FN};
+        op.what = what;
+        op.fn = fn;
+        op.user = user;
+        record_op(cap, s, std::move(op));
+        return call.ok("(%p, %p) captured in #%llu", (void*)fn, user, (unsigned long long)cap->id);
+    }
+    const double t0 = now_ms();
+    run_host_fn(fn, user, what);
+    return call.ok("(%p, %p) %.3f s", (void*)fn, user, (now_ms() - t0) / 1000);
 }
 
 // ---- stream capture and graphs ----------------------------------------------------------------------
@@ -1813,6 +1893,11 @@ CUresult replay(Call& call, const FakeGraphExec& x, size_t i) {
             return CUDA_SUCCESS;
         }
         case CapturedOp::WAIT_EXTERNAL: return CUDA_SUCCESS;  // execution is synchronous
+        case CapturedOp::HOST_FN:
+            // Nothing to check: userData is the caller's, and must stay valid for every replay.
+            run_host_fn(op.fn, op.user, where);
+            g->n.host_fns_replayed++;
+            return CUDA_SUCCESS;
     }
     return CUDA_SUCCESS;
 }

@@ -32,6 +32,7 @@ enum {
     INVALID_VALUE = 1,
     OUT_OF_MEMORY = 2,
     NOT_INITIALIZED = 3,
+    INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
     INVALID_PTX = 218,
     UNSUPPORTED_PTX_VERSION = 222,
@@ -39,6 +40,7 @@ enum {
     ILLEGAL_ADDRESS = 700,
     LAUNCH_OUT_OF_RESOURCES = 701,
     MISALIGNED_ADDRESS = 716,
+    NOT_PERMITTED = 800,
     NOT_SUPPORTED = 801,
     INVALID_HANDLE = 400,
     ILLEGAL_STATE = 401,
@@ -79,6 +81,7 @@ API(CUresult, cuDeviceGetName, (char*, int, int))
 API(CUresult, cuDevicePrimaryCtxRetain, (Handle*, int))
 API(CUresult, cuDevicePrimaryCtxRelease_v2, (int))
 API(CUresult, cuCtxSetCurrent, (Handle))
+API(CUresult, cuCtxGetDevice, (int*))
 API(CUresult, cuCtxSynchronize, ())
 API(CUresult, cuModuleLoadData, (Handle*, const void*))
 API(CUresult, cuModuleUnload, (Handle))
@@ -119,6 +122,7 @@ API(CUresult, cuGraphLaunch, (Handle, Handle))
 API(CUresult, cuGraphUpload, (Handle, Handle))
 API(CUresult, cuGraphExecDestroy, (Handle))
 API(CUresult, cuGraphDestroy, (Handle))
+API(CUresult, cuLaunchHostFunc, (Handle, void (*)(void*), void*))
 API(size_t, fake_cuda_counters_json, (char*, size_t))
 
 // ---- checks inside a case ------------------------------------------------------------------------
@@ -492,6 +496,22 @@ void case_not_initialised() {
     EXPECT(cuInit(0u), OK);
     EXPECT(cuDeviceGetCount(&n), OK);
     TRUE(n == 1, "%d devices", n);
+}
+
+void case_devices() {  // FAKE_CUDA_DEVICES=3
+    int n = 0, d = -1, used = -1;
+    EXPECT(cuInit(0u), OK);
+    EXPECT(cuDeviceGetCount(&n), OK);
+    TRUE(n == 3, "%d devices", n);
+    EXPECT(cuDeviceGet(&d, 3), INVALID_DEVICE);
+    EXPECT(cuDeviceGet(&d, 2), OK);
+    TRUE(d == 2, "device %d", d);
+    EXPECT(cuDevicePrimaryCtxRetain(&g_ctx, 2), OK);
+    EXPECT(cuCtxSetCurrent(g_ctx), OK);
+    EXPECT(cuCtxGetDevice(&used), OK);
+    TRUE(used == 2, "the context's device is %d", used);
+    Handle other = nullptr;
+    EXPECT(cuDevicePrimaryCtxRetain(&other, 1), NOT_SUPPORTED);
 }
 
 void case_memory_limit() {  // FAKE_CUDA_MEM_MB=64
@@ -1107,6 +1127,56 @@ void case_replay_freed_pinned() {
     EXPECT(cuGraphLaunch(t.exec, t.stream), ILLEGAL_ADDRESS);
 }
 
+// A host function after the step's copy out: it checks what the step produced for the round it set
+// up, then refills the page-locked input for the next round (host memory: allowed), and tries a
+// CUDA call (refused: a host function must not call the CUDA API).
+struct HostSeen {
+    Step* step;
+    int round = 0;
+    std::vector<int> wrong;  // per run: outputs wrong for the round it ran in
+    std::vector<CUresult> inner;
+};
+void host_fn_check(void* p) {
+    HostSeen* h = (HostSeen*)p;
+    h->wrong.push_back(h->step->wrong(h->round));
+    h->step->fill(++h->round);
+    h->inner.push_back(cuMemsetD8Async(h->step->d_out, (unsigned char)0, (size_t)2, h->step->stream));
+}
+void case_host_function() {
+    Step t;
+    t.setup();
+    HostSeen h{&t};
+    t.fill(0);
+    // Outside a capture: it runs before cuLaunchHostFunc returns, after the work before it.
+    t.record();
+    EXPECT(cuLaunchHostFunc(t.stream, host_fn_check, (void*)&h), OK);
+    TRUE(h.wrong.size() == 1 && h.wrong[0] == 0 && h.round == 1, "the host function did not run at once (%zu runs)",
+         h.wrong.size());
+    EXPECT(cuLaunchHostFunc(t.stream, (void (*)(void*)) nullptr, (void*)&h), INVALID_VALUE);
+    // Captured: nothing runs; each replay calls it after the step, and it sees that replay's data.
+    t.begin();
+    t.record();
+    EXPECT(cuLaunchHostFunc(t.stream, host_fn_check, (void*)&h), OK);
+    EXPECT(cuStreamEndCapture(t.stream, &t.graph), OK);
+    EXPECT(cuGraphInstantiateWithFlags(&t.exec, t.graph, 0ull), OK);
+    TRUE(h.wrong.size() == 1, "the host function ran during the capture");
+    for (int r = 0; r < 3; r++) {
+        EXPECT(cuGraphLaunch(t.exec, t.stream), OK);
+        EXPECT(cuStreamSynchronize(t.stream), OK);
+    }
+    TRUE(h.wrong.size() == 4 && h.round == 4, "%zu runs, round %d after 3 replays (expected 4 runs, round 4)",
+         h.wrong.size(), h.round);
+    for (size_t i = 0; i < h.wrong.size(); i++) TRUE(h.wrong[i] == 0, "run %zu: %d outputs wrong", i, h.wrong[i]);
+    for (size_t i = 0; i < h.inner.size(); i++)
+        TRUE(h.inner[i] == NOT_PERMITTED, "run %zu: a CUDA call inside the host function returned %d", i, h.inner[i]);
+    TRUE(json_has("\"host_functions\": {\"run\": 4, \"replayed\": 3, \"seconds\": "), "counters");
+    TRUE(json_has("\"replayed_launches\": 3, \"replayed_copies\": 6, "), "counters");
+    // A NULL function in a capture is refused and invalidates it.
+    t.begin();
+    EXPECT(cuLaunchHostFunc(t.stream, (void (*)(void*)) nullptr, (void*)&h), INVALID_VALUE);
+    t.invalidated("a NULL host function");
+}
+
 // ---- the table of cases, and the parent's side ------------------------------------------------------
 enum Ending { PASSES, ABORTS, CRASHES, EXITS };  // EXITS: non-zero, as a sanitizer does
 struct Case {
@@ -1178,6 +1248,9 @@ std::vector<Case> cases() {
         {"FAKE_CUDA_CC=5.2 is refused", case_bad_cc, {{"FAKE_CUDA_CC", "5.2"}},
          {"cuInit: FAKE_CUDA_CC=5.2 is not an emulated device"}},
         {"calls before cuInit", case_not_initialised, {}, {"cuDeviceGetCount: cuInit has not been called"}},
+        {"FAKE_CUDA_DEVICES=3: three devices, one per process", case_devices, {{"FAKE_CUDA_DEVICES", "3"}},
+         {"cuDeviceGet: device 3: the fake has 3 (FAKE_CUDA_DEVICES)",
+          "device 1: this process already uses device 2, and the fake emulates one device per process"}},
         {"FAKE_CUDA_MEM_MB=64: cuMemGetInfo and CUDA_ERROR_OUT_OF_MEMORY", case_memory_limit,
          {{"FAKE_CUDA_MEM_MB", "64"}},
          {"cuMemAllocAsync: 8388608 bytes: 62914560 bytes in use + 8388608 asked > 67108864 bytes of device memory "
@@ -1286,6 +1359,13 @@ std::vector<Case> cases() {
         {"a replay after its page-locked input was freed faults", case_replay_freed_pinned, {},
          {"cuGraphLaunch: graph exec #1 node 0 of 3 (cuMemcpyHtoDAsync_v2(",
           "is in page-locked allocation #1, freed by cuMemFreeHost (CUDA_ERROR_ILLEGAL_ADDRESS)"}},
+        {"a host function (cuLaunchHostFunc): at once, and captured and replayed 3 times on changed data",
+         case_host_function, {},
+         {"cuLaunchHostFunc: NULL host function (userData ", "(CUDA_ERROR_INVALID_VALUE)",
+          "cuMemsetD8Async: called from inside a host function (cuLaunchHostFunc(",
+          "called from inside a host function (graph exec #1 node 3 of 4 (cuLaunchHostFunc(",
+          "a host function must not call the CUDA API (CUDA_ERROR_NOT_PERMITTED)",
+          "cuStreamEndCapture: capture #2 on stream ", "cuLaunchHostFunc: NULL host function"}},
         {"loaded by name, unloaded and loaded again (cudarc's probe)", case_probe_reload, {}, {}},
     };
     if (g_ptx_dir) c.push_back({"the real nvcc PTX of kernels/*.cu", case_real_ptx, {}, {}});
@@ -1385,6 +1465,9 @@ int main(int argc, char** argv) {
     }
     g_library = argv[1];
     g_ptx_dir = argc > 2 ? argv[2] : nullptr;
+    // The cases set the knobs they test; none may leak in from the caller's environment.
+    for (const char* knob : {"FAKE_CUDA_CC", "FAKE_CUDA_MEM_MB", "FAKE_CUDA_DEVICES", "FAKE_CUDA_LOG", "FAKE_CUDA_COUNTERS"})
+        unsetenv(knob);
     const char* tmpdir = getenv("TMPDIR");
     std::string tmpl = std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/fake-cuda-selftest.XXXXXX";
     if (!mkdtemp(tmpl.data())) {
