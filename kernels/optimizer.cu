@@ -61,9 +61,14 @@ extern "C" __global__ void __launch_bounds__(256) grad_norm_finish(double* out, 
 // What a training step leaves on the device for the host to read back once, after the update:
 // the mean loss (summed by loss_accumulate), the squared gradient norm (grad_norm_finish writes
 // it here), then what step_finish derives. The host's struct in src/cuda/model.rs matches.
+// Data parallel: the first four doubles are summed across the ranks in one all-reduce, so every
+// rank sees the global loss and squared norm, and how many ranks asked to stop or checkpoint
+// after this step (each rank's vote is written into its copy before the step).
 struct StepState {
     double loss;
     double norm_sq;
+    double stop_votes;
+    double checkpoint_votes;
     double norm;
     float grad_scale;  // the clipping factor AdamW applies
     int finite;        // the loss and the norm are finite: the update is applied

@@ -3,11 +3,13 @@
 //!
 //! Layers, from the top; a module uses only those below it:
 //! [`cli`] (the subcommands) → [`formats`] (files on disk) → [`cuda`] (the GPU backend) →
-//! [`cpu`] (the reference engine) → [`model`] (config, shared layout, init) → [`os`].
+//! [`cpu`] (the reference engine) → [`model`] (config, shared layout, init) → [`os`]; beside
+//! them, [`dist`] (many processes: launchers, rendezvous) uses only [`os`].
 
 pub mod cli;
 pub mod cpu;
 pub mod cuda;
+pub mod dist;
 pub mod formats;
 pub mod model;
 pub mod os;

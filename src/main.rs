@@ -58,19 +58,33 @@ fn main() -> ExitCode {
         Command::Bench(args) => finch::cli::bench::run(args),
         Command::Check(args) => finch::cli::check::run(args),
     };
+    // A rank of a multi-process job names itself in what it prints.
+    let rank = finch::dist::world::current().filter(|w| !w.is_single()).map(|w| w.describe());
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => match e.downcast_ref::<finch::os::interrupt::Interrupted>() {
-            // Stopped by Ctrl-C or SIGTERM after saving its work: not an error, nor a finished run.
-            Some(stop) => {
-                eprintln!("{stop}");
-                ExitCode::from(stop.exit_code())
+        Err(e) => {
+            if let Some(status) = e.downcast_ref::<finch::dist::spawn::JobStatus>() {
+                // The ranks have said what happened; the launcher only passes their status on.
+                return ExitCode::from(status.0.clamp(0, 255) as u8);
             }
-            None => {
-                // One line: the error and its causes joined by ": ".
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
+            match e.downcast_ref::<finch::os::interrupt::Interrupted>() {
+                // Stopped by Ctrl-C or SIGTERM after saving its work: not an error, nor a finished run.
+                Some(stop) => {
+                    if rank.is_none() || finch::dist::world::current().is_some_and(|w| w.rank == 0) {
+                        eprintln!("{stop}");
+                    }
+                    ExitCode::from(stop.exit_code())
+                }
+                None => {
+                    // One line: the error and its causes joined by ": ".
+                    let text = format!("{e:#}");
+                    match rank {
+                        Some(who) if !text.starts_with("rank ") => eprintln!("error: {who}: {text}"),
+                        _ => eprintln!("error: {text}"),
+                    }
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }

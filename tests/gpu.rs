@@ -458,13 +458,14 @@ fn a_training_step_synchronises_once() {
         assert_eq!(per_step(&["syncs", "total"]), 1.0, "grad-accum {accum}: host waits per step");
         assert_eq!(per_step(&["per_kernel", "adamw_bf16", "launches"]), 1.0, "grad-accum {accum}");
         assert_eq!(per_step(&["graphs", "launches"]), 1.0, "grad-accum {accum}: graph replays per step");
-        // Up: the AdamW scalars (8 words) and per micro-batch inputs, targets and token buckets
-        // (5·B·T + 2 words), one copy. Down: the step's state (32 bytes).
+        // Up: the AdamW scalars (8 words), the step's initial state (48 bytes) and per
+        // micro-batch inputs, targets and token buckets (5·B·T + 2 words), one copy. Down: the
+        // step's state (48 bytes).
         let bt = 4 * 32;
         assert_eq!(per_step(&["htod", "count"]), 1.0);
-        assert_eq!(per_step(&["htod", "bytes"]), (4 * (8 + accum_n * (5 * bt + 2))) as f64);
+        assert_eq!(per_step(&["htod", "bytes"]), (4 * (8 + 12 + accum_n * (5 * bt + 2))) as f64);
         assert_eq!(per_step(&["dtoh", "count"]), 1.0);
-        assert_eq!(per_step(&["dtoh", "bytes"]), 32.0);
+        assert_eq!(per_step(&["dtoh", "bytes"]), 48.0);
         report(&format!(
             "grad-accum {accum}: per step {} launches, {} host sync, {} B up, {} B down",
             per_step(&["launches"]),

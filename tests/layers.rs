@@ -6,12 +6,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Each layer and the layers it may use; the map in docs/ARCHITECTURE.md says why.
-const LAYERS: [(&str, &[&str]); 6] = [
-    ("cli", &["formats", "cuda", "cpu", "model", "os"]),
+const LAYERS: [(&str, &[&str]); 7] = [
+    ("cli", &["formats", "cuda", "dist", "cpu", "model", "os"]),
     ("formats", &["cpu", "model", "os"]),
     ("cuda", &["cpu", "model", "os"]),
     ("cpu", &["model"]),
     ("model", &[]),
+    ("dist", &["os"]),
     ("os", &[]),
 ];
 

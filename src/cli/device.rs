@@ -42,6 +42,18 @@ impl Device {
         }
     }
 
+    /// A data-parallel rank's device: GPU `local_rank`, whatever `--device` says short of cpu
+    /// (which runs one process).
+    pub fn for_rank(device: &str, precision: Option<Precision>, local_rank: usize, ranks: usize) -> Result<Device> {
+        if device == "cpu" {
+            bail!("--device cpu: a job of {ranks} processes trains on GPUs, one per process (NCCL); the CPU runs one");
+        }
+        match Gpu::open_ordinal(local_rank) {
+            Ok(gpu) => Ok(Device::Cuda(gpu, precision.unwrap_or(Precision::Bf16))),
+            Err(e) => bail!("--device {device}: {e:#}"),
+        }
+    }
+
     /// The device for a model of `cfg`: a GPU whose kernels cannot run it (see
     /// [`GpuGpt::unsupported`]) is refused under `--device cuda` and left for the CPU under
     /// `--device auto`, with the reason.

@@ -8,7 +8,7 @@
 //! cuMemcpyDtoDAsync and counts its read and its write.
 
 use super::bench::{ptr, random_bf16, time_ms};
-use super::model::{adamw_chunks, adamw_header, StepState, STEP_STATE_BYTES};
+use super::model::{adamw_chunks, adamw_header, StepState};
 use super::ops::{bias_scratch_len, layernorm_scratch_len, Ops, TokenBuckets, NORM_BLOCKS};
 use super::profile::{KernelTotal, Profiler};
 use super::{Gpu, Precision};
@@ -89,144 +89,17 @@ fn work_of(gpu: &Gpu, f: &mut impl FnMut(usize) -> Result<()>) -> Result<Vec<Ker
     Ok(profiler.totals)
 }
 
+/// One benchmarked operation: its name, its shape, and a call that runs it (owning its buffers).
+type Case<'a> = (&'static str, String, Box<dyn FnMut(usize) -> Result<()> + 'a>);
+
 /// Runs every memory-bound operation of the step and times it against the copy.
 pub fn bench_memory(gpu: &Arc<Gpu>, quick: bool, timing: (usize, usize)) -> Result<MemoryBench> {
     let s = Shapes::new(quick);
-    let (n, c, cfg) = (s.n, s.cfg.n_embd, s.cfg);
-    let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size());
-    let p = ParamLayout::new(&cfg).total;
     let ops = Ops { gpu, precision: Precision::Bf16, force_variant: None };
     let mut rng = Rng::new(7);
     let copy = copy_gbps(gpu, if quick { 1 << 20 } else { 256 << 20 }, timing)?;
-    let bf = |len: usize, rng: &mut Rng| gpu.stream.clone_htod(&random_bf16(len, rng.next_u64()));
-    let f32s = |len: usize| gpu.stream.alloc_zeros::<f32>(len);
-
-    // Buffers: activations (N·C and N·4C), the logits, weights, fp32 gradients and moments.
-    let (x1, x2, x3) = (bf(n * c, &mut rng)?, bf(n * c, &mut rng)?, bf(n * c, &mut rng)?);
-    let (out, res) = (bf(n * c, &mut rng)?, bf(n * c, &mut rng)?);
-    let wide = bf(n * 4 * c, &mut rng)?;
-    let logits = bf(n * vp, &mut rng)?;
-    let (w, bias) = (bf(c, &mut rng)?, bf(c, &mut rng)?);
-    let (wte, wpe) = (bf(vp * c, &mut rng)?, bf(s.t * c, &mut rng)?);
-    let (mean, rstd, losses) = (f32s(n)?, f32s(n)?, f32s(n)?);
-    let (dw, db, dbias) = (f32s(c)?, f32s(c)?, f32s(4 * c)?);
-    let (dwte, dwpe) = (f32s(vp * c)?, f32s(s.t * c)?);
-    let scratch = f32s(layernorm_scratch_len(n, c).max(bias_scratch_len(n, 4 * c)))?;
-    let norm_scratch = gpu.stream.alloc_zeros::<f64>(NORM_BLOCKS + 1)?;
-    let (params, grads, master, m, vv) = (bf(p, &mut rng)?, f32s(p)?, f32s(p)?, f32s(p)?, f32s(p)?);
-    let tokens: Vec<u32> = (0..n).map(|_| (rng.next_u64() % v as u64) as u32).collect();
-    let tokens_i32: Vec<i32> = tokens.iter().map(|&x| x as i32).collect();
-    let buckets = TokenBuckets::new(&tokens);
-    let inputs = gpu.stream.clone_htod(&tokens_i32)?;
-    let targets = gpu.stream.clone_htod(&tokens_i32)?;
-    let (bt, bs, bp) = (
-        gpu.stream.clone_htod(&buckets.tokens)?,
-        gpu.stream.clone_htod(&buckets.starts)?,
-        gpu.stream.clone_htod(&buckets.positions)?,
-    );
-    let count = gpu.stream.clone_htod(&[buckets.tokens.len() as i32])?;
-    let layout = ParamLayout::new(&cfg);
-    let chunks: Vec<i32> = adamw_chunks(&layout).concat();
-    let chunks_d = gpu.stream.clone_htod(&chunks)?;
-    let header = gpu.stream.clone_htod(&adamw_header(
-        &AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }.step(1, 6e-4),
-    ))?;
-    let state = StepState { loss: 1.0, norm_sq: 1.0, norm: 1.0, grad_scale: 1.0, finite: 1 };
-    let state_d = gpu.stream.clone_htod(bytemuck::bytes_of(&state))?;
-    debug_assert_eq!(STEP_STATE_BYTES, 32);
-
-    let d = |s: &CudaSlice<bf16>| ptr(gpu, s);
-    let g = |s: &CudaSlice<f32>| ptr(gpu, s);
-    let (b, t) = (s.b, s.t);
-    type Op<'a> = Box<dyn FnMut(usize) -> Result<()> + 'a>;
-    let mut cases: Vec<(&str, String, Op)> = vec![
-        (
-            "encoder forward",
-            format!("N={n} C={c}"),
-            Box::new(|_| ops.encoder_forward(d(&out), ptr(gpu, &inputs), d(&wte), d(&wpe), b, t, c)),
-        ),
-        (
-            "encoder backward",
-            format!("N={n} C={c}"),
-            Box::new(|_| {
-                let bk = (ptr(gpu, &bt), ptr(gpu, &bs), ptr(gpu, &bp), ptr(gpu, &count));
-                ops.encoder_backward(g(&dwte), g(&dwpe), d(&x1), bk, b, t, c)
-            }),
-        ),
-        (
-            "residual + layernorm forward",
-            format!("N={n} C={c}"),
-            Box::new(|_| {
-                ops.residual_layernorm_forward(
-                    d(&res),
-                    d(&out),
-                    g(&mean),
-                    g(&rstd),
-                    d(&x1),
-                    d(&x2),
-                    d(&w),
-                    d(&bias),
-                    n,
-                    c,
-                    1e-5,
-                )
-            }),
-        ),
-        (
-            "layernorm backward",
-            format!("N={n} C={c}"),
-            Box::new(|_| {
-                let (dw, db) = (g(&dw), g(&db));
-                ops.layernorm_backward(
-                    d(&x3),
-                    d(&x3),
-                    (dw, db),
-                    d(&x2),
-                    d(&x1),
-                    g(&mean),
-                    g(&rstd),
-                    d(&w),
-                    g(&scratch),
-                    n,
-                    c,
-                )
-            }),
-        ),
-        (
-            "bias gradient",
-            format!("N={n} OC={}", 4 * c),
-            Box::new(|_| ops.bias_grad(g(&dbias), g(&scratch), d(&wide), n, 4 * c)),
-        ),
-        (
-            "cross-entropy (+ dlogits in place)",
-            format!("N={n} Vp={vp}"),
-            Box::new(|_| {
-                let l = d(&logits);
-                ops.crossentropy(g(&losses), Some(l), l, ptr(gpu, &targets), n, v, vp, 1.0 / n as f32)
-            }),
-        ),
-        (
-            "gradient norm",
-            format!("P={p}"),
-            Box::new(|_| {
-                ops.grad_norm_squared_into(
-                    ptr(gpu, &norm_scratch).add(NORM_BLOCKS, 8),
-                    g(&grads),
-                    p,
-                    ptr(gpu, &norm_scratch),
-                )
-            }),
-        ),
-        (
-            "AdamW (all tensors)",
-            format!("P={p}"),
-            Box::new(|_| {
-                let bufs = (d(&params), g(&master), g(&grads), g(&m), g(&vv));
-                let chunks = (ptr(gpu, &chunks_d), chunks.len() / 4);
-                ops.adamw(bufs, chunks, p, ptr(gpu, &header), ptr(gpu, &state_d))
-            }),
-        ),
-    ];
+    let mut cases = activation_cases(&ops, &s, &mut rng)?;
+    cases.extend(step_cases(&ops, &s, &mut rng)?);
     let mut results = Vec::new();
     for (op, shape, f) in cases.iter_mut() {
         let kernels = work_of(gpu, f)?;
@@ -245,4 +118,128 @@ pub fn bench_memory(gpu: &Arc<Gpu>, quick: bool, timing: (usize, usize)) -> Resu
         });
     }
     Ok(MemoryBench { copy_gbps: copy, results })
+}
+
+fn bf16s(gpu: &Gpu, len: usize, rng: &mut Rng) -> Result<CudaSlice<bf16>> {
+    Ok(gpu.stream.clone_htod(&random_bf16(len, rng.next_u64()))?)
+}
+
+fn f32s(gpu: &Gpu, len: usize) -> Result<CudaSlice<f32>> {
+    Ok(gpu.stream.alloc_zeros::<f32>(len)?)
+}
+
+/// The operations on activations: the embedding forward and backward, the residual +
+/// LayerNorm forward, the LayerNorm backward and the bias gradient.
+fn activation_cases<'a>(ops: &'a Ops<'a>, s: &Shapes, rng: &mut Rng) -> Result<Vec<Case<'a>>> {
+    let (gpu, n, c, (b, t)) = (ops.gpu, s.n, s.cfg.n_embd, (s.b, s.t));
+    let vp = s.cfg.padded_vocab_size();
+    let d = move |x: &CudaSlice<bf16>| ptr(gpu, x);
+    let g = move |x: &CudaSlice<f32>| ptr(gpu, x);
+    let (x1, x2, x3, out) =
+        (bf16s(gpu, n * c, rng)?, bf16s(gpu, n * c, rng)?, bf16s(gpu, n * c, rng)?, bf16s(gpu, n * c, rng)?);
+    let (w, bias, wide) = (bf16s(gpu, c, rng)?, bf16s(gpu, c, rng)?, bf16s(gpu, n * 4 * c, rng)?);
+    let (wte, wpe) = (bf16s(gpu, vp * c, rng)?, bf16s(gpu, t * c, rng)?);
+    let (mean, rstd) = (f32s(gpu, n)?, f32s(gpu, n)?);
+    let (dw, db, dbias, dwte, dwpe) =
+        (f32s(gpu, c)?, f32s(gpu, c)?, f32s(gpu, 4 * c)?, f32s(gpu, vp * c)?, f32s(gpu, t * c)?);
+    let scratch = f32s(gpu, layernorm_scratch_len(n, c).max(bias_scratch_len(n, 4 * c)))?;
+    let tokens: Vec<u32> = (0..n).map(|_| (rng.next_u64() % s.cfg.vocab_size as u64) as u32).collect();
+    let buckets = TokenBuckets::new(&tokens);
+    let inputs = gpu.stream.clone_htod(&tokens.iter().map(|&x| x as i32).collect::<Vec<i32>>())?;
+    let bk: Vec<CudaSlice<i32>> =
+        [&buckets.tokens, &buckets.starts, &buckets.positions, &vec![buckets.tokens.len() as i32]]
+            .into_iter()
+            .map(|v| gpu.stream.clone_htod(v))
+            .collect::<std::result::Result<_, _>>()?;
+    let ptrs = (d(&x1), d(&x2), d(&x3), d(&out));
+    let (p_w, p_b, p_mean, p_rstd, p_scratch) = (d(&w), d(&bias), g(&mean), g(&rstd), g(&scratch));
+    // The buffers live as long as the cases: moved into the last one.
+    let keep = (x1, x2, x3, out, w, bias, mean, rstd, scratch);
+    Ok(vec![
+        (
+            "encoder forward",
+            format!("N={n} C={c}"),
+            Box::new(move |_| ops.encoder_forward(ptrs.3, ptr(gpu, &inputs), d(&wte), d(&wpe), b, t, c)),
+        ),
+        (
+            "encoder backward",
+            format!("N={n} C={c}"),
+            Box::new(move |_| {
+                let buckets = (ptr(gpu, &bk[0]), ptr(gpu, &bk[1]), ptr(gpu, &bk[2]), ptr(gpu, &bk[3]));
+                ops.encoder_backward(g(&dwte), g(&dwpe), ptrs.0, buckets, b, t, c)
+            }),
+        ),
+        (
+            "residual + layernorm forward",
+            format!("N={n} C={c}"),
+            Box::new(move |_| {
+                ops.residual_layernorm_forward(ptrs.2, ptrs.3, p_mean, p_rstd, ptrs.0, ptrs.1, p_w, p_b, n, c, 1e-5)
+            }),
+        ),
+        (
+            "layernorm backward",
+            format!("N={n} C={c}"),
+            Box::new(move |_| {
+                let grads = (g(&dw), g(&db));
+                ops.layernorm_backward(ptrs.2, ptrs.2, grads, ptrs.1, ptrs.0, p_mean, p_rstd, p_w, p_scratch, n, c)
+            }),
+        ),
+        (
+            "bias gradient",
+            format!("N={n} OC={}", 4 * c),
+            Box::new(move |_| {
+                let _ = &keep;
+                ops.bias_grad(g(&dbias), p_scratch, d(&wide), n, 4 * c)
+            }),
+        ),
+    ])
+}
+
+/// The step's other memory-bound operations: the cross-entropy over the logits (its gradient
+/// in place), the gradient norm and AdamW over every parameter.
+fn step_cases<'a>(ops: &'a Ops<'a>, s: &Shapes, rng: &mut Rng) -> Result<Vec<Case<'a>>> {
+    let (gpu, n, cfg) = (ops.gpu, s.n, s.cfg);
+    let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size());
+    let layout = ParamLayout::new(&cfg);
+    let p = layout.total;
+    let logits = bf16s(gpu, n * vp, rng)?;
+    let losses = f32s(gpu, n)?;
+    let targets = gpu.stream.clone_htod(&(0..n).map(|_| (rng.next_u64() % v as u64) as i32).collect::<Vec<i32>>())?;
+    let norm_scratch = gpu.stream.alloc_zeros::<f64>(NORM_BLOCKS + 1)?;
+    let (params, grads, master, m, vv) =
+        (bf16s(gpu, p, rng)?, f32s(gpu, p)?, f32s(gpu, p)?, f32s(gpu, p)?, f32s(gpu, p)?);
+    let chunks: Vec<i32> = adamw_chunks(&layout).concat();
+    let n_chunks = chunks.len() / 4;
+    let chunks = gpu.stream.clone_htod(&chunks)?;
+    let hp = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let header = gpu.stream.clone_htod(&adamw_header(&hp.step(1, 6e-4)))?;
+    let state = StepState { loss: 1.0, norm_sq: 1.0, norm: 1.0, grad_scale: 1.0, finite: 1, ..StepState::default() };
+    let state = gpu.stream.clone_htod(bytemuck::bytes_of(&state))?;
+    let grads_ptr = ptr(gpu, &grads);
+    Ok(vec![
+        (
+            "cross-entropy (+ dlogits in place)",
+            format!("N={n} Vp={vp}"),
+            Box::new(move |_| {
+                let l = ptr(gpu, &logits);
+                ops.crossentropy(ptr(gpu, &losses), Some(l), l, ptr(gpu, &targets), n, v, vp, 1.0 / n as f32)
+            }),
+        ),
+        (
+            "gradient norm",
+            format!("P={p}"),
+            Box::new(move |_| {
+                let at = ptr(gpu, &norm_scratch);
+                ops.grad_norm_squared_into(at.add(NORM_BLOCKS, 8), grads_ptr, p, at)
+            }),
+        ),
+        (
+            "AdamW (all tensors)",
+            format!("P={p}"),
+            Box::new(move |_| {
+                let bufs = (ptr(gpu, &params), ptr(gpu, &master), ptr(gpu, &grads), ptr(gpu, &m), ptr(gpu, &vv));
+                ops.adamw(bufs, (ptr(gpu, &chunks), n_chunks), p, ptr(gpu, &header), ptr(gpu, &state))
+            }),
+        ),
+    ])
 }

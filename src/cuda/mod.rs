@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bench_memory;
 pub mod check;
 pub mod model;
+pub mod nccl;
 pub mod ops;
 pub mod profile;
 pub mod ptx;
@@ -138,6 +139,11 @@ impl Gpu {
     /// Opens device 0 and loads the kernels, or says in one line why it cannot. No GPU at all is
     /// said first: advice about building the kernels only matters where there is one.
     pub fn open() -> Result<Arc<Gpu>> {
+        Self::open_ordinal(0)
+    }
+
+    /// Opens GPU `ordinal` (a data-parallel rank's LOCAL_RANK).
+    pub fn open_ordinal(ordinal: usize) -> Result<Arc<Gpu>> {
         // cudarc loads libcuda lazily and panics if it is missing; ask first.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             bail!("{NO_GPU}: the NVIDIA driver (libcuda.so) is not installed");
@@ -149,10 +155,17 @@ impl Gpu {
         if count < 1 {
             bail!("{NO_GPU}: the NVIDIA driver reports no device");
         }
+        if ordinal >= count as usize {
+            bail!(
+                "this process wants GPU {ordinal} (its LOCAL_RANK) but this machine has {count}: start at most {count} \
+                 process{} per machine",
+                if count == 1 { "" } else { "es" }
+            );
+        }
         if ptx::FAMILIES.is_empty() {
             bail!("{NO_KERNELS}");
         }
-        let ctx = CudaContext::new(0).context("cannot open CUDA device 0")?;
+        let ctx = CudaContext::new(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
         // One stream does everything in order, so cudarc's per-buffer event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
         let capability = ctx.compute_capability().context("cannot query the GPU's compute capability")?;

@@ -13,6 +13,7 @@
 //! adds are fused into the LayerNorms, GELU's gradient into the MLP projection's dX product, and
 //! the logits gradient is written over the logits. Parameter gradients match tensor by tensor.
 
+use super::nccl::{Dtype, Nccl};
 use super::ops::{attention_scratch_len, layernorm_scratch_len, AdamWScalars, Ops, TokenBuckets, NORM_BLOCKS};
 use super::profile::{KernelTotal, Profiler};
 use super::{DPtr, DeviceBuffer, Gpu, PinnedBuffer, Precision};
@@ -183,15 +184,21 @@ impl Carve for PtrCarver {
 }
 
 /// Device memory a model needs, by buffer, in bytes: printed before training and checked
-/// against the free memory before anything is allocated.
+/// against the free memory before anything is allocated. With `ranks` > 1 (data parallel,
+/// ZeRO-1), what one rank needs: its share of the master weights and moments, and of the summed
+/// gradients beside the whole gradients its backward writes.
 pub fn memory_plan(
     cfg: &GptConfig,
-    b: usize,
-    t: usize,
+    (b, t): (usize, usize),
     precision: Precision,
     recompute: bool,
+    ranks: usize,
 ) -> Vec<(&'static str, usize)> {
     let n = ParamLayout::new(cfg).total;
+    let (share, padded) = match ranks {
+        0 | 1 => (n, n),
+        r => (shard_len(n, r), shard_len(n, r) * r),
+    };
     let acts = ActPlan::new(cfg, b, t, precision, recompute);
     let bt = b * t;
     let scratch = 8 * (NORM_BLOCKS + 1)
@@ -199,10 +206,10 @@ pub fn memory_plan(
         + 4 * token_buffer_len(bt, 1)
         + 4 * attention_scratch_len(b, t, cfg.n_head);
     vec![
-        ("weights", precision.size() * n),
-        ("master weights", 4 * n),
-        ("gradients", 4 * n),
-        ("AdamW moments", 8 * n),
+        ("weights", precision.size() * padded),
+        ("master weights", 4 * share),
+        ("gradients", 4 * padded + if ranks > 1 { 4 * share } else { 0 }),
+        ("AdamW moments", 8 * share),
         ("activations", acts.storage_bytes + acts.stats_bytes),
         ("activation gradients", acts.grad_bytes),
         ("scratch", scratch),
@@ -216,8 +223,11 @@ fn slot_len(bt: usize) -> usize {
     5 * bt + 2
 }
 
-/// Words before the slots: one step's AdamW scalars (the kernels' AdamWParams, 7 f32 and a spare).
-const HEADER_WORDS: usize = 8;
+/// Words before the slots: one step's AdamW scalars (the kernels' AdamWParams, 7 f32 and a
+/// spare), then the step's StepState as it starts (zeros and this rank's votes): the one upload
+/// of the step initialises both.
+const ADAMW_WORDS: usize = 8;
+const HEADER_WORDS: usize = ADAMW_WORDS + STEP_STATE_BYTES / 4;
 
 /// i32 words of the token buffer for `slots` micro-batches.
 fn token_buffer_len(bt: usize, slots: usize) -> usize {
@@ -257,22 +267,35 @@ fn fill_slot(words: &mut [i32], inputs: &[u32], targets: &[u32]) {
 pub(crate) struct StepState {
     pub loss: f64,
     pub norm_sq: f64,
+    /// Data parallel: ranks asking to stop, and to checkpoint, after this step (summed).
+    pub stop_votes: f64,
+    pub checkpoint_votes: f64,
     pub norm: f64,
     pub grad_scale: f32,
     pub finite: i32,
 }
-// SAFETY: repr(C), every field plain old data, and no padding (3 × 8 + 4 + 4 = 32 bytes).
+// SAFETY: repr(C), every field plain old data, and no padding (5 × 8 + 4 + 4 = 48 bytes).
 unsafe impl bytemuck::Zeroable for StepState {}
 unsafe impl bytemuck::Pod for StepState {}
 pub(crate) const STEP_STATE_BYTES: usize = std::mem::size_of::<StepState>();
 
 /// What one optimizer step did: its mean loss and gradient norm, and whether the update was
-/// applied (both finite).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// applied (both finite); and, across the ranks of a data-parallel job, how many asked to stop
+/// and to checkpoint after it (a single process: its own requests).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StepOutcome {
     pub loss: f64,
     pub grad_norm: f64,
     pub applied: bool,
+    pub stop_votes: usize,
+    pub checkpoint_votes: usize,
+}
+
+/// What this rank asks for after the step: stop (a signal arrived), checkpoint (its timer).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Votes {
+    pub stop: bool,
+    pub checkpoint: bool,
 }
 
 /// Elements per AdamW chunk: one block's share of one tensor.
@@ -281,12 +304,19 @@ const ADAMW_CHUNK: usize = 4096;
 /// The AdamW chunk table (kernels/optimizer.cu's AdamWChunk: offset i64, len i32, decay i32),
 /// as little-endian 16-byte records: every tensor cut into pieces of at most ADAMW_CHUNK.
 pub(crate) fn adamw_chunks(layout: &ParamLayout) -> Vec<[i32; 4]> {
+    shard_chunks(layout, 0..layout.total)
+}
+
+/// The chunk table of the elements `shard` of the layout (a data-parallel rank's share), offsets
+/// relative to the shard's start: each tensor's part in the shard, cut as adamw_chunks does.
+pub(crate) fn shard_chunks(layout: &ParamLayout, shard: std::ops::Range<usize>) -> Vec<[i32; 4]> {
     let mut chunks = Vec::new();
     for spec in &layout.specs {
         let decay = gets_weight_decay(spec) as i32;
-        for start in (0..spec.numel).step_by(ADAMW_CHUNK) {
-            let offset = (spec.offset + start) as i64;
-            let len = ADAMW_CHUNK.min(spec.numel - start) as i32;
+        let (from, to) = (spec.offset.max(shard.start), (spec.offset + spec.numel).min(shard.end));
+        for start in (from..to).step_by(ADAMW_CHUNK) {
+            let offset = (start - shard.start) as i64;
+            let len = ADAMW_CHUNK.min(to - start) as i32;
             chunks.push([offset as i32, (offset >> 32) as i32, len, decay]);
         }
     }
@@ -294,7 +324,7 @@ pub(crate) fn adamw_chunks(layout: &ParamLayout) -> Vec<[i32; 4]> {
 }
 
 /// A step's AdamW scalars as the kernels' AdamWParams words (formed in f64, rounded once).
-pub(crate) fn adamw_header(s: &AdamWStep) -> [f32; HEADER_WORDS] {
+pub(crate) fn adamw_header(s: &AdamWStep) -> [f32; ADAMW_WORDS] {
     let r = AdamWScalars::new(s, 1.0, true);
     [r.step_size, r.bc2_sqrt, r.one_minus_beta1, r.beta2, r.one_minus_beta2, r.eps, r.decay, 0.0]
 }
@@ -353,6 +383,26 @@ impl BatchBuffers {
     fn header(&self) -> DPtr {
         self.tokens.ptr
     }
+
+    /// The step's StepState, right after the scalars.
+    fn state(&self) -> DPtr {
+        self.tokens.ptr.add(ADAMW_WORDS, 4)
+    }
+}
+
+/// Data parallelism with a sharded optimizer (ZeRO-1): the communicator, and the elements
+/// [start, start + len) of the parameters this rank updates. It keeps the master weights, AdamW
+/// moments and summed gradients of that share only; the bf16 weights are whole on every rank.
+pub struct Sharding {
+    pub nccl: Nccl,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Every rank's share of `total` parameters: equal, a multiple of 64 elements (aligned for the
+/// all-gather), the last one padded.
+pub fn shard_len(total: usize, ranks: usize) -> usize {
+    total.div_ceil(ranks.max(1)).next_multiple_of(64)
 }
 
 pub struct GpuGpt {
@@ -374,9 +424,12 @@ pub struct GpuGpt {
     /// AdamW's chunk table (adamw_chunks) and its length.
     chunks: DeviceBuffer,
     n_chunks: usize,
-    /// The step's StepState on the device, and the page-locked copy it is read back into.
-    step_state: DeviceBuffer,
+    /// The page-locked copy the step's StepState is read back into.
     readback: PinnedBuffer,
+    /// Data parallel: the communicator and this rank's share; None for a single process.
+    dist: Option<Sharding>,
+    /// Data parallel: this rank's share of the summed gradients (reduce-scattered).
+    shard_grads: Option<DeviceBuffer>,
     /// Page-locked staging for a step's token buffer: filled on the host, copied in one go.
     staging: Option<PinnedBuffer>,
     /// Capture each step's launches once into a CUDA graph and replay it (--cuda-graph).
@@ -409,27 +462,63 @@ impl GpuGpt {
     }
 
     pub fn new(gpu: Arc<Gpu>, config: GptConfig, precision: Precision, params: &[f32]) -> Result<Self> {
+        Self::new_with(gpu, config, precision, params, None)
+    }
+
+    /// The model as one rank of a data-parallel job over `nccl`: it keeps its share (shard_len)
+    /// of the optimizer's state, and every rank must make the same calls in the same order.
+    pub fn new_sharded(
+        gpu: Arc<Gpu>,
+        config: GptConfig,
+        precision: Precision,
+        params: &[f32],
+        nccl: Nccl,
+    ) -> Result<Self> {
+        Self::new_with(gpu, config, precision, params, Some(nccl))
+    }
+
+    fn new_with(
+        gpu: Arc<Gpu>,
+        config: GptConfig,
+        precision: Precision,
+        params: &[f32],
+        nccl: Option<Nccl>,
+    ) -> Result<Self> {
         if let Some(why) = Self::unsupported(&config) {
             bail!("{why}");
         }
         let layout = ParamLayout::new(&config);
         assert_eq!(params.len(), layout.total, "parameter buffer does not match the layout");
         let n = layout.total;
+        let dist = nccl.filter(|c| c.size > 1).map(|nccl| {
+            let len = shard_len(n, nccl.size);
+            Sharding { start: nccl.rank * len, len, nccl }
+        });
+        // Whole buffers are padded to ranks × share, so that every share is the same size.
+        let (shard, padded) = match &dist {
+            Some(d) => (d.start..d.start + d.len, d.len * d.nccl.size),
+            None => (0..n, n),
+        };
         let alloc = |bytes, what| gpu.alloc(bytes, what);
+        let chunks = shard_chunks(&layout, shard.clone());
         let mut model = GpuGpt {
-            params: alloc(precision.size() * n, "weights")?,
-            master: alloc(4 * n, "master weights")?,
-            grads: alloc(4 * n, "gradients")?,
-            adam_m: alloc(4 * n, "AdamW moments")?,
-            adam_v: alloc(4 * n, "AdamW moments")?,
+            params: alloc(precision.size() * padded, "weights")?,
+            master: alloc(4 * shard.len(), "master weights")?,
+            grads: alloc(4 * padded, "gradients")?,
+            adam_m: alloc(4 * shard.len(), "AdamW moments")?,
+            adam_v: alloc(4 * shard.len(), "AdamW moments")?,
+            shard_grads: match dist {
+                Some(_) => Some(alloc(4 * shard.len(), "gradients")?),
+                None => None,
+            },
             norm_scratch: alloc(8 * (NORM_BLOCKS + 1), "scratch")?,
             adam_t: 0,
             batch: None,
             inputs: Vec::new(),
-            chunks: alloc(16 * adamw_chunks(&layout).len(), "the optimizer's chunk table")?,
-            n_chunks: adamw_chunks(&layout).len(),
-            step_state: alloc(STEP_STATE_BYTES, "scratch")?,
+            chunks: alloc(16 * chunks.len(), "the optimizer's chunk table")?,
+            n_chunks: chunks.len(),
             readback: gpu.alloc_pinned(STEP_STATE_BYTES, "the step's results")?,
+            dist,
             staging: None,
             use_graph: false,
             profiled_steps: None,
@@ -441,9 +530,70 @@ impl GpuGpt {
             precision,
             layout,
         };
-        model.gpu.upload(model.chunks.ptr, &adamw_chunks(&model.layout))?;
+        model.gpu.upload(model.chunks.ptr, &chunks)?;
         model.set_params(params)?;
         Ok(model)
+    }
+
+    /// This rank's share of the parameters (all of them for a single process).
+    fn shard(&self) -> std::ops::Range<usize> {
+        match &self.dist {
+            Some(d) => d.start..d.start + d.len,
+            None => 0..self.layout.total,
+        }
+    }
+
+    /// Elements of the whole (padded) parameter-shaped buffers.
+    fn padded(&self) -> usize {
+        self.dist.as_ref().map_or(self.layout.total, |d| d.len * d.nccl.size)
+    }
+
+    /// The ranks of the job (1 for a single process).
+    pub fn ranks(&self) -> usize {
+        self.dist.as_ref().map_or(1, |d| d.nccl.size)
+    }
+
+    /// Waits for the stream: with data parallelism, with NCCL's deadline and error checks.
+    fn wait(&self) -> Result<()> {
+        match &self.dist {
+            Some(d) => d.nccl.wait(&self.gpu),
+            None => self.gpu.synchronize(),
+        }
+    }
+
+    /// Values each rank has (a validation loss's sum and count, at most NORM_BLOCKS), summed
+    /// over the ranks; the values themselves for a single process.
+    pub fn sum_over_ranks(&self, values: &[f64]) -> Result<Vec<f64>> {
+        let Some(d) = &self.dist else { return Ok(values.to_vec()) };
+        assert!(values.len() <= NORM_BLOCKS);
+        let at = self.norm_scratch.ptr;
+        self.gpu.upload(at, values)?;
+        d.nccl.all_reduce_sum(&self.gpu, at, at, values.len(), Dtype::F64)?;
+        d.nccl.wait(&self.gpu)?;
+        let mut out = vec![0f64; values.len()];
+        self.gpu.download(&mut out, at)?;
+        Ok(out)
+    }
+
+    /// `buf` (this rank's share, f32) gathered from every rank into the whole parameter order.
+    fn gathered(&self, buf: DPtr) -> Result<Vec<f32>> {
+        let n = self.layout.total;
+        let Some(d) = &self.dist else { return self.download_f32(buf, n) };
+        // The gradient buffer (whole and padded) is free between steps.
+        d.nccl.all_gather(&self.gpu, buf, self.grads.ptr, d.len, Dtype::F32)?;
+        d.nccl.wait(&self.gpu)?;
+        self.download_f32(self.grads.ptr, n)
+    }
+
+    /// This rank's share of a whole parameter-shaped vector, zero-padded to the share's size.
+    fn share_of(&self, whole: &[f32]) -> Vec<f32> {
+        let shard = self.shard();
+        let mut out = vec![0f32; shard.len()];
+        let end = shard.end.min(whole.len());
+        if shard.start < end {
+            out[..end - shard.start].copy_from_slice(&whole[shard.start..end]);
+        }
+        out
     }
 
     /// --profile: times every launch of the training steps from now on (with CUDA events, so
@@ -493,19 +643,24 @@ impl GpuGpt {
         Ops { gpu: &self.gpu, precision: self.precision, force_variant: None }
     }
 
-    /// Replaces the master weights (f32) and their rounded copy.
+    /// Replaces the master weights (f32; this rank's share of them) and their rounded copy
+    /// (whole, on every rank). Every rank passes the same `params`.
     pub fn set_params(&mut self, params: &[f32]) -> Result<()> {
         assert_eq!(params.len(), self.layout.total);
-        self.gpu.upload(self.master.ptr, params)?;
-        self.ops().f32_to_floatx(self.params.ptr, self.master.ptr, params.len())?;
+        // Through the (whole, padded) gradient buffer, which is free between steps.
+        let padded = self.padded();
+        self.gpu.fill_bytes(self.grads.ptr, 0, 4 * padded)?;
+        self.gpu.upload(self.grads.ptr, params)?;
+        self.ops().f32_to_floatx(self.params.ptr, self.grads.ptr, padded)?;
+        self.gpu.upload(self.master.ptr, &self.share_of(params))?;
         self.gpu.synchronize()
     }
 
-    /// Replaces the AdamW state.
+    /// Replaces the AdamW state (whole; this rank keeps its share).
     pub fn set_optimizer(&mut self, opt: &AdamW<f32>) -> Result<()> {
         assert_eq!(opt.m.len(), self.layout.total);
-        self.gpu.upload(self.adam_m.ptr, &opt.m)?;
-        self.gpu.upload(self.adam_v.ptr, &opt.v)?;
+        self.gpu.upload(self.adam_m.ptr, &self.share_of(&opt.m))?;
+        self.gpu.upload(self.adam_v.ptr, &self.share_of(&opt.v))?;
         self.adam_t = opt.t;
         Ok(())
     }
@@ -526,9 +681,10 @@ impl GpuGpt {
         self.download_f32(tmp.ptr, n)
     }
 
-    /// The f32 master weights.
+    /// The f32 master weights, whole (with data parallelism, gathered from every rank: every
+    /// rank must call this at the same point).
     pub fn master_params(&self) -> Result<Vec<f32>> {
-        self.download_f32(self.master.ptr, self.layout.total)
+        self.gathered(self.master.ptr)
     }
 
     /// The weights the forward reads (the master weights rounded to the storage type).
@@ -540,12 +696,9 @@ impl GpuGpt {
         self.download_f32(self.grads.ptr, self.layout.total)
     }
 
+    /// The AdamW state, whole (gathered, as master_params).
     pub fn optimizer(&self) -> Result<AdamW<f32>> {
-        Ok(AdamW {
-            m: self.download_f32(self.adam_m.ptr, self.layout.total)?,
-            v: self.download_f32(self.adam_v.ptr, self.layout.total)?,
-            t: self.adam_t,
-        })
+        Ok(AdamW { m: self.gathered(self.adam_m.ptr)?, v: self.gathered(self.adam_v.ptr)?, t: self.adam_t })
     }
 
     /// An activation of the last forward by its layout name, as f32; None if the GPU does not
@@ -742,8 +895,10 @@ impl GpuGpt {
         ops.encoder_backward(g.wte, g.wpe, d.encoded, slot.buckets, b, t, c)
     }
 
-    /// The global L2 norm of the gradients (f64).
+    /// The global L2 norm of the gradients (f64). A single process's (the per-call API that
+    /// `finch check` and the tests drive; training uses train_step).
     pub fn grad_norm(&self) -> Result<f64> {
+        assert!(self.dist.is_none(), "grad_norm: data-parallel training runs train_step");
         Ok(self.ops().grad_norm_squared(self.grads.ptr, self.layout.total, self.norm_scratch.ptr)?.sqrt())
     }
 
@@ -758,17 +913,23 @@ impl GpuGpt {
             finite: 1,
             ..StepState::default()
         };
-        // The header lives in the token buffer, which exists once a forward has run.
+        // The header and the state live in the token buffer, which exists once a forward has run.
+        assert!(self.dist.is_none(), "update: data-parallel training runs train_step");
         let bb = self.batch.as_ref().context("an update needs a forward and backward first")?;
         self.gpu.upload(bb.header(), &header)?;
-        self.gpu.upload(self.step_state.ptr, bytemuck::bytes_of(&state))?;
+        self.gpu.upload(bb.state(), bytemuck::bytes_of(&state))?;
         self.adamw_launch(bb)?;
         self.gpu.synchronize()
     }
 
+    /// AdamW on this rank's share: the share of the bf16 weights, its master weights, summed
+    /// gradients and moments.
     fn adamw_launch(&self, bb: &BatchBuffers) -> Result<()> {
-        let buffers = (self.params.ptr, self.master.ptr, self.grads.ptr, self.adam_m.ptr, self.adam_v.ptr);
-        self.ops().adamw(buffers, (self.chunks.ptr, self.n_chunks), self.layout.total, bb.header(), self.step_state.ptr)
+        let shard = self.shard();
+        let grads = self.shard_grads.as_ref().map_or(self.grads.ptr, |g| g.ptr);
+        let params = self.params.ptr.add(shard.start, self.precision.size());
+        let buffers = (params, self.master.ptr, grads, self.adam_m.ptr, self.adam_v.ptr);
+        self.ops().adamw(buffers, (self.chunks.ptr, self.n_chunks), shard.len(), bb.header(), bb.state())
     }
 
     /// One optimizer step over `micro_batches` (inputs, targets; B·T each): the gradient of the
@@ -781,9 +942,9 @@ impl GpuGpt {
         &mut self,
         micro_batches: &[(&[u32], &[u32])],
         (b, t): (usize, usize),
-        lr: f64,
-        hp: &AdamWConfig,
+        (lr, hp): (f64, &AdamWConfig),
         grad_clip: f64,
+        votes: Votes,
     ) -> Result<StepOutcome> {
         let accum = micro_batches.len();
         assert!(accum >= 1, "a step needs a micro-batch");
@@ -796,9 +957,15 @@ impl GpuGpt {
         }
         self.adam_t += 1;
         let header = adamw_header(&hp.step(self.adam_t, lr));
+        let start = StepState {
+            stop_votes: votes.stop as u8 as f64,
+            checkpoint_votes: votes.checkpoint as u8 as f64,
+            ..StepState::default()
+        };
         {
             let staging: &mut [i32] = self.staging.as_mut().expect("allocated above").as_mut_slice();
-            staging[..HEADER_WORDS].copy_from_slice(bytemuck::cast_slice(&header));
+            staging[..ADAMW_WORDS].copy_from_slice(bytemuck::cast_slice(&header));
+            staging[ADAMW_WORDS..HEADER_WORDS].copy_from_slice(bytemuck::cast_slice(bytemuck::bytes_of(&start)));
             for (k, (x, y)) in micro_batches.iter().enumerate() {
                 assert!(x.len() == bt && y.len() == bt, "micro-batch {k} is not B·T tokens");
                 let at = HEADER_WORDS + k * slot_len(bt);
@@ -820,14 +987,20 @@ impl GpuGpt {
             }
             false => self.issue_step(accum, grad_clip)?,
         }
-        self.gpu.synchronize()?;
+        self.wait()?;
         self.end_profiled_step()?;
         let state: StepState = bytemuck::pod_read_unaligned(&self.readback.as_slice::<u8>()[..STEP_STATE_BYTES]);
         let applied = state.finite != 0;
         if !applied {
             self.adam_t -= 1; // the device skipped the update
         }
-        Ok(StepOutcome { loss: state.loss, grad_norm: state.norm, applied })
+        Ok(StepOutcome {
+            loss: state.loss,
+            grad_norm: state.norm,
+            applied,
+            stop_votes: state.stop_votes as usize,
+            checkpoint_votes: state.checkpoint_votes as usize,
+        })
     }
 
     /// Records one step's work (issue_step) on the stream into a CUDA graph.
@@ -842,10 +1015,12 @@ impl GpuGpt {
         graph.context("cannot capture the step")?.context("the captured step is empty")
     }
 
-    /// One step's work on the stream, in order: the tokens and scalars up, zeroed gradients and
-    /// state, per micro-batch the forward, the fused cross-entropy (loss and logits gradient),
-    /// the loss added to the step's and the backward; then the norm, the clipping factor and
-    /// finiteness, AdamW, and the state down. No host wait.
+    /// One step's work on the stream, in order: the tokens, scalars and initial state up, zeroed
+    /// gradients, per micro-batch the forward, the fused cross-entropy (loss and logits
+    /// gradient), the loss added to the step's and the backward; then (data parallel: the
+    /// gradients reduce-scattered, the norm of this rank's share, the loss, squared norm and votes
+    /// summed across ranks) the norm, the clipping factor and finiteness, AdamW (on this rank's
+    /// share, then the weights all-gathered), and the state down. No host wait.
     fn issue_step(&self, accum: usize, grad_clip: f64) -> Result<()> {
         let bb = self.batch.as_ref().expect("train_step allocated it");
         let cfg = self.config;
@@ -853,22 +1028,40 @@ impl GpuGpt {
         let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size());
         let staging = self.staging.as_ref().expect("train_step allocated it");
         let ops = self.ops();
-        let st = self.step_state.ptr;
+        let st = bb.state();
+        let ranks = self.ranks();
         self.gpu.upload_async(bb.tokens.ptr, staging, 4 * token_buffer_len(n, accum))?;
         self.gpu.fill_bytes(self.grads.ptr, 0, self.grads.bytes)?;
-        self.gpu.fill_bytes(st, 0, STEP_STATE_BYTES)?;
         let a = bb.acts(&cfg);
-        let dloss = (1.0 / accum as f64 / n as f64) as f32;
+        // The gradient of the mean loss over every rank's micro-batches: summing the ranks'
+        // gradients (the reduce-scatter) then gives the mean.
+        let dloss = (1.0 / (accum * ranks) as f64 / n as f64) as f32;
         for k in 0..accum {
             let slot = bb.slot(k);
             self.forward_launches(bb, &slot)?;
             ops.crossentropy(a.losses, Some(a.logits), a.logits, slot.targets, n, v, vp, dloss)?;
-            ops.loss_accumulate(st, a.losses, n, accum)?;
+            ops.loss_accumulate(st, a.losses, n, accum * ranks)?;
             self.backward_launches(bb, &slot)?;
         }
-        ops.grad_norm_squared_into(st.add(1, 8), self.grads.ptr, self.layout.total, self.norm_scratch.ptr)?;
+        let shard = self.shard();
+        let grads = match (&self.dist, &self.shard_grads) {
+            (Some(d), Some(g)) => {
+                d.nccl.reduce_scatter_sum(&self.gpu, self.grads.ptr, g.ptr, d.len, Dtype::F32)?;
+                g.ptr
+            }
+            _ => self.grads.ptr,
+        };
+        ops.grad_norm_squared_into(st.add(1, 8), grads, shard.len(), self.norm_scratch.ptr)?;
+        if let Some(d) = &self.dist {
+            d.nccl.all_reduce_sum(&self.gpu, st, st, 4, Dtype::F64)?;
+        }
         ops.step_finish(st, grad_clip)?;
         self.adamw_launch(bb)?;
+        if let Some(d) = &self.dist {
+            let dtype = if self.precision == Precision::Bf16 { Dtype::Bf16 } else { Dtype::F32 };
+            let mine = self.params.ptr.add(shard.start, self.precision.size());
+            d.nccl.all_gather(&self.gpu, mine, self.params.ptr, d.len, dtype)?;
+        }
         self.gpu.download_async(&self.readback, st, STEP_STATE_BYTES)
     }
 }

@@ -435,16 +435,30 @@ pub struct BatchWalker {
 impl BatchWalker {
     /// Fills `x` and `y` (B·T each) with the next batch: x[i] = buf[i], y[i] = buf[i + 1].
     pub fn next_batch(&mut self, stream: &TokenStream, buf: &mut Vec<u32>, x: &mut [u32], y: &mut [u32]) {
+        self.next_batch_of(stream, buf, x, y, (0, 1));
+    }
+
+    /// Data parallel: rank `rank` of `ranks` takes the rank-th of every `ranks` consecutive
+    /// windows of B·T tokens, so the ranks together read exactly what one process at batch
+    /// ranks × B reads (and wrap to the start at the same place); `position` moves by all of them.
+    pub fn next_batch_of(
+        &mut self,
+        stream: &TokenStream,
+        buf: &mut Vec<u32>,
+        x: &mut [u32],
+        y: &mut [u32],
+        (rank, ranks): (usize, usize),
+    ) {
         let n = x.len();
-        assert!(n < stream.len(), "the stream is shorter than one batch");
-        if self.position + n + 1 > stream.len() {
+        assert!(n * ranks < stream.len(), "the stream is shorter than one batch of every rank");
+        if self.position + n * ranks + 1 > stream.len() {
             self.position = 0;
         }
         buf.resize(n + 1, 0);
-        stream.read(self.position, buf);
+        stream.read(self.position + rank * n, buf);
         x.copy_from_slice(&buf[..n]);
         y.copy_from_slice(&buf[1..]);
-        self.position += n;
+        self.position += n * ranks;
     }
 }
 

@@ -101,8 +101,13 @@ impl JsonlLog {
 
 /// Console output for a run of `total` steps.
 pub enum Console {
-    Bar { bar: ProgressBar, first: usize },
+    Bar {
+        bar: ProgressBar,
+        first: usize,
+    },
     Lines(Lines),
+    /// Prints nothing: the ranks of a multi-process job other than rank 0.
+    Quiet,
 }
 
 /// Plain lines, off a terminal: one every `every` steps (and at validation, skipped updates and the
@@ -140,6 +145,7 @@ impl Console {
         match self {
             Console::Bar { first, .. } => *first,
             Console::Lines(l) => l.first,
+            Console::Quiet => 0,
         }
     }
 
@@ -148,10 +154,14 @@ impl Console {
         match self {
             Console::Bar { bar, .. } => bar.println(msg),
             Console::Lines(_) => println!("{msg}"),
+            Console::Quiet => {}
         }
     }
 
     pub fn step(&self, r: &StepRecord) {
+        if matches!(self, Console::Quiet) {
+            return;
+        }
         let val = r.val_loss.map(|v| format!(" | val {v:.4}")).unwrap_or_default();
         let mfu = r.mfu.map(|m| format!(" | MFU {:.1}%", 100.0 * m)).unwrap_or_default();
         let text = format!(
@@ -168,6 +178,7 @@ impl Console {
                 bar.set_message(text);
                 bar.set_position(r.step as u64);
             }
+            Console::Quiet => {}
             Console::Lines(l) => {
                 let elapsed = l.started.elapsed().as_secs_f64();
                 let quiet = l.last_line.get().elapsed().as_secs_f64();

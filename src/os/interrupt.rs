@@ -22,6 +22,8 @@ static REQUESTED: AtomicI32 = AtomicI32::new(0);
 static NOTICES: AtomicPtr<Notices> = AtomicPtr::new(ptr::null_mut());
 /// Whether the run directory holds a checkpoint, which a second signal leaves intact.
 static HAS_CHECKPOINT: AtomicBool = AtomicBool::new(false);
+/// Whether the handler prints nothing.
+static QUIET: AtomicBool = AtomicBool::new(false);
 /// Whether stderr is a terminal, where a progress bar may hold the current line.
 static STDERR_IS_TERMINAL: AtomicBool = AtomicBool::new(false);
 
@@ -70,8 +72,9 @@ pub struct StopOnSignal {
 impl StopOnSignal {
     /// Catches SIGINT and SIGTERM for a run writing `run_dir`, which may already hold a
     /// checkpoint. A signal the process was started ignoring (`nohup`, a background job of a
-    /// script) stays ignored.
-    pub fn install(run_dir: &Path, has_checkpoint: bool) -> StopOnSignal {
+    /// script) stays ignored. `quiet`: print no notices (a rank other than a job's rank 0).
+    pub fn install(run_dir: &Path, has_checkpoint: bool, quiet: bool) -> StopOnSignal {
+        QUIET.store(quiet, Ordering::Relaxed);
         use std::io::IsTerminal;
         STDERR_IS_TERMINAL.store(std::io::stderr().is_terminal(), Ordering::Relaxed);
         let dir = run_dir.display();
@@ -154,7 +157,7 @@ extern "C" fn on_stop_signal(signal: libc::c_int) {
     // SAFETY: the notices are leaked, so the pointer stays valid; write and _exit are
     // async-signal-safe.
     unsafe {
-        if let Some(notices) = NOTICES.load(Ordering::Acquire).as_ref() {
+        if let Some(notices) = NOTICES.load(Ordering::Acquire).as_ref().filter(|_| !QUIET.load(Ordering::Relaxed)) {
             if STDERR_IS_TERMINAL.load(Ordering::Relaxed) {
                 write_stderr(b"\n");
             }

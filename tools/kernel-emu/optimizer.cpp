@@ -47,7 +47,7 @@ static void test_norm(long long n, uint64_t seed) {
 // step_finish against clip_coefficient (src/cpu/optimizer.rs: torch's rule) and the host's
 // finiteness test.
 static void test_step_finish(double loss, double norm_sq, double max_norm) {
-    StepState st{loss, norm_sq, NAN, NAN, -1};
+    StepState st{loss, norm_sq, 0.0, 0.0, NAN, NAN, -1};
     emu::launch("step_finish", 1, 32, [&] { step_finish(&st, max_norm); });
     const double norm = std::sqrt(norm_sq), coef = max_norm / (norm + 1e-6);
     const float scale = (float)((max_norm <= 0.0 || coef >= 1.0) ? 1.0 : coef);
@@ -79,7 +79,7 @@ static void test_adamw(std::vector<long long> sizes, int chunk, int t, double lr
         decayed.insert(decayed.end(), sizes[k], k % 2 == 0);
         n += sizes[k];
     }
-    const StepState st{1.0, 1.0, 1.0, grad_scale, finite};
+    const StepState st{1.0, 1.0, 0.0, 0.0, 1.0, grad_scale, finite};
     std::vector<double> pd, gd, md, vd;
     auto master = randn<float>((size_t)n, r, 0.1, &pd);
     auto grads = randn<float>((size_t)n, r, 1e-2, &gd);

@@ -140,6 +140,17 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub profile: bool,
+    /// Start N processes on this machine, one per GPU, and train on all of them (data parallel
+    /// over NCCL), as torchrun does; --batch-size is per GPU. Not needed under torchrun, srun or
+    /// mpirun, whose environment finch reads itself
+    #[arg(long, value_name = "N")]
+    #[serde(skip)]
+    pub nproc_per_node: Option<usize>,
+    /// Multi-GPU: how long the ranks wait for each other (to meet at start, and for a step's
+    /// collectives) before the job stops with an error naming the rank
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    #[serde(default = "dist_timeout")]
+    pub dist_timeout: f64,
 
     /// Write the JSONL log here [default: RUN_DIR/log.jsonl with --out]
     #[arg(long, value_name = "FILE")]
@@ -214,6 +225,10 @@ pub fn merge_resumed_args(cli: &TrainArgs, is_explicit: impl Fn(&str) -> bool) -
 
 /// `cli`'s flags, those not given on the command line replaced by the ones saved in `text`, the
 /// contents of the run directory's train_args.json at `path`.
+fn dist_timeout() -> f64 {
+    600.0
+}
+
 fn merge_saved_args(cli: &TrainArgs, text: &str, path: &Path, is_explicit: impl Fn(&str) -> bool) -> Result<TrainArgs> {
     let dir = cli.resume.as_ref().expect("called for --resume");
     let saved: serde_json::Value =
@@ -236,6 +251,8 @@ fn merge_saved_args(cli: &TrainArgs, text: &str, path: &Path, is_explicit: impl 
     // One-shot flags: never taken from the file.
     args.restart = cli.restart;
     args.new_schedule = cli.new_schedule;
+    // How this run is launched is not a property of the run.
+    args.nproc_per_node = cli.nproc_per_node;
     args.previous_steps = saved.get("steps").and_then(|s| s.as_u64()).map(|s| s as usize);
     Ok(args)
 }
@@ -278,6 +295,12 @@ pub(super) fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> 
     }
     if !(a.checkpoint_minutes.is_finite() && a.checkpoint_minutes >= 0.0) {
         bail!("--checkpoint-minutes must be a finite number ≥ 0, got {}", a.checkpoint_minutes);
+    }
+    if a.nproc_per_node == Some(0) {
+        bail!("--nproc-per-node must be at least 1");
+    }
+    if !(a.dist_timeout.is_finite() && a.dist_timeout > 0.0) {
+        bail!("--dist-timeout must be a number of seconds above 0, got {}", a.dist_timeout);
     }
     if a.print_every == 0 {
         bail!("--print-every must be at least 1");
@@ -365,7 +388,7 @@ pub fn check_saved_args(text: &str) -> Result<()> {
         host_memory_plan(on_gpu, &config, shape.b, shape.t);
     }
     for precision in [Precision::F32, Precision::Bf16] {
-        gpu_memory_plan(&config, shape.b, shape.t, precision, args.recompute);
+        gpu_memory_plan(&config, (shape.b, shape.t), precision, args.recompute, 1);
     }
     let steps = args.steps.unwrap_or(1);
     for step in [1, steps / 2, steps] {

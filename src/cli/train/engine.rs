@@ -4,7 +4,8 @@
 use crate::cli::device::Device;
 use crate::cpu::model::Gpt;
 use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
-use crate::cuda::model::{GpuGpt, StepOutcome};
+use crate::cuda::model::{GpuGpt, StepOutcome, Votes};
+use crate::cuda::nccl::Nccl;
 use crate::cuda::profile::{dense_bf16_peak, KernelTotal};
 use crate::model::config::GptConfig;
 use crate::model::layout::ParamLayout;
@@ -68,13 +69,15 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// The model on `device`, with `options` when it is a GPU.
+    /// The model on `device`, with `options` when it is a GPU, as one rank of a data-parallel
+    /// job when `nccl` is given.
     pub fn new(
         device: &Device,
         config: GptConfig,
         params: Vec<f32>,
         optimizer: Option<AdamW<f32>>,
         options: GpuOptions,
+        nccl: Option<Nccl>,
     ) -> Result<Engine> {
         let n = ParamLayout::new(&config).total;
         Ok(match device {
@@ -83,7 +86,10 @@ impl Engine {
                 optimizer: optimizer.unwrap_or_else(|| AdamW::new(n)),
             },
             Device::Cuda(gpu, precision) => {
-                let mut model = GpuGpt::new(gpu.clone(), config, *precision, &params)?;
+                let mut model = match nccl {
+                    Some(nccl) => GpuGpt::new_sharded(gpu.clone(), config, *precision, &params, nccl)?,
+                    None => GpuGpt::new(gpu.clone(), config, *precision, &params)?,
+                };
                 model.use_graph = options.cuda_graph;
                 model.set_recompute(options.recompute);
                 if options.profile {
@@ -108,6 +114,7 @@ impl Engine {
         lr: f64,
         hp: &AdamWConfig,
         grad_clip: f64,
+        votes: Votes,
     ) -> Result<StepOutcome> {
         let accum = micro_batches.len() as f64;
         match self {
@@ -124,11 +131,12 @@ impl Engine {
                     clip_grad_norm(&mut model.grads, grad_norm, grad_clip);
                     optimizer.update(&mut model.params, &model.grads, &model.layout, lr, hp);
                 }
-                Ok(StepOutcome { loss, grad_norm, applied })
+                let (stop_votes, checkpoint_votes) = (votes.stop as usize, votes.checkpoint as usize);
+                Ok(StepOutcome { loss, grad_norm, applied, stop_votes, checkpoint_votes })
             }
             Engine::Gpu(m) => {
                 let batches: Vec<(&[u32], &[u32])> = micro_batches.iter().map(|(x, y)| (&x[..], &y[..])).collect();
-                m.train_step(&batches, (b, t), lr, hp, grad_clip)
+                m.train_step(&batches, (b, t), (lr, hp), grad_clip, votes)
             }
         }
     }
@@ -147,6 +155,14 @@ impl Engine {
         match self {
             Engine::Cpu { .. } => None,
             Engine::Gpu(m) => m.profile(),
+        }
+    }
+
+    /// Values each rank computed (a validation loss's sum and count), summed over the ranks.
+    pub fn sum_over_ranks(&self, values: &[f64]) -> Result<Vec<f64>> {
+        match self {
+            Engine::Cpu { .. } => Ok(values.to_vec()),
+            Engine::Gpu(m) => m.sum_over_ranks(values),
         }
     }
 

@@ -60,12 +60,12 @@ pub(super) fn check_gpu_memory(
     cfg: &GptConfig,
     (b, t): (usize, usize),
     precision: Precision,
-    recompute: bool,
+    (recompute, ranks): (bool, usize),
 ) -> Result<()> {
     let (free, _) = gpu.memory()?;
-    let plan = gpu_memory_plan(cfg, b, t, precision, recompute);
+    let plan = gpu_memory_plan(cfg, (b, t), precision, recompute, ranks);
     // What --recompute would need, when it is not on: the first thing to try.
-    let with_recompute = (!recompute).then(|| plan_bytes(&gpu_memory_plan(cfg, b, t, precision, true)));
+    let with_recompute = (!recompute).then(|| plan_bytes(&gpu_memory_plan(cfg, (b, t), precision, true, ranks)));
     match gpu_memory_refusal(&plan, free, &gpu.name, precision, with_recompute) {
         Some(refusal) => bail!(refusal),
         None => Ok(()),
@@ -149,7 +149,7 @@ mod tests {
         // The refusal of check_gpu_memory, planned without a GPU: GPT-2 small at B=8, T=1024.
         let cfg = GptConfig::preset(Preset::Gpt2);
         for precision in [Precision::Bf16, Precision::F32] {
-            let plan = gpu_memory_plan(&cfg, 8, 1024, precision, false);
+            let plan = gpu_memory_plan(&cfg, (8, 1024), precision, false, 1);
             let needed = plan_bytes(&plan);
             assert_eq!(gpu_memory_refusal(&plan, needed, "H200", precision, None), None);
             let refusal = gpu_memory_refusal(&plan, needed - 1, "H200", precision, None).expect("one byte short");
@@ -162,12 +162,12 @@ mod tests {
             assert_eq!(refusal.contains("--precision bf16"), precision == Precision::F32, "{refusal}");
         }
         // Without --recompute, the refusal says what it would need with it.
-        let plan = gpu_memory_plan(&cfg, 8, 1024, Precision::Bf16, false);
-        let with = plan_bytes(&gpu_memory_plan(&cfg, 8, 1024, Precision::Bf16, true));
+        let plan = gpu_memory_plan(&cfg, (8, 1024), Precision::Bf16, false, 1);
+        let with = plan_bytes(&gpu_memory_plan(&cfg, (8, 1024), Precision::Bf16, true, 1));
         let refusal = gpu_memory_refusal(&plan, with, "H100", Precision::Bf16, Some(with)).expect("short");
         assert!(refusal.contains(&format!("; add --recompute (needs {}), lower --batch-size", human_bytes(with))));
         // bf16 storage halves the weights and the activations the plan counts.
-        let bytes = |p| plan_bytes(&gpu_memory_plan(&cfg, 8, 1024, p, false));
+        let bytes = |p| plan_bytes(&gpu_memory_plan(&cfg, (8, 1024), p, false, 1));
         assert!(bytes(Precision::Bf16) < bytes(Precision::F32));
     }
 
@@ -179,8 +179,8 @@ mod tests {
         let cfg = GptConfig::preset(Preset::Gpt2Xl);
         let (b, t, c, l) = (16, 1024, cfg.n_embd, cfg.n_layer);
         let part = |plan: &[(&str, usize)], name: &str| plan.iter().find(|(n, _)| *n == name).unwrap().1;
-        let plain = gpu_memory_plan(&cfg, b, t, Precision::Bf16, false);
-        let recompute = gpu_memory_plan(&cfg, b, t, Precision::Bf16, true);
+        let plain = gpu_memory_plan(&cfg, (b, t), Precision::Bf16, false, 1);
+        let recompute = gpu_memory_plan(&cfg, (b, t), Precision::Bf16, true, 1);
         let n = ParamLayout::new(&cfg).total;
         assert_eq!(part(&plain, "weights") + part(&plain, "master weights"), 6 * n);
         assert_eq!(part(&plain, "gradients") + part(&plain, "AdamW moments"), 12 * n);
@@ -194,9 +194,27 @@ mod tests {
         assert!((plan_bytes(&recompute) as f64) < room, "{}", describe_plan(&recompute));
         assert!((plan_bytes(&plain) as f64) < room, "{}", describe_plan(&plain));
         // B=24 fits only with --recompute, and B=32 not even with it.
-        let b24 = |r| plan_bytes(&gpu_memory_plan(&cfg, 24, t, Precision::Bf16, r)) as f64;
+        let b24 = |r| plan_bytes(&gpu_memory_plan(&cfg, (24, t), Precision::Bf16, r, 1)) as f64;
         assert!(b24(true) < room && b24(false) > room);
-        let b32 = gpu_memory_plan(&cfg, 32, t, Precision::Bf16, true);
+        let b32 = gpu_memory_plan(&cfg, (32, t), Precision::Bf16, true, 1);
         assert!(plan_bytes(&b32) as f64 > room, "{}", describe_plan(&b32));
+    }
+
+    #[test]
+    fn a_data_parallel_rank_plans_its_share_of_the_optimizer() {
+        // ZeRO-1 over 4 ranks: master weights and moments are a quarter (shares of 64-element
+        // multiples), the bf16 weights and the backward's gradients whole, plus the summed share.
+        let cfg = GptConfig::preset(Preset::Gpt2);
+        let part = |plan: &[(&str, usize)], name: &str| plan.iter().find(|(n, _)| *n == name).unwrap().1;
+        let one = gpu_memory_plan(&cfg, (8, 1024), Precision::Bf16, false, 1);
+        let four = gpu_memory_plan(&cfg, (8, 1024), Precision::Bf16, false, 4);
+        let n = ParamLayout::new(&cfg).total;
+        let share = n.div_ceil(4).next_multiple_of(64);
+        assert_eq!(part(&four, "master weights"), 4 * share);
+        assert_eq!(part(&four, "AdamW moments"), 8 * share);
+        assert_eq!(part(&four, "weights"), 2 * 4 * share);
+        assert_eq!(part(&four, "gradients"), 4 * 4 * share + 4 * share);
+        assert!(plan_bytes(&four) < plan_bytes(&one));
+        assert_eq!(part(&four, "activations"), part(&one, "activations"));
     }
 }

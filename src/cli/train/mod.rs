@@ -2,11 +2,14 @@
 //! step (batches, forward, backward, norm, update); then log, validate, checkpoint.
 //!
 //! Around it: the flags and their checks (`args`), the memory plan (`memory`), loading (`setup`),
-//! what a run writes (`outputs`), the CPU-or-GPU model the loop drives (`engine`) and the
-//! learning-rate schedules (`schedule`).
+//! what a run writes (`outputs`), the CPU-or-GPU model the loop drives (`engine`), the
+//! learning-rate schedules (`schedule`), and the data-parallel job this process may be one rank
+//! of (`job`). In a job every rank runs this same loop on its share of each batch; rank 0 alone
+//! prints, logs and writes files.
 
 mod args;
 pub mod engine;
+mod job;
 mod memory;
 mod outputs;
 pub mod schedule;
@@ -17,7 +20,11 @@ pub use args::{check_saved_args, merge_resumed_args, TrainArgs};
 use crate::cli::device::Device;
 use crate::cpu::optimizer::{AdamW, AdamWConfig};
 use crate::cuda::model::StepOutcome;
+use crate::cuda::model::Votes;
+use crate::cuda::nccl::Nccl;
 use crate::cuda::profile::{self, flops_per_token};
+use crate::dist::spawn::JobStatus;
+use crate::dist::world::World;
 use crate::formats::checkpoint::TrainState;
 use crate::formats::tokens::{BatchWalker, TokenStream};
 use crate::formats::trainlog::{human_duration, plural, Console, JsonlLog, StepRecord};
@@ -44,33 +51,46 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         None => cli,
     };
     args::check_flags(&args, is_explicit)?;
+    let world = match job::role(&args)? {
+        job::Role::Launched(status) if status.0 == 0 => return Ok(()),
+        job::Role::Launched(status) => return Err(status.into()),
+        job::Role::Rank(world) => world,
+    };
+    let lead = world.rank == 0;
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("--threads: cannot start the thread pool")?;
     }
-    let mut run_dir = prepare_run_dir(&args)?;
+    // Rank 0 owns the run directory; the others only read it (--resume).
+    let mut run_dir = if lead { prepare_run_dir(&args)? } else { None };
     // A token file that shrinks or fails mid-run stops it (see sigbus); say how to go on.
     crate::os::sigbus::set_advice(match &args.out {
         Some(dir) => format!("; restore it, then continue with --resume {}", dir.display()),
         None => "; restore it and start again".to_string(),
     });
-    let (device, device_reason) = Device::choose(&args.device, args.precision)?;
-    let plan = plan(&args, device, device_reason)?;
+    let (device, device_reason) = match world.is_single() {
+        true => Device::choose(&args.device, args.precision)?,
+        false => (Device::for_rank(&args.device, args.precision, world.local_rank, world.size)?, None),
+    };
+    let plan = plan(&args, device, device_reason, world.size)?;
     if let Some((_, state)) = plan.resumed.as_ref().filter(|(_, s)| s.step >= plan.steps) {
-        return finish_finished_run(&args, &plan, state.step);
+        return if lead { finish_finished_run(&args, &plan, state.step) } else { Ok(()) };
     }
     args.tokenizer = plan.tokenizer;
     args.steps = Some(plan.steps);
     let schedule_note = schedule_segment(&mut args, &plan);
-    print_setup(&args, &plan);
-    if let Some(note) = schedule_note {
-        println!("{note}");
+    if lead {
+        print_setup(&args, &plan, &world);
+        if let Some(note) = schedule_note {
+            println!("{note}");
+        }
+        save_args(&args)?;
     }
-    save_args(&args)?;
+    let nccl = job::connect(&world, &plan.device, args.dist_timeout)?;
     let explicit: Vec<String> = explicit_flags(&args, is_explicit);
-    let mut run = Run::start(&args, plan, &explicit)?;
+    let mut run = Run::start(&args, plan, &explicit, world, nccl)?;
     if let Some(dir) = &mut run_dir {
         dir.started();
     }
@@ -83,8 +103,9 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         // (applied only when the loss and the norm are finite).
         let lr = args.learning_rate(step, run.steps);
         let batches = run.next_batches();
-        let StepOutcome { loss, grad_norm, applied: finite } =
-            run.engine.step(&batches, (run.b, run.t), lr, &hp, args.grad_clip)?;
+        let votes = run.votes();
+        let outcome = run.engine.step(&batches, (run.b, run.t), lr, &hp, args.grad_clip, votes)?;
+        let StepOutcome { loss, grad_norm, applied: finite, .. } = outcome;
         if !finite {
             run.stop_or_skip(step, loss, grad_norm)?;
         }
@@ -100,14 +121,28 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
             lr,
             ms: seconds * 1e3,
             tok_per_s: run.tokens_per_step() as f64 / seconds,
-            mfu: run.flops_per_step.zip(run.engine.peak()).map(|(flops, (peak, _))| flops / seconds / peak),
+            mfu: run
+                .flops_per_step
+                .zip(run.engine.peak())
+                .map(|(flops, (peak, _))| flops / seconds / (peak * run.world.size as f64)),
             val_loss,
             skipped: !finite,
         };
         run.log_step(&record)?;
-        run.checkpoint_if_due(step)?;
+        run.checkpoint_if_due(step, &outcome)?;
+        kill_for_test(&run.world, step);
     }
     run.finish()
+}
+
+/// FINCH_TEST_KILL_RANK_AT_STEP=R:S: rank R kills itself (SIGKILL) after step S, so that the
+/// tests can show how a job ends when a rank dies. Nothing else reads it.
+fn kill_for_test(world: &World, step: usize) {
+    let Ok(spec) = std::env::var("FINCH_TEST_KILL_RANK_AT_STEP") else { return };
+    if spec == format!("{}:{step}", world.rank) {
+        // SAFETY: raise on this process.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
 }
 
 /// A resumed run at or past its last step: it errs if its outputs are all there (nothing left to
@@ -187,12 +222,21 @@ struct Run<'a> {
     /// The last step's record and the last validation loss, for the summary.
     last: Option<StepRecord>,
     last_val: Option<f64>,
+    /// This process's place in a data-parallel job (alone: rank 0 of 1).
+    world: World,
 }
 
 impl<'a> Run<'a> {
     /// Builds the model on its device and opens the log, after checking the disk has room for
     /// what the run will write. A resumed run's log gets an event naming the flags given now.
-    fn start(args: &'a TrainArgs, plan: Plan, explicit: &[String]) -> Result<Run<'a>> {
+    fn start(
+        args: &'a TrainArgs,
+        plan: Plan,
+        explicit: &[String],
+        world: World,
+        nccl: Option<Nccl>,
+    ) -> Result<Run<'a>> {
+        let lead = world.rank == 0;
         let cfg = plan.config;
         let layout = ParamLayout::new(&cfg);
         let (optimizer, state): (Option<AdamW<f32>>, TrainState) = match plan.resumed {
@@ -202,7 +246,7 @@ impl<'a> Run<'a> {
         // Fail now, not after hours of training, when the checkpoint and the model cannot fit.
         let checkpoint_bytes = 3 * 4 * layout.total as u64 + HEADER_ALLOWANCE;
         let model_bytes = 4 * real_params(&cfg) as u64 + HEADER_ALLOWANCE;
-        if let Some(dir) = &args.out {
+        if let Some(dir) = args.out.as_ref().filter(|_| lead) {
             check_free_space(
                 dir,
                 out_flag(args),
@@ -210,16 +254,16 @@ impl<'a> Run<'a> {
                 "the checkpoint and the final model",
             )?;
         }
-        if let Some(dir) = &args.save {
+        if let Some(dir) = args.save.as_ref().filter(|_| lead) {
             check_writable(dir, "--save")?;
             check_free_space(dir, "--save", model_bytes, "the model")?;
         }
         let last_checkpoint = (state.step > 0).then_some(state.step);
-        let engine = Engine::new(&plan.device, cfg, plan.params, optimizer, GpuOptions::of(args))?;
-        if state.step > 0 {
+        let engine = Engine::new(&plan.device, cfg, plan.params, optimizer, GpuOptions::of(args), nccl)?;
+        if state.step > 0 && lead {
             println!("resuming after step {} (data position {})", state.step, state.walker.position);
         }
-        let mut log = match &plan.log_path {
+        let mut log = match plan.log_path.as_ref().filter(|_| lead) {
             // A resumed run without a checkpoint (--restart) starts its log afresh.
             Some(path) if args.resume.is_some() && state.step > 0 => Some(JsonlLog::resume(path, state.step)?),
             Some(path) => {
@@ -243,13 +287,19 @@ impl<'a> Run<'a> {
             }))?;
         }
         let skipped = log.as_ref().map(|l| l.skipped_before.clone()).unwrap_or_default();
-        let console = Console::new(state.step, plan.steps, args.print_every);
+        let console = match lead {
+            true => Console::new(state.step, plan.steps, args.print_every),
+            false => Console::Quiet,
+        };
         // From here on Ctrl-C or SIGTERM finishes the step under way and checkpoints it (see
         // interrupt); before, there is nothing to save, and a signal stops the run at once.
-        let stop_on_signal = args.out.as_deref().map(|dir| StopOnSignal::install(dir, last_checkpoint.is_some()));
-        let tokens_per_step = plan.b * plan.t * args.grad_accum;
+        let stop_on_signal =
+            args.out.as_deref().map(|dir| StopOnSignal::install(dir, last_checkpoint.is_some(), !lead));
+        let tokens_per_step = plan.b * plan.t * args.grad_accum * world.size;
         let flops_per_step = engine.peak().map(|(_, peak)| {
-            println!("MFU: llm.c's FLOP count (6·N + 6·L·C·T per token) against the {peak}");
+            if lead {
+                println!("MFU: llm.c's FLOP count (6·N + 6·L·C·T per token) against the {peak}");
+            }
             flops_per_token(&cfg, plan.t) * tokens_per_step as f64
         });
         if args.profile && matches!(engine, Engine::Cpu { .. }) {
@@ -279,28 +329,58 @@ impl<'a> Run<'a> {
             flops_per_step,
             last: None,
             last_val: None,
+            world,
         })
     }
 
+    /// Tokens of one step, every rank's.
     fn tokens_per_step(&self) -> usize {
-        self.b * self.t * self.args.grad_accum
+        self.b * self.t * self.args.grad_accum * self.world.size
     }
 
-    /// The step's micro-batches (inputs, targets), read in order from the training data.
+    fn lead(&self) -> bool {
+        self.world.rank == 0
+    }
+
+    /// The step's micro-batches (inputs, targets), read in order from the training data: with
+    /// several ranks, this rank's share of each (see BatchWalker::next_batch_of).
     fn next_batches(&mut self) -> Vec<(Vec<u32>, Vec<u32>)> {
         let window = self.b * self.t;
+        let share = (self.world.rank, self.world.size);
         (0..self.args.grad_accum)
             .map(|_| {
                 let (mut x, mut y) = (vec![0; window], vec![0; window]);
-                self.state.walker.next_batch(&self.train, &mut self.batch, &mut x, &mut y);
+                self.state.walker.next_batch_of(&self.train, &mut self.batch, &mut x, &mut y, share);
                 (x, y)
             })
             .collect()
     }
 
+    /// What this rank asks of the step (a data-parallel job decides together): stop, after a
+    /// signal; checkpoint, when --checkpoint-minutes have passed on its clock.
+    fn votes(&self) -> Votes {
+        Votes {
+            stop: self.stop_on_signal.as_ref().and_then(StopOnSignal::requested).is_some(),
+            checkpoint: self.checkpoint_timer_due(),
+        }
+    }
+
+    fn checkpoint_timer_due(&self) -> bool {
+        let minutes = self.args.checkpoint_minutes;
+        minutes > 0.0 && self.last_checkpoint_at.elapsed().as_secs_f64() >= minutes * 60.0
+    }
+
     /// A step whose loss or gradient norm is not finite: stop the run before its update, naming
     /// the first non-finite gradient, or with --skip-nonfinite skip the update and go on.
     fn stop_or_skip(&mut self, step: usize, loss: f64, grad_norm: f64) -> Result<()> {
+        if !self.lead() {
+            // The loss and norm are the job's: every rank decides the same; rank 0 says it.
+            if !self.args.skip_nonfinite {
+                return Err(JobStatus(1).into());
+            }
+            self.skipped.push(step);
+            return Ok(());
+        }
         let culprit = match self.engine.first_nonfinite_grad(&self.layout)? {
             Some(bad) => format!("first non-finite gradient: {bad}"),
             None => "every parameter gradient is finite".to_string(),
@@ -329,7 +409,8 @@ impl<'a> Run<'a> {
         let due = self.args.val_every > 0 && step % self.args.val_every == 0 || step == self.steps;
         match &self.val {
             Some(val) if due => {
-                let loss = mean_loss_over(&mut self.engine, &val.stream, val.b, val.t, val.batches)?;
+                let share = (self.world.rank, self.world.size);
+                let loss = mean_loss_over(&mut self.engine, &val.stream, (val.b, val.t), val.batches, share)?;
                 self.last_val = Some(loss);
                 Ok(Some(loss))
             }
@@ -349,24 +430,33 @@ impl<'a> Run<'a> {
     /// Checkpoints every --checkpoint-every steps, when --checkpoint-minutes have passed since the
     /// last checkpoint (or the start), after the last step, and when Ctrl-C or SIGTERM asked the run
     /// to stop; in that last case returns `Interrupted` once the checkpoint is written.
-    fn checkpoint_if_due(&mut self, step: usize) -> Result<()> {
-        let stop = self.stop_on_signal.as_ref().and_then(StopOnSignal::requested).filter(|_| step < self.steps);
+    fn checkpoint_if_due(&mut self, step: usize, outcome: &StepOutcome) -> Result<()> {
+        // Alone, this process's signal and clock; in a job, what the ranks voted in the step, so
+        // that all checkpoint (the weights are gathered from every rank) and stop together.
+        let local = self.stop_on_signal.as_ref().and_then(StopOnSignal::requested);
+        let (stop, timely) = match self.world.is_single() {
+            true => (local, self.checkpoint_timer_due()),
+            false => ((outcome.stop_votes > 0).then(|| local.unwrap_or(libc::SIGTERM)), outcome.checkpoint_votes > 0),
+        };
+        let stop = stop.filter(|_| step < self.steps);
         let Some(dir) = &self.args.out else { return Ok(()) };
         let every = self.args.checkpoint_every;
-        let minutes = self.args.checkpoint_minutes;
-        let timely = minutes > 0.0 && self.last_checkpoint_at.elapsed().as_secs_f64() >= minutes * 60.0;
         let due = every > 0 && step % every == 0 || timely || step == self.steps;
         if due || stop.is_some() {
-            save_checkpoint(
-                dir,
-                &self.engine,
-                &self.layout,
-                &self.cfg,
-                &self.state,
-                self.log.as_ref(),
-                self.checkpoint_bytes,
-            )
-            .map_err(|e| mid_run(e, Some(dir), self.last_checkpoint))?;
+            match self.lead() {
+                true => save_checkpoint(
+                    dir,
+                    &self.engine,
+                    &self.layout,
+                    &self.cfg,
+                    &self.state,
+                    self.log.as_ref(),
+                    self.checkpoint_bytes,
+                )
+                .map_err(|e| mid_run(e, Some(dir), self.last_checkpoint))?,
+                // The others give rank 0 their shares of the weights and AdamW's state.
+                false => self.engine.with_state(|_, _| Ok(()))?,
+            }
             self.last_checkpoint = Some(step);
             self.last_checkpoint_at = Instant::now();
             if let Some(watch) = &self.stop_on_signal {
@@ -396,6 +486,10 @@ impl<'a> Run<'a> {
         // A signal now lets the final outputs be written; a second one stops at once, and --resume
         // writes them from the last checkpoint.
         self.console.finish();
+        if !self.lead() {
+            // Rank 0 writes the outputs from the weights every rank gives it.
+            return self.engine.with_state(|_, _| Ok(()));
+        }
         self.report_profile()?;
         let real = real_params(&self.cfg);
         self.engine.with_state(|params, _| {
@@ -488,13 +582,25 @@ impl<'a> Run<'a> {
     }
 }
 
-fn mean_loss_over(engine: &mut Engine, stream: &TokenStream, b: usize, t: usize, batches: usize) -> Result<f64> {
+fn mean_loss_over(
+    engine: &mut Engine,
+    stream: &TokenStream,
+    (b, t): (usize, usize),
+    batches: usize,
+    (rank, ranks): (usize, usize),
+) -> Result<f64> {
+    // The same batches whatever the number of ranks: rank r evaluates those numbered r, r + ranks,
+    // ...; the sums and counts are added across ranks.
     let mut walker = BatchWalker { position: 0 };
     let (mut buf, mut x, mut y) = (Vec::new(), vec![0; b * t], vec![0; b * t]);
-    let mut total = 0.0;
-    for _ in 0..batches {
+    let (mut total, mut count) = (0.0, 0.0);
+    for i in 0..batches {
         walker.next_batch(stream, &mut buf, &mut x, &mut y);
-        total += engine.forward(&x, &y, b, t)?;
+        if i % ranks == rank {
+            total += engine.forward(&x, &y, b, t)?;
+            count += 1.0;
+        }
     }
-    Ok(total / batches as f64)
+    let summed = engine.sum_over_ranks(&[total, count])?;
+    Ok(summed[0] / summed[1])
 }

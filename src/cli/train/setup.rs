@@ -9,6 +9,7 @@ use super::memory::{check_gpu_memory, check_memory, describe_plan, host_memory_p
 use crate::cli::device::Device;
 use crate::cpu::optimizer::AdamW;
 use crate::cuda::model::memory_plan as gpu_memory_plan;
+use crate::dist::world::World;
 use crate::formats::checkpoint::{self, TrainState};
 use crate::formats::rundir::{ModelSource, ARGS_FILE, MODEL_DIR};
 use crate::formats::tokenizer::Tokenizer;
@@ -167,7 +168,8 @@ pub(super) fn val_set(stream: TokenStream, flag: &str, b: usize, t: usize, val_b
 
 /// Everything the run needs before its first step; `device` gives way to the CPU under `--device
 /// auto` when the GPU's kernels cannot run the model.
-pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>) -> Result<Plan> {
+/// `ranks`: the processes of a data-parallel job (1 alone), each training on its share.
+pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>, ranks: usize) -> Result<Plan> {
     let data = a.data.as_deref().context("--data is required")?;
     let meta = read_meta(&expand_paths(data, "--data")?[0]);
     // A resumed run's model is read from its checkpoint's header: the memory check below comes
@@ -194,9 +196,10 @@ pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>)
     let on_gpu = matches!(device, Device::Cuda(..));
     check_memory(&host_memory_plan(on_gpu, &config, b, t), (!on_gpu).then_some((b, t)))?;
     if let Device::Cuda(gpu, precision) = device {
-        check_gpu_memory(gpu, &config, (b, t), *precision, a.recompute)?;
+        check_gpu_memory(gpu, &config, (b, t), *precision, (a.recompute, ranks))?;
     }
-    let train = open_stream(data, "--data", a, &config, window)?;
+    // A job's ranks read disjoint windows of each global batch (BatchWalker::next_batch_of).
+    let train = open_stream(data, "--data", a, &config, window * ranks)?;
     if meta.is_none() {
         warn_if_ids_look_smaller(&train, &config);
     }
@@ -314,7 +317,7 @@ fn check_val_meta(pattern: &str, train: Option<&(PathBuf, DataMeta)>) -> Result<
 }
 
 /// The start-up lines: the model, the data, the device and its memory plan.
-pub(super) fn print_setup(args: &TrainArgs, plan: &Plan) {
+pub(super) fn print_setup(args: &TrainArgs, plan: &Plan, world: &World) {
     let (device, device_reason) = (&plan.device, plan.device_reason.as_ref());
     let cfg = &plan.config;
     let (b, t) = (plan.b, plan.t);
@@ -337,6 +340,17 @@ pub(super) fn print_setup(args: &TrainArgs, plan: &Plan) {
         plural(plan.steps as u64, "step"),
         args.grad_accum
     );
+    if !world.is_single() {
+        println!(
+            "data parallel: {} processes ({}), one GPU each, over NCCL; each step takes {}×{b}×{t}×{} tokens, as one \
+             process at --batch-size {}; each rank keeps 1/{0} of the master weights and AdamW's state (ZeRO-1)",
+            world.size,
+            world.launcher,
+            world.size,
+            args.grad_accum,
+            world.size * b
+        );
+    }
     if let Some(note) = plan.val.as_ref().and_then(|v| v.note.as_ref()) {
         println!("validation: {note}");
     }
@@ -353,7 +367,7 @@ pub(super) fn print_setup(args: &TrainArgs, plan: &Plan) {
             }
         }
         Device::Cuda(gpu, precision) => {
-            let plan = gpu_memory_plan(cfg, b, t, *precision, args.recompute);
+            let plan = gpu_memory_plan(cfg, (b, t), *precision, args.recompute, world.size);
             let total = plan_bytes(&plan);
             println!(
                 "device: cuda, {} (compute {}.{}, {} kernels), {precision}{why}",
