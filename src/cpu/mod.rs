@@ -1,6 +1,6 @@
 //! The CPU reference engine, the oracle every GPU kernel is judged against: one file per op, each
 //! with an explicit forward and backward (no autograd); the GPT-2 model composed from them
-//! (`model`); token-by-token inference with a KV cache (`infer`); and the float types and GEMM
+//! (`model`) and the Llama family's (`llama`, with `rmsnorm`, `rope` and `swiglu`); token-by-token inference with a KV cache (`infer`); and the float types and GEMM
 //! they compute with (`real`).
 //!
 //! Conventions (from llm.c): every function opens with the shapes it works on; backward
@@ -16,11 +16,15 @@ pub mod encoder;
 pub mod gelu;
 pub mod infer;
 pub mod layernorm;
+pub mod llama;
 pub mod matmul;
 pub mod model;
 pub mod optimizer;
 pub mod real;
 pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

@@ -148,7 +148,7 @@ pub fn parse_params(bytes: &[u8], path: &Path, cfg: &GptConfig) -> Result<Vec<f3
     Ok(params)
 }
 
-fn check_dtype(dtype: Dtype) -> Result<()> {
+pub(crate) fn check_dtype(dtype: Dtype) -> Result<()> {
     match dtype {
         Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(()),
         other => bail!("dtype {other:?} is not supported (expected F32, BF16 or F16)"),
@@ -156,7 +156,7 @@ fn check_dtype(dtype: Dtype) -> Result<()> {
 }
 
 /// Converts a tensor whose dtype passed [`check_dtype`].
-fn convert_to_f32(view: &TensorView, dst: &mut [f32]) {
+pub(crate) fn convert_to_f32(view: &TensorView, dst: &mut [f32]) {
     let bytes = view.data();
     match view.dtype() {
         Dtype::F32 => {
