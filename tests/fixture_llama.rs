@@ -149,6 +149,10 @@ fn a_model_finch_saves_reads_back_the_same() {
     let tmp = TempDir::new("llama-save");
     let out = tmp.path("model");
     save_llama_model(&out, &cfg, &params, "--save").unwrap();
+    // FINCH_LLAMA_SAVE_TO=DIR keeps a copy, for check_hf_load.py on a machine with transformers.
+    if let Ok(keep) = std::env::var("FINCH_LLAMA_SAVE_TO") {
+        save_llama_model(Path::new(&keep), &cfg, &params, "--save").unwrap();
+    }
     assert_eq!(config(&out), cfg);
     assert_eq!(load_llama_params(&out, &cfg).unwrap(), params);
     // Sharded: the same tensors split over two files and an index.
