@@ -16,6 +16,10 @@ use std::time::Instant;
 pub const META_FILE: &str = "meta.json";
 
 pub const LLMC_MAGIC: i32 = 20240520;
+/// llm.c's token files of uint32 tokens (its Llama 3 work: vocabularies above 65,536 ids):
+/// magic 20240801, version 7, the same 256-int header.
+pub const LLMC_MAGIC_U32: i32 = 20240801;
+pub const LLMC_VERSION_U32: i32 = 7;
 pub const LLMC_HEADER_BYTES: usize = 256 * 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -285,19 +289,26 @@ pub fn text_kind(bytes: &[u8]) -> Option<&'static str> {
 fn parse_llmc_header(bytes: &[u8], path: &Path) -> Result<(usize, usize, usize)> {
     let name = path.display();
     let int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
-    if bytes.len() < 4 || int(0) != LLMC_MAGIC {
+    if bytes.len() < 4 || ![LLMC_MAGIC, LLMC_MAGIC_U32].contains(&int(0)) {
         bail!(
-            "{name}: not an llm.c token file (it does not start with magic {LLMC_MAGIC}); \
+            "{name}: not an llm.c token file (it does not start with magic {LLMC_MAGIC} or {LLMC_MAGIC_U32}); \
              if it holds raw uint16 tokens (nanoGPT's train.bin), pass --data-format raw-u16"
         );
     }
     if bytes.len() < LLMC_HEADER_BYTES {
         bail!("{name}: truncated: {} bytes, shorter than the {LLMC_HEADER_BYTES}-byte llm.c header", bytes.len());
     }
-    let width = match int(1) {
-        1 => 2,
-        2 => 4,
-        v => bail!("{name}: unsupported llm.c token file version {v} (expected 1 for uint16 or 2 for uint32 tokens)"),
+    let width = match (int(0), int(1)) {
+        (LLMC_MAGIC, 1) => 2,
+        (LLMC_MAGIC, 2) => 4, // finch's earlier uint32 files
+        (LLMC_MAGIC_U32, LLMC_VERSION_U32) => 4,
+        (LLMC_MAGIC_U32, v) => bail!(
+            "{name}: unsupported llm.c token file version {v} for magic {LLMC_MAGIC_U32} (expected {LLMC_VERSION_U32}: \
+             uint32 tokens)"
+        ),
+        (_, v) => {
+            bail!("{name}: unsupported llm.c token file version {v} (expected 1 for uint16 or 2 for uint32 tokens)")
+        }
     };
     let count = int(2);
     if count < 0 {
@@ -505,6 +516,20 @@ pub fn llmc_header(version: i32, count: i32) -> Vec<u8> {
     bytes
 }
 
+/// The header of llm.c's uint32 token files (magic 20240801, version 7) of `count` tokens.
+pub fn llmc_header_u32(count: i32) -> Vec<u8> {
+    let mut bytes = llmc_header(LLMC_VERSION_U32, count);
+    bytes[..4].copy_from_slice(&LLMC_MAGIC_U32.to_le_bytes());
+    bytes
+}
+
+/// Writes llm.c's uint32 token file: what a vocabulary above 65,536 ids needs.
+pub fn write_llmc_u32(path: &Path, tokens: &[u32]) -> Result<()> {
+    let mut bytes = llmc_header_u32(tokens.len() as i32);
+    bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+    crate::os::files::write_atomically(path, &bytes)
+}
+
 /// Writes an llm.c token file (version 1, uint16) — for tests and tools.
 pub fn write_llmc_u16(path: &Path, tokens: &[u16]) -> Result<()> {
     let mut bytes = llmc_header(1, tokens.len() as i32);
@@ -562,6 +587,30 @@ mod tests {
         let mut out = vec![0; 6];
         stream.read(1, &mut out);
         assert_eq!(out, [1, 2, 3, 4, 5, 6]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn llmc_s_uint32_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("finch-u32-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big.bin");
+        let tokens = [70_000u32, 5, 151_000, 65_536];
+        write_llmc_u32(&path, &tokens).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], [LLMC_MAGIC_U32.to_le_bytes(), LLMC_VERSION_U32.to_le_bytes()].concat());
+        let stream = TokenStream::open(path.to_str().unwrap(), "--data", DataFormat::Llmc, 151_936).unwrap();
+        let mut got = vec![0u32; 4];
+        stream.read(0, &mut got);
+        assert_eq!(got, tokens);
+        let open = |vocab| TokenStream::open(path.to_str().unwrap(), "--data", DataFormat::Llmc, vocab).err().unwrap();
+        let err = format!("{:#}", open(100_000));
+        assert!(err.contains("151000"), "{err}");
+        let mut wrong = bytes.clone();
+        wrong[4..8].copy_from_slice(&3i32.to_le_bytes());
+        std::fs::write(&path, &wrong).unwrap();
+        let err = format!("{:#}", open(151_936));
+        assert!(err.contains("version 3 for magic 20240801"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
