@@ -5,12 +5,11 @@
 //! (rope scaling, sliding windows, mixtures of experts, another activation) is refused in one
 //! line naming the field, never read as a different model.
 
-use crate::formats::huggingface::{check_dtype, convert_to_f32, CONFIG_FILE, WEIGHTS_FILE};
+use crate::formats::huggingface::{check_dtype, convert_to_f32, write_model_dir, CONFIG_FILE, WEIGHTS_FILE};
 use crate::model::layout::ParamLayout;
 use crate::model::llama::LlamaConfig;
-use crate::os::files::{create_dir, write_atomically, write_atomically_with};
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::SafeTensors;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -214,20 +213,15 @@ pub fn load_llama_params(dir: &Path, cfg: &LlamaConfig) -> Result<Vec<f32>> {
 
 /// Writes `dir/config.json` and `dir/model.safetensors` (f32, without the padding rows).
 pub fn save_llama_model(dir: &Path, cfg: &LlamaConfig, params: &[f32], flag: &str) -> Result<()> {
-    create_dir(dir, flag)?;
     let layout = ParamLayout::llama(cfg);
-    let mut views = Vec::with_capacity(layout.specs.len());
-    for spec in &layout.specs {
-        let shape = disk_shape(&spec.shape, &spec.name, cfg);
-        let data = &params[spec.offset..spec.offset + shape.iter().product::<usize>()];
-        views.push((spec.name.clone(), TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(data))?));
-    }
-    let path = dir.join(WEIGHTS_FILE);
-    write_atomically_with(&path, |tmp| {
-        safetensors::serialize_to_file(views, None, tmp).with_context(|| format!("{}: cannot write", tmp.display()))
-    })?;
-    let config = serde_json::to_string_pretty(&llama_config_json(cfg))? + "\n";
-    write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())
+    write_model_dir(
+        dir,
+        flag,
+        &layout,
+        params,
+        |spec| disk_shape(&spec.shape, &spec.name, cfg),
+        &llama_config_json(cfg),
+    )
 }
 
 #[cfg(test)]

@@ -177,11 +177,31 @@ pub(crate) fn convert_to_f32(view: &TensorView, dst: &mut [f32]) {
 /// Writes `dir/config.json` and `dir/model.safetensors` (f32, without wte's padding rows),
 /// each atomically; creates `dir` if needed.
 pub fn save_model(dir: &Path, cfg: &GptConfig, params: &[f32], tokenizer: Option<Tokenizer>, flag: &str) -> Result<()> {
-    create_dir(dir, flag)?;
     let layout = ParamLayout::new(cfg);
+    write_model_dir(
+        dir,
+        flag,
+        &layout,
+        params,
+        |spec| disk_shape(&spec.shape, &spec.name, cfg),
+        &config_json(cfg, tokenizer),
+    )
+}
+
+/// A model directory: every tensor of `layout` from `params` in f32 at its shape on disk
+/// (`disk_shape`: the leading rows of the buffer's), then `config`; each file atomically.
+pub(crate) fn write_model_dir(
+    dir: &Path,
+    flag: &str,
+    layout: &ParamLayout,
+    params: &[f32],
+    disk_shape: impl Fn(&crate::model::layout::TensorSpec) -> Vec<usize>,
+    config: &serde_json::Value,
+) -> Result<()> {
+    create_dir(dir, flag)?;
     let mut views = Vec::with_capacity(layout.specs.len());
     for spec in &layout.specs {
-        let shape = disk_shape(&spec.shape, &spec.name, cfg);
+        let shape = disk_shape(spec);
         let data = &params[spec.offset..spec.offset + shape.iter().product::<usize>()];
         views.push((spec.name.clone(), TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(data))?));
     }
@@ -189,6 +209,6 @@ pub fn save_model(dir: &Path, cfg: &GptConfig, params: &[f32], tokenizer: Option
     write_atomically_with(&path, |tmp| {
         safetensors::serialize_to_file(views, None, tmp).with_context(|| format!("{}: cannot write", tmp.display()))
     })?;
-    let config = serde_json::to_string_pretty(&config_json(cfg, tokenizer))? + "\n";
+    let config = serde_json::to_string_pretty(config)? + "\n";
     write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())
 }
