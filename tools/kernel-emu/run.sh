@@ -4,8 +4,8 @@
 #
 #   tools/kernel-emu/run.sh [-v] [family ...]
 #   families: selftest (the emulator itself), tensorcore (the tensor-core instructions of
-#   kernels/tensorcore.cuh), attention, encoder, gelu, layernorm, matmul, crossentropy, optimizer
-#   (default: all, in that order).
+#   kernels/tensorcore.cuh), attention, encoder, gelu, layernorm, matmul, crossentropy, optimizer,
+#   rmsnorm, rope, swiglu, gqa (default: all, in that order).
 #   -v: print every test case, not only failures and the summaries.
 # Binaries and full logs go to $EMU_OUT (default: target/kernel-emu). CXX picks the compiler, EMU_SAN
 # the sanitizers (default address,undefined; set it empty for none).
@@ -20,7 +20,7 @@ if [ "${1:-}" = "-v" ]; then
     shift
 fi
 families=("$@")
-[ ${#families[@]} -eq 0 ] && families=(selftest tensorcore attention encoder gelu layernorm matmul crossentropy optimizer)
+[ ${#families[@]} -eq 0 ] && families=(selftest tensorcore attention encoder gelu layernorm matmul crossentropy optimizer rmsnorm rope swiglu gqa)
 
 # EMU_SAN: the sanitizers (default address,undefined; empty for none, which builds and runs faster).
 san=${EMU_SAN-address,undefined}
