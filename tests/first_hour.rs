@@ -424,7 +424,7 @@ fn failed_starts_leave_nothing_and_messages_are_short() {
     let mut args = vec!["train", "--data", data.to_str().unwrap(), "--steps", "1", "--batch-size", "1"];
     args.extend(["--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--vocab-size", "50", "--context-length", "8"]);
     let (stdout, _) = run_ok(&args);
-    assert!(stdout.contains("(1 layer, 1 head, 8 channels"), "{stdout}");
+    assert!(stdout.contains("(GPT-2, 1 layer, 1 head, 8 channels"), "{stdout}");
     if !stdout.contains("device: cuda") {
         assert!(stdout.contains("f32 (no GPU found);"), "{stdout}");
     }

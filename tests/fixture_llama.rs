@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::TempDir;
+use common::{finch, step_lines, text, TempDir};
 use finch::cpu::llama::Llama;
 use finch::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 use finch::formats::hf_llama::{load_llama_params, parse_llama_config, save_llama_model};
@@ -148,10 +148,10 @@ fn a_model_finch_saves_reads_back_the_same() {
     let params = load_llama_params(&init, &cfg).unwrap();
     let tmp = TempDir::new("llama-save");
     let out = tmp.path("model");
-    save_llama_model(&out, &cfg, &params, "--save").unwrap();
+    save_llama_model(&out, &cfg, &params, None, "--save").unwrap();
     // FINCH_LLAMA_SAVE_TO=DIR keeps a copy, for check_hf_load.py on a machine with transformers.
     if let Ok(keep) = std::env::var("FINCH_LLAMA_SAVE_TO") {
-        save_llama_model(Path::new(&keep), &cfg, &params, "--save").unwrap();
+        save_llama_model(Path::new(&keep), &cfg, &params, None, "--save").unwrap();
     }
     assert_eq!(config(&out), cfg);
     assert_eq!(load_llama_params(&out, &cfg).unwrap(), params);
@@ -179,4 +179,43 @@ fn a_model_finch_saves_reads_back_the_same() {
     // A missing tensor is one line naming it.
     let e = format!("{:#}", load_llama_params(&sharded, &LlamaConfig { num_hidden_layers: 3, ..cfg }).unwrap_err());
     assert!(e.contains("missing tensor \"model.layers.2.input_layernorm.weight\""), "{e}");
+}
+
+/// The training contract through the binary, in f32: `finch train --init` on the fixture's model
+/// and tokens, with its optimizer settings, logs transformers' losses and gradient norms and saves
+/// its final weights.
+#[test]
+fn cli_training_contract_matches_transformers_in_f32() {
+    let tmp = TempDir::new("llama-contract");
+    let (log, save) = (tmp.path("log.jsonl"), tmp.path("out"));
+    let (data, init) = (dir().join("tokens.bin"), dir().join("init"));
+    #[rustfmt::skip]
+    let out = finch(&[
+        "train", "--data", data.to_str().unwrap(), "--init", init.to_str().unwrap(),
+        "--batch-size", "2", "--seq-len", "8", "--steps", "6", "--lr", "0.01", "--lr-schedule", "constant",
+        "--weight-decay", "0.1", "--beta1", "0.9", "--beta2", "0.95", "--eps", "1e-8", "--grad-clip", "1.0",
+        "--device", "cpu", "--log", log.to_str().unwrap(), "--save", save.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("(Llama, 2 layers, 6 query and 2 key/value heads, 48 channels, MLP 72"));
+    let e = expected();
+    let (want_loss, want_norm) = (e.get("train.loss"), e.get("train.grad_norm"));
+    let lines = step_lines(&log);
+    assert_eq!(lines.len(), 6);
+    for (i, line) in lines.iter().enumerate() {
+        // As for GPT-2: f32 rounding through the network and six Adam steps stays near 1e-6
+        // relative; one step's clipping or decay wrong moves the loss by more than 1e-3.
+        for (key, want) in [("loss", want_loss[i]), ("grad_norm", want_norm[i])] {
+            let got = line[key].as_f64().unwrap();
+            let rel = (got - want).abs() / want;
+            assert!(rel < 2e-5, "step {}: {key} {got} vs transformers {want} (rel {rel:e})", i + 1);
+        }
+    }
+    let cfg = config(&save);
+    let params: Vec<f64> = load_llama_params(&save, &cfg).unwrap().iter().map(|&p| p as f64).collect();
+    let layout = ParamLayout::llama(&cfg);
+    for spec in &layout.specs {
+        let err = scaled_err(&hf_view(&params, &layout, &spec.name, &cfg), &e.get(&format!("final.{}", spec.name)));
+        assert!(err < 1e-4, "saved {}: scaled error {err:e}", spec.name);
+    }
 }

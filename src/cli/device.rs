@@ -2,7 +2,7 @@
 
 use crate::cuda::model::GpuGpt;
 use crate::cuda::{Gpu, Precision, NO_GPU};
-use crate::model::config::GptConfig;
+use crate::model::family::ModelConfig;
 use anyhow::{bail, Result};
 use std::sync::Arc;
 
@@ -57,8 +57,14 @@ impl Device {
     /// The device for a model of `cfg`: a GPU whose kernels cannot run it (see
     /// [`GpuGpt::unsupported`]) is refused under `--device cuda` and left for the CPU under
     /// `--device auto`, with the reason.
-    pub fn fit(self, reason: Option<String>, flag: &str, cfg: &GptConfig) -> Result<(Device, Option<String>)> {
-        match (&self, GpuGpt::unsupported(cfg)) {
+    pub fn fit(self, reason: Option<String>, flag: &str, cfg: &ModelConfig) -> Result<(Device, Option<String>)> {
+        let unsupported = match cfg {
+            ModelConfig::Gpt2(c) => GpuGpt::unsupported(c),
+            ModelConfig::Llama(_) => {
+                Some("the GPU backend does not train Llama-family models yet (its kernels are not wired in)".into())
+            }
+        };
+        match (&self, unsupported) {
             (Device::Cuda(..), Some(why)) if flag == "auto" => Ok((Device::Cpu, Some(format!("on the CPU: {why}")))),
             (Device::Cuda(..), Some(why)) => bail!("--device cuda: {why}; use --device cpu"),
             _ => Ok((self, reason)),

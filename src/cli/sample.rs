@@ -1,15 +1,19 @@
 //! `finch sample`: generate text from a saved model, streaming tokens as they come.
 //!
-//! On the CPU each new token costs one step of [`Generator`] (KV cache). On a GPU the context is
-//! recomputed by the training forward for every token (no GPU KV cache yet).
+//! On the CPU a GPT-2 model's new token costs one step of [`Generator`] (KV cache). On a GPU, and
+//! for the Llama family on the CPU, the context is recomputed by the training forward for every
+//! token (no KV cache there yet).
 
 use crate::cli::device::Device;
 use crate::cpu::infer::Generator;
+use crate::cpu::llama::Llama;
 use crate::cuda::model::GpuGpt;
 use crate::cuda::Precision;
+use crate::formats::hf_tokenizer::HfTokenizer;
 use crate::formats::rundir::ModelSource;
-use crate::formats::tokenizer::{Tokenizer, Utf8Stream};
-use crate::model::config::{GptConfig, VOCAB_PAD_MULTIPLE};
+use crate::formats::tokenizer::{TextTokenizer, Tokenizer};
+use crate::model::config::VOCAB_PAD_MULTIPLE;
+use crate::model::family::ModelConfig;
 use crate::model::rng::Rng;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
@@ -95,10 +99,10 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_k: usize, top_p: f64, 
     order[probs.len() - 1]
 }
 
-/// The tokenizer of a model: the one recorded with it (config.json, or the run's flags), else a
-/// guess from the vocabulary size; `--tokenizer` may name it, but not contradict it, and a
-/// tokenizer whose vocabulary is not the model's is refused.
-pub fn model_tokenizer(source: &ModelSource, cfg: &GptConfig, flag: Option<Tokenizer>) -> Result<Tokenizer> {
+/// The tokenizer of a model: the one recorded with it (config.json, a tokenizer.json beside it, or
+/// the run's flags), else a guess from the vocabulary size; `--tokenizer` may name it, but not
+/// contradict it, and a tokenizer whose vocabulary is not the model's is refused.
+pub fn model_tokenizer(source: &ModelSource, cfg: &ModelConfig, flag: Option<Tokenizer>) -> Result<TextTokenizer> {
     let recorded = source.tokenizer();
     if let (Some(flag), Some(recorded)) = (flag, recorded) {
         if flag != recorded {
@@ -110,24 +114,25 @@ pub fn model_tokenizer(source: &ModelSource, cfg: &GptConfig, flag: Option<Token
             );
         }
     }
-    let tokenizer = match flag.or(recorded).or_else(|| Tokenizer::guess_from_vocab(cfg.vocab_size)) {
+    let kind = match flag.or(recorded).or_else(|| Tokenizer::guess_from_vocab(cfg.vocab_size())) {
         Some(t) => t,
         None => bail!(
             "{}: cannot tell which tokenizer a model with vocabulary {} uses; pass --tokenizer gpt2 or bytes",
             source.path().display(),
-            cfg.vocab_size
+            cfg.vocab_size()
         ),
     };
-    // A model may pad its vocabulary (to a multiple of 128, say), but not be far larger or smaller.
-    let fits = tokenizer.vocab_size() <= cfg.vocab_size
-        && cfg.vocab_size <= tokenizer.vocab_size().next_multiple_of(VOCAB_PAD_MULTIPLE);
+    let tokenizer = match kind {
+        Tokenizer::HuggingFace => TextTokenizer::File(Box::new(HfTokenizer::load(&source.tokenizer_dir(), "--model")?)),
+        builtin => TextTokenizer::Builtin(builtin),
+    };
+    // A model may pad its vocabulary (to a multiple of 128, say), but not be far larger or
+    // smaller; published models often pad a tokenizer.json's vocabulary by more (Qwen2.5 holds
+    // 151,665 ids in 151,936 rows).
+    let (v, model_v) = (tokenizer.vocab_size(), cfg.vocab_size());
+    let fits = v <= model_v && (kind == Tokenizer::HuggingFace || model_v <= v.next_multiple_of(VOCAB_PAD_MULTIPLE));
     if !fits {
-        bail!(
-            "--tokenizer {}: its vocabulary of {} does not match the model's {}",
-            tokenizer.name(),
-            tokenizer.vocab_size(),
-            cfg.vocab_size
-        );
+        bail!("--tokenizer {}: its vocabulary of {v} does not match the model's {model_v}", kind.name());
     }
     Ok(tokenizer)
 }
@@ -135,6 +140,7 @@ pub fn model_tokenizer(source: &ModelSource, cfg: &GptConfig, flag: Option<Token
 /// Next-token logits given a growing context, on the CPU (KV cache) or the GPU (recompute).
 enum Runner<'a> {
     Cpu(Box<Generator<'a>>),
+    CpuLlama(Box<Llama<f32>>, Vec<u32>),
     Gpu(Box<GpuGpt>, Vec<u32>),
 }
 
@@ -143,7 +149,7 @@ impl Runner<'_> {
     fn reset(&mut self) {
         match self {
             Runner::Cpu(g) => g.cache.clear(),
-            Runner::Gpu(_, context) => context.clear(),
+            Runner::CpuLlama(_, context) | Runner::Gpu(_, context) => context.clear(),
         }
     }
 
@@ -166,11 +172,15 @@ impl Runner<'_> {
                 }
                 Ok(logits)
             }
+            Runner::CpuLlama(model, context) => {
+                extend_context(context, tokens, max_t);
+                let t = context.len();
+                model.forward(context, None, 1, t);
+                let (vp, v) = (model.config.padded_vocab_size(), model.config.vocab_size);
+                Ok(model.logits()[(t - 1) * vp..(t - 1) * vp + v].to_vec())
+            }
             Runner::Gpu(model, context) => {
-                context.extend_from_slice(tokens);
-                if context.len() > max_t {
-                    context.drain(..context.len() - max_t / 2);
-                }
+                extend_context(context, tokens, max_t);
                 let t = context.len();
                 model.forward(context, None, 1, t)?;
                 let logits = model.activation("logits")?.context("the GPU model keeps its logits")?;
@@ -178,6 +188,14 @@ impl Runner<'_> {
                 Ok(logits[(t - 1) * vp..(t - 1) * vp + v].to_vec())
             }
         }
+    }
+}
+
+/// Appends `tokens` to a recomputed context, dropping its oldest half when it would exceed `max_t`.
+fn extend_context(context: &mut Vec<u32>, tokens: &[u32], max_t: usize) {
+    context.extend_from_slice(tokens);
+    if context.len() > max_t {
+        context.drain(..context.len() - max_t / 2);
     }
 }
 
@@ -198,19 +216,20 @@ pub fn run(args: SampleArgs) -> Result<()> {
         eprintln!("note: sampling from {}", source.describe());
     }
     let params = source.params(&cfg)?;
-    let mut prompt = tokenizer.encode(&args.prompt);
-    if prompt.is_empty() {
-        prompt.push(tokenizer.end_of_text().unwrap_or(b'\n' as u32));
-    }
+    let mut prompt = tokenizer.prompt(&args.prompt)?;
     // Only the last context-length tokens of a long prompt can be seen.
-    prompt.drain(..prompt.len().saturating_sub(cfg.n_positions));
+    prompt.drain(..prompt.len().saturating_sub(cfg.context_length()));
     let (device, reason) = Device::choose(&args.device, None)?;
     let (device, _) = device.fit(reason, &args.device, &cfg)?;
-    let mut runner = match &device {
-        Device::Cpu => Runner::Cpu(Box::new(Generator::new(cfg, &params))),
-        Device::Cuda(gpu, _) => {
+    let mut runner = match (&device, cfg) {
+        (Device::Cpu, ModelConfig::Gpt2(cfg)) => Runner::Cpu(Box::new(Generator::new(cfg, &params))),
+        (Device::Cpu, ModelConfig::Llama(cfg)) => {
+            Runner::CpuLlama(Box::new(Llama::new(cfg, params.clone())), Vec::new())
+        }
+        (Device::Cuda(gpu, _), ModelConfig::Gpt2(cfg)) => {
             Runner::Gpu(Box::new(GpuGpt::new(gpu.clone(), cfg, Precision::F32, &params)?), Vec::new())
         }
+        (Device::Cuda(..), ModelConfig::Llama(_)) => unreachable!("Device::fit keeps Llama models on the CPU"),
     };
     let mut rng = Rng::new(args.seed);
     let mut out = std::io::stdout().lock();
@@ -220,20 +239,20 @@ pub fn run(args: SampleArgs) -> Result<()> {
         }
         runner.reset();
         let mut history = prompt.clone();
-        let mut text = Utf8Stream::default();
+        let mut text = tokenizer.decoder();
         write!(out, "{}", args.prompt)?;
-        let mut logits = runner.feed(&prompt, &[], cfg.n_positions)?;
+        let mut logits = runner.feed(&prompt, &[], cfg.context_length())?;
         for _ in 0..args.max_new_tokens {
             let token = sample_token(&logits, args.temperature, args.top_k, args.top_p, &mut rng);
-            if Some(token) == tokenizer.end_of_text() {
+            if Some(token) == tokenizer.stop_token() {
                 break;
             }
-            write!(out, "{}", text.push(&tokenizer.decode_bytes(&[token])))?;
+            write!(out, "{}", text.push(token)?)?;
             out.flush()?;
             history.push(token);
-            logits = runner.feed(&[token], &history[..history.len() - 1], cfg.n_positions)?;
+            logits = runner.feed(&[token], &history[..history.len() - 1], cfg.context_length())?;
         }
-        writeln!(out, "{}", text.finish())?;
+        writeln!(out, "{}", text.finish()?)?;
     }
     Ok(())
 }

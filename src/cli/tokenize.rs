@@ -5,8 +5,9 @@
 //! is therefore the same on any number of threads, and memory is bounded by the batch, not the
 //! corpus.
 
-use crate::formats::tokenizer::{gpt2_chunks, is_space, Gpt2, Tokenizer, CHUNK_BYTES, GPT2_EOT};
-use crate::formats::tokens::{LLMC_HEADER_BYTES, LLMC_MAGIC, META_FILE};
+use crate::formats::hf_tokenizer::HfTokenizer;
+use crate::formats::tokenizer::{gpt2_chunks, is_space, Gpt2, TextTokenizer, Tokenizer, CHUNK_BYTES, GPT2_EOT};
+use crate::formats::tokens::{LLMC_HEADER_BYTES, LLMC_MAGIC, LLMC_MAGIC_U32, LLMC_VERSION_U32, META_FILE};
 use crate::formats::trainlog::plural;
 use crate::os::files::{create_dir, write_atomically};
 use anyhow::{bail, Context, Result};
@@ -35,7 +36,12 @@ string at --field. Empty documents and blank JSONL lines are skipped.
 
 Separators: gpt2 writes <|endoftext|> (50256) before every document, as llm.c does. bytes writes \
 \"\\n\\n\" between the documents of a split (nothing before the first), so one file comes out as exactly \
-its bytes.
+its bytes. A tokenizer.json gets tokenizer_config.json's bos_token before and eos_token after every \
+document (one of them when they are the same token, before; at least one must be named); the files \
+are copied into --out, so that train and sample use the same tokenizer.
+
+Token width: uint16 (llm.c's magic 20240520, version 1) while every id fits; a vocabulary above \
+65,536 ids writes uint32 (magic 20240801, version 7).
 
 Validation: document i (counting from 0, in input order) goes to val when \
 floor((i+1)·F) > floor(i·F) for F = --val-fraction: floor(N·F) of N documents, evenly spread, the first \
@@ -46,6 +52,7 @@ Examples:
   finch tokenize corpus/ extra.jsonl --out data --val-fraction 0.05
   cat docs.jsonl | finch tokenize - --jsonl --field content --out data
   finch tokenize shakespeare.txt --tokenizer bytes --val-fraction 0 --out data-bytes
+  finch tokenize posts.jsonl --tokenizer SmolLM2-135M/ --out data-smol    # the model's tokenizer.json
   finch train --data 'data/train_*.bin' --val 'data/val_*.bin' ..."
 )]
 pub struct TokenizeArgs {
@@ -56,9 +63,10 @@ pub struct TokenizeArgs {
     /// Output directory: train_000000.bin …, val_000000.bin … and meta.json
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Tokenizer (see Separators below)
-    #[arg(long, value_enum, default_value = "gpt2")]
-    pub tokenizer: Tokenizer,
+    /// Tokenizer: gpt2, bytes, or a Hugging Face tokenizer.json (or a model directory holding one);
+    /// see Separators below
+    #[arg(long, value_name = "gpt2|bytes|PATH", default_value = "gpt2")]
+    pub tokenizer: String,
     /// JSONL: the field holding each document's text [default: text]; giving it reads stdin and
     /// every input file named on the command line as JSONL, like --jsonl
     #[arg(long, value_name = "NAME")]
@@ -208,6 +216,25 @@ fn collect_sources(args: &TokenizeArgs) -> Result<Vec<Source>> {
     Ok(sources)
 }
 
+/// --tokenizer: a built-in name, or a tokenizer.json (or a directory holding one).
+fn load_tokenizer(args: &TokenizeArgs) -> Result<TextTokenizer> {
+    Ok(match args.tokenizer.as_str() {
+        "gpt2" => TextTokenizer::Builtin(Tokenizer::Gpt2),
+        "bytes" => TextTokenizer::Builtin(Tokenizer::Bytes),
+        path if Path::new(path).exists() => {
+            let tokenizer = HfTokenizer::load(Path::new(path), "--tokenizer")?;
+            if tokenizer.bos.is_none() && tokenizer.eos.is_none() {
+                bail!(
+                    "--tokenizer {path}: no tokenizer_config.json beside it naming a bos_token or eos_token, so \
+                     documents could not be told apart; add one"
+                );
+            }
+            TextTokenizer::File(Box::new(tokenizer))
+        }
+        other => bail!("--tokenizer {other}: expected gpt2, bytes, or a tokenizer.json (or a directory holding one)"),
+    })
+}
+
 fn check_flags(args: &TokenizeArgs) -> Result<()> {
     if args.shard_tokens == 0 || args.shard_tokens > i32::MAX as usize {
         bail!(
@@ -308,7 +335,8 @@ impl Reader<'_> {
     }
 }
 
-/// A document's text, ready to tokenize: UTF-8 for GPT-2, any bytes for the byte tokenizer.
+/// A document's text, ready to tokenize: UTF-8 for GPT-2 and a tokenizer.json, any bytes for the
+/// byte tokenizer.
 enum DocText {
     Utf8(String),
     Bytes(Vec<u8>),
@@ -334,11 +362,12 @@ fn prepare(raw: RawDoc, source: &Source, tokenizer: Tokenizer, field: &str) -> R
     match source.format {
         Format::Text => match tokenizer {
             Tokenizer::Bytes => Ok(DocText::Bytes(raw.bytes)),
-            Tokenizer::Gpt2 => String::from_utf8(raw.bytes).map(DocText::Utf8).map_err(|e| {
+            Tokenizer::Gpt2 | Tokenizer::HuggingFace => String::from_utf8(raw.bytes).map(DocText::Utf8).map_err(|e| {
                 Refused::Fatal(format!(
-                    "{}: not valid UTF-8 at byte offset {} (GPT-2 reads UTF-8 text; --tokenizer bytes takes any bytes)",
+                    "{}: not valid UTF-8 at byte offset {} ({} reads UTF-8 text; --tokenizer bytes takes any bytes)",
                     source.name(),
-                    e.utf8_error().valid_up_to()
+                    e.utf8_error().valid_up_to(),
+                    tokenizer.name()
                 ))
             }),
         },
@@ -346,7 +375,7 @@ fn prepare(raw: RawDoc, source: &Source, tokenizer: Tokenizer, field: &str) -> R
             let at = format!("{}:{}", source.name(), raw.line);
             let text = parse_jsonl_line(&raw.bytes, &at, field).map_err(Refused::BadLine)?;
             Ok(match tokenizer {
-                Tokenizer::Gpt2 => DocText::Utf8(text),
+                Tokenizer::Gpt2 | Tokenizer::HuggingFace => DocText::Utf8(text),
                 Tokenizer::Bytes => DocText::Bytes(text.into_bytes()),
             })
         }
@@ -391,11 +420,12 @@ struct OpenShard {
 }
 
 /// Writes one split (train or val) into the staging directory as shards of at most
-/// `shard_tokens` uint16 tokens.
+/// `shard_tokens` tokens, uint16 or (`wide`) uint32.
 struct SplitWriter {
     dir: PathBuf,
     prefix: &'static str,
     shard_tokens: usize,
+    wide: bool,
     open: Option<OpenShard>,
     /// Complete shards, synced to disk.
     written: Vec<PathBuf>,
@@ -404,11 +434,12 @@ struct SplitWriter {
 }
 
 impl SplitWriter {
-    fn new(dir: &Path, prefix: &'static str, shard_tokens: usize) -> SplitWriter {
+    fn new(dir: &Path, prefix: &'static str, shard_tokens: usize, wide: bool) -> SplitWriter {
         SplitWriter {
             dir: dir.to_owned(),
             prefix,
             shard_tokens,
+            wide,
             open: None,
             written: Vec::new(),
             documents: 0,
@@ -432,8 +463,13 @@ impl SplitWriter {
             bytes.clear();
             for &t in &tokens[..n] {
                 let t: u32 = t.into();
-                debug_assert!(t < 1 << 16, "token {t} does not fit in uint16");
-                bytes.extend_from_slice(&(t as u16).to_le_bytes());
+                match self.wide {
+                    true => bytes.extend_from_slice(&t.to_le_bytes()),
+                    false => {
+                        debug_assert!(t < 1 << 16, "token {t} does not fit in uint16");
+                        bytes.extend_from_slice(&(t as u16).to_le_bytes());
+                    }
+                }
             }
             shard.out.write_all(&bytes).with_context(|| format!("{}: cannot write", shard.path.display()))?;
             shard.count += n;
@@ -451,7 +487,8 @@ impl SplitWriter {
         let Some(mut shard) = self.open.take() else { return Ok(()) };
         let name = shard.path.display().to_string();
         let mut header = Vec::with_capacity(12);
-        for v in [LLMC_MAGIC, 1, shard.count as i32] {
+        let (magic, version) = if self.wide { (LLMC_MAGIC_U32, LLMC_VERSION_U32) } else { (LLMC_MAGIC, 1) };
+        for v in [magic, version, shard.count as i32] {
             header.extend_from_slice(&v.to_le_bytes());
         }
         shard.out.seek(SeekFrom::Start(0)).with_context(|| format!("{name}: cannot seek"))?;
@@ -679,7 +716,14 @@ struct Meta {
     vocab_size: usize,
     /// The token before each document (gpt2), or null.
     eot_token: Option<u32>,
-    separator: &'static str,
+    /// A tokenizer.json's tokens before and after each document, or null.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bos_token: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eos_token: Option<u32>,
+    /// 2 (uint16) or 4 (uint32).
+    token_bytes: usize,
+    separator: String,
     val_fraction: f64,
     /// How validation was split off: "documents" (whole ones, by `goes_to_val`), "tail" (the last
     /// --val-fraction of the tokens, when no document went to validation) or "none".
@@ -727,12 +771,14 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
     check_flags(args)?;
     let sources = collect_sources(args)?;
     let staging = Staging::new(args)?;
-    let tokenizer = args.tokenizer;
-    let (total_bytes, separator) = announce(args, &sources);
+    let text_tokenizer = load_tokenizer(args)?;
+    let tokenizer = text_tokenizer.kind();
+    let (total_bytes, separator) = announce(&sources, &text_tokenizer);
     let started = Instant::now();
 
-    let mut train = SplitWriter::new(&staging.dir, "train", args.shard_tokens);
-    let mut val = SplitWriter::new(&staging.dir, "val", args.shard_tokens);
+    let wide = text_tokenizer.vocab_size() > 1 << 16;
+    let mut train = SplitWriter::new(&staging.dir, "train", args.shard_tokens, wide);
+    let mut val = SplitWriter::new(&staging.dir, "val", args.shard_tokens, wide);
     let mut reader = Reader { sources: &sources, next: 0, open: None, bytes_read: 0 };
     let progress = Progress::new(total_bytes);
     let (mut counts, mut skipped_empty) = (Counts::default(), 0u64);
@@ -765,7 +811,7 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
                 }
             }
         }
-        write_documents(&docs, args.val_fraction, [&mut train, &mut val], &mut counts)?;
+        write_documents(&docs, &text_tokenizer, args.val_fraction, [&mut train, &mut val], &mut counts)?;
         progress.update(
             reader.bytes_read,
             counts.documents,
@@ -787,8 +833,17 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
     };
     let meta = Meta {
         tokenizer,
-        vocab_size: tokenizer.vocab_size(),
+        vocab_size: text_tokenizer.vocab_size(),
         eot_token: (tokenizer == Tokenizer::Gpt2).then_some(GPT2_EOT),
+        bos_token: match &text_tokenizer {
+            TextTokenizer::File(t) => t.bos,
+            TextTokenizer::Builtin(_) => None,
+        },
+        eos_token: match &text_tokenizer {
+            TextTokenizer::File(t) => t.eos.filter(|&e| Some(e) != t.bos),
+            TextTokenizer::Builtin(_) => None,
+        },
+        token_bytes: if wide { 4 } else { 2 },
         separator,
         val_fraction: args.val_fraction,
         val_split,
@@ -801,6 +856,9 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
         skipped_bad_lines: bad_lines.len() as u64,
     };
     let shards: Vec<&Path> = train.written.iter().chain(&val.written).map(|p| p.as_path()).collect();
+    if let TextTokenizer::File(t) = &text_tokenizer {
+        t.copy_into(&args.out, "--out")?;
+    }
     staging.commit(&shards, &meta)?;
 
     let summary = Summary {
@@ -820,8 +878,8 @@ fn tokenize(args: &TokenizeArgs, batch_bytes: usize) -> Result<Summary> {
 
 /// The opening line: what is read, with which tokenizer, on how many threads. Returns the input's
 /// size (when every source has one) and how documents are separated, for meta.json.
-fn announce(args: &TokenizeArgs, sources: &[Source]) -> (Option<u64>, &'static str) {
-    let tokenizer = args.tokenizer;
+fn announce(sources: &[Source], text_tokenizer: &TextTokenizer) -> (Option<u64>, String) {
+    let tokenizer = text_tokenizer.kind();
     let total_bytes: Option<u64> = sources.iter().map(|s| s.size).sum();
     let (files, stdin) =
         (sources.iter().filter(|s| s.path.is_some()).count(), sources.iter().any(|s| s.path.is_none()));
@@ -830,14 +888,18 @@ fn announce(args: &TokenizeArgs, sources: &[Source]) -> (Option<u64>, &'static s
         (n, s) => plural(n as u64, "file") + if s { " and stdin" } else { "" },
     };
     let size = total_bytes.map(|b| format!(", {:.1} MB", b as f64 / 1e6)).unwrap_or_default();
-    let separator = match tokenizer {
-        Tokenizer::Gpt2 => "<|endoftext|> (50256) before each document",
-        Tokenizer::Bytes => "\"\\n\\n\" between documents",
+    let separator = match text_tokenizer {
+        TextTokenizer::Builtin(Tokenizer::Gpt2) => "<|endoftext|> (50256) before each document".to_string(),
+        TextTokenizer::Builtin(_) => "\"\\n\\n\" between documents".to_string(),
+        TextTokenizer::File(t) => t.describe_separator(),
+    };
+    let name = match text_tokenizer {
+        TextTokenizer::File(t) => t.dir.join(crate::formats::hf_tokenizer::TOKENIZER_FILE).display().to_string(),
+        TextTokenizer::Builtin(t) => t.name().to_string(),
     };
     println!(
-        "tokenize: {what}{size} with {} (vocab {}, {separator}) on {}",
-        tokenizer.name(),
-        tokenizer.vocab_size(),
+        "tokenize: {what}{size} with {name} (vocab {}, {separator}) on {}",
+        text_tokenizer.vocab_size(),
         plural(rayon::current_num_threads() as u64, "thread")
     );
     if tokenizer == Tokenizer::Gpt2 {
@@ -858,10 +920,14 @@ struct Counts {
 /// chunks are tokenized in parallel first.
 fn write_documents(
     docs: &[DocText],
+    tokenizer: &TextTokenizer,
     val_fraction: f64,
     [train, val]: [&mut SplitWriter; 2],
     counts: &mut Counts,
 ) -> Result<()> {
+    if let TextTokenizer::File(hf) = tokenizer {
+        return write_hf_documents(docs, hf, val_fraction, [train, val], counts);
+    }
     // Tokenize every chunk of the batch in parallel, then write the documents in order.
     let chunks: Vec<(usize, &str)> = docs
         .iter()
@@ -895,6 +961,33 @@ fn write_documents(
                 split.push(bytes)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// [`write_documents`] for a tokenizer.json: each document encoded whole (in parallel), then
+/// written in order between its BOS and EOS.
+fn write_hf_documents(
+    docs: &[DocText],
+    hf: &HfTokenizer,
+    val_fraction: f64,
+    [train, val]: [&mut SplitWriter; 2],
+    counts: &mut Counts,
+) -> Result<()> {
+    let encoded: Vec<Vec<u32>> = docs
+        .par_iter()
+        .map(|d| match d {
+            DocText::Utf8(text) => hf.encode(text),
+            DocText::Bytes(_) => unreachable!("prepare gives a tokenizer.json UTF-8 text"),
+        })
+        .collect::<Result<_>>()?;
+    for (doc, ids) in docs.iter().zip(&encoded) {
+        let split = if goes_to_val(counts.documents, val_fraction) { &mut *val } else { &mut *train };
+        counts.documents += 1;
+        split.documents += 1;
+        counts.text_bytes += doc.len() as u64;
+        counts.text_tokens += ids.len() as u64;
+        split.push(&hf.frame(ids))?;
     }
     Ok(())
 }
@@ -985,7 +1078,7 @@ mod tests {
             let args = TokenizeArgs {
                 inputs: vec![input.clone()],
                 out: out.clone(),
-                tokenizer: Tokenizer::Gpt2,
+                tokenizer: "gpt2".into(),
                 field: None,
                 jsonl: false,
                 skip_bad_lines: false,
@@ -1021,7 +1114,7 @@ mod tests {
         let args = TokenizeArgs {
             inputs: vec![input],
             out: out.clone(),
-            tokenizer: Tokenizer::Gpt2,
+            tokenizer: "gpt2".into(),
             field: None,
             jsonl: false,
             skip_bad_lines: false,

@@ -4,8 +4,7 @@
 
 use crate::cpu::optimizer::AdamW;
 use crate::formats::tokens::BatchWalker;
-use crate::model::config::GptConfig;
-use crate::model::layout::ParamLayout;
+use crate::model::family::ModelConfig;
 use crate::model::rng::Rng;
 use crate::os::files::write_atomically_with;
 use crate::os::mapfile::MappedFile;
@@ -28,13 +27,19 @@ pub struct TrainState {
 }
 
 pub struct Checkpoint {
-    pub config: GptConfig,
+    pub config: ModelConfig,
     pub params: Vec<f32>,
     pub optimizer: AdamW<f32>,
     pub state: TrainState,
 }
 
-pub fn save(dir: &Path, config: &GptConfig, params: &[f32], optimizer: &AdamW<f32>, state: &TrainState) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &[f32],
+    optimizer: &AdamW<f32>,
+    state: &TrainState,
+) -> Result<()> {
     let n = params.len();
     let tensors = [("params", params), ("adam.m", &optimizer.m[..]), ("adam.v", &optimizer.v[..])]
         .map(|(name, data)| Ok((name, TensorView::new(Dtype::F32, vec![n], bytemuck::cast_slice(data))?)))
@@ -62,7 +67,7 @@ pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
 pub struct CheckpointFile {
     path: PathBuf,
     bytes: MappedFile,
-    pub config: GptConfig,
+    pub config: ModelConfig,
     /// Where the run stood: its step tells whether a resumed run has anything left to do.
     pub state: TrainState,
 }
@@ -103,9 +108,9 @@ fn get<'a>(meta: &'a HashMap<String, String>, key: &str, path: &Path) -> Result<
     meta.get(key).with_context(|| format!("{}: checkpoint metadata lacks \"{key}\"", path.display()))
 }
 
-fn config_of(meta: &HashMap<String, String>, path: &Path) -> Result<GptConfig> {
+fn config_of(meta: &HashMap<String, String>, path: &Path) -> Result<ModelConfig> {
     let name = path.display();
-    let config: GptConfig =
+    let config: ModelConfig =
         serde_json::from_str(get(meta, "config", path)?).with_context(|| format!("{name}: bad \"config\""))?;
     config.validate(&name.to_string())?;
     Ok(config)
@@ -124,7 +129,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
     let get = |key: &str| get(&meta, key, path);
     let state = state_of(&meta, path)?;
     let adam_t: u64 = get("adam_t")?.parse().with_context(|| format!("{name}: bad \"adam_t\""))?;
-    let n = ParamLayout::new(&config).total;
+    let n = config.layout().total;
     let tensor = |key: &str| -> Result<Vec<f32>> {
         let view = st.tensor(key).map_err(|e| anyhow::anyhow!("{name}: {key}: {e}"))?;
         if view.dtype() != Dtype::F32 || view.shape() != [n] {

@@ -5,8 +5,11 @@
 //! (rope scaling, sliding windows, mixtures of experts, another activation) is refused in one
 //! line naming the field, never read as a different model.
 
-use crate::formats::huggingface::{check_dtype, convert_to_f32, write_model_dir, CONFIG_FILE, WEIGHTS_FILE};
-use crate::model::layout::ParamLayout;
+use crate::formats::huggingface::{
+    check_dtype, convert_to_f32, write_model_dir, CONFIG_FILE, TOKENIZER_KEY, WEIGHTS_FILE,
+};
+use crate::formats::tokenizer::Tokenizer;
+use crate::model::layout::{ParamLayout, TensorSpec};
 use crate::model::llama::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::SafeTensors;
@@ -114,8 +117,9 @@ pub fn parse_llama_config(text: &str, path: &Path) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
-/// The `config.json` finch writes: what transformers needs to build the same model.
-pub fn llama_config_json(cfg: &LlamaConfig) -> serde_json::Value {
+/// The `config.json` finch writes: what transformers needs to build the same model, and the
+/// tokenizer when it is known.
+pub fn llama_config_json(cfg: &LlamaConfig, tokenizer: Option<Tokenizer>) -> serde_json::Value {
     let qwen2 = cfg.attention_bias && !cfg.o_proj_bias;
     let (model_type, arch) = if qwen2 { ("qwen2", "Qwen2ForCausalLM") } else { ("llama", "LlamaForCausalLM") };
     let mut json = serde_json::json!({
@@ -139,6 +143,9 @@ pub fn llama_config_json(cfg: &LlamaConfig) -> serde_json::Value {
     if !qwen2 {
         json["attention_bias"] = cfg.attention_bias.into();
         json["mlp_bias"] = false.into();
+    }
+    if let Some(t) = tokenizer {
+        json[TOKENIZER_KEY] = t.name().into();
     }
     json
 }
@@ -211,17 +218,18 @@ pub fn load_llama_params(dir: &Path, cfg: &LlamaConfig) -> Result<Vec<f32>> {
     Ok(params)
 }
 
-/// Writes `dir/config.json` and `dir/model.safetensors` (f32, without the padding rows).
-pub fn save_llama_model(dir: &Path, cfg: &LlamaConfig, params: &[f32], flag: &str) -> Result<()> {
+/// Writes `dir/config.json` (recording the tokenizer when it is known) and
+/// `dir/model.safetensors` (f32, without the padding rows).
+pub fn save_llama_model(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    params: &[f32],
+    tokenizer: Option<Tokenizer>,
+    flag: &str,
+) -> Result<()> {
     let layout = ParamLayout::llama(cfg);
-    write_model_dir(
-        dir,
-        flag,
-        &layout,
-        params,
-        |spec| disk_shape(&spec.shape, &spec.name, cfg),
-        &llama_config_json(cfg),
-    )
+    let disk_shape = |spec: &TensorSpec| disk_shape(&spec.shape, &spec.name, cfg);
+    write_model_dir(dir, flag, &layout, params, disk_shape, &llama_config_json(cfg, tokenizer))
 }
 
 #[cfg(test)]
@@ -245,13 +253,13 @@ mod tests {
     #[test]
     fn configs_round_trip_and_the_family_s_flags_are_read() {
         assert_eq!(parse(base()).unwrap(), tiny());
-        assert_eq!(parse(llama_config_json(&tiny())).unwrap(), tiny());
+        assert_eq!(parse(llama_config_json(&tiny(), None)).unwrap(), tiny());
         let mut q = base();
         q["model_type"] = "qwen2".into();
         q["use_sliding_window"] = false.into();
         let qwen = parse(q).unwrap();
         assert!(qwen.attention_bias && !qwen.o_proj_bias);
-        assert_eq!(parse(llama_config_json(&qwen)).unwrap(), qwen);
+        assert_eq!(parse(llama_config_json(&qwen, None)).unwrap(), qwen);
         let mut m = base();
         m.as_object_mut().unwrap().remove("num_key_value_heads");
         assert_eq!(parse(m).unwrap().num_key_value_heads, 6);

@@ -4,9 +4,11 @@
 //! run's model/, or, for a run that has not finished, its checkpoint.
 
 use crate::formats::checkpoint::{self, CHECKPOINT_FILE};
+use crate::formats::hf_tokenizer::TOKENIZER_FILE;
 use crate::formats::huggingface::{self, CONFIG_FILE};
+use crate::formats::model_dir::{load_model_config, load_model_params};
 use crate::formats::tokenizer::Tokenizer;
-use crate::model::config::GptConfig;
+use crate::model::family::ModelConfig;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
@@ -55,26 +57,36 @@ impl ModelSource {
         )
     }
 
-    pub fn config(&self) -> Result<GptConfig> {
+    pub fn config(&self) -> Result<ModelConfig> {
         match self {
-            ModelSource::Exported(dir) => huggingface::load_config(dir),
+            ModelSource::Exported(dir) => load_model_config(dir),
             ModelSource::Checkpoint { file, .. } => Ok(file.config),
         }
     }
 
     /// The weights, for `cfg` (from [`config`](Self::config)).
-    pub fn params(&self, cfg: &GptConfig) -> Result<Vec<f32>> {
+    pub fn params(&self, cfg: &ModelConfig) -> Result<Vec<f32>> {
         match self {
-            ModelSource::Exported(dir) => huggingface::load_params(dir, cfg),
+            ModelSource::Exported(dir) => load_model_params(dir, cfg),
             ModelSource::Checkpoint { file, .. } => Ok(file.load()?.params),
         }
     }
 
-    /// The tokenizer recorded with the model: config.json's, or the run's flags'.
+    /// The tokenizer recorded with the model: config.json's, a tokenizer.json beside it (as
+    /// published models have), or the run's flags'.
     pub fn tokenizer(&self) -> Option<Tokenizer> {
         match self {
-            ModelSource::Exported(dir) => huggingface::recorded_tokenizer(dir),
+            ModelSource::Exported(dir) => huggingface::recorded_tokenizer(dir)
+                .or_else(|| dir.join(TOKENIZER_FILE).is_file().then_some(Tokenizer::HuggingFace)),
             ModelSource::Checkpoint { run, .. } => run_tokenizer(run),
+        }
+    }
+
+    /// Where a tokenizer.json of the model would be: the model directory, or the run's.
+    pub fn tokenizer_dir(&self) -> PathBuf {
+        match self {
+            ModelSource::Exported(dir) => dir.clone(),
+            ModelSource::Checkpoint { run, .. } => run.clone(),
         }
     }
 

@@ -1,8 +1,11 @@
-//! The two tokenizers finch knows, both built in (no files, no network): GPT-2's byte-level BPE
-//! (the tiktoken-rs crate embeds its vocabulary) and raw bytes. Also GPT-2's fast encoder for
-//! `finch tokenize` (`Gpt2`, `gpt2_encode`): the same ids as tiktoken-rs, faster, and in parallel
-//! over chunks of large documents.
+//! Which tokenizer ids mean: GPT-2's byte-level BPE and raw bytes, both built in (no files, no
+//! network; the tiktoken-rs crate embeds GPT-2's vocabulary), or a Hugging Face tokenizer.json
+//! that travels with the data and the model (`hf_tokenizer`). `TextTokenizer` is one ready to
+//! encode and decode. Also GPT-2's fast encoder for `finch tokenize` (`Gpt2`, `gpt2_encode`): the
+//! same ids as tiktoken-rs, faster, and in parallel over chunks of large documents.
 
+use crate::formats::hf_tokenizer::{HfStream, HfTokenizer};
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -13,16 +16,23 @@ pub enum Tokenizer {
     Gpt2,
     /// One token per byte, vocabulary 256
     Bytes,
+    /// The Hugging Face tokenizer.json in the directory of the data (meta.json), the model or the
+    /// run: named by its path on the command line, recorded as "tokenizer.json"
+    #[value(skip)]
+    #[serde(rename = "tokenizer.json")]
+    HuggingFace,
 }
 
 /// GPT-2's <|endoftext|>, which llm.c puts before every document.
 pub const GPT2_EOT: u32 = 50256;
 
 impl Tokenizer {
-    pub fn vocab_size(self) -> usize {
+    /// The vocabulary of a built-in tokenizer; None for a tokenizer.json, whose file says.
+    pub fn vocab_size(self) -> Option<usize> {
         match self {
-            Tokenizer::Gpt2 => 50257,
-            Tokenizer::Bytes => 256,
+            Tokenizer::Gpt2 => Some(50257),
+            Tokenizer::Bytes => Some(256),
+            Tokenizer::HuggingFace => None,
         }
     }
 
@@ -30,6 +40,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Gpt2 => "gpt2",
             Tokenizer::Bytes => "bytes",
+            Tokenizer::HuggingFace => "tokenizer.json",
         }
     }
 
@@ -43,11 +54,13 @@ impl Tokenizer {
         }
     }
 
-    /// Text → tokens. Special tokens written in the text are encoded as ordinary text.
+    /// Text → tokens, for the built-in tokenizers (a tokenizer.json is read by [`TextTokenizer`]).
+    /// Special tokens written in the text are encoded as ordinary text.
     pub fn encode(self, text: &str) -> Vec<u32> {
         match self {
             Tokenizer::Gpt2 => tiktoken_rs::r50k_base_singleton().encode_ordinary(text),
             Tokenizer::Bytes => text.bytes().map(u32::from).collect(),
+            Tokenizer::HuggingFace => unreachable!("a tokenizer.json encodes through TextTokenizer"),
         }
     }
 
@@ -60,14 +73,96 @@ impl Tokenizer {
                 tokens.iter().flat_map(|&t| bpe.decode_bytes(&[t]).unwrap_or_default()).collect()
             }
             Tokenizer::Bytes => tokens.iter().filter(|&&t| t < 256).map(|&t| t as u8).collect(),
+            Tokenizer::HuggingFace => unreachable!("a tokenizer.json decodes through TextTokenizer"),
         }
     }
 
-    /// The token that separates documents, where there is one.
+    /// The token that separates documents, where there is one (built-in tokenizers).
     pub fn end_of_text(self) -> Option<u32> {
         match self {
             Tokenizer::Gpt2 => Some(GPT2_EOT),
-            Tokenizer::Bytes => None,
+            Tokenizer::Bytes | Tokenizer::HuggingFace => None,
+        }
+    }
+}
+
+/// A tokenizer ready to use: a built-in one, or a loaded tokenizer.json.
+pub enum TextTokenizer {
+    Builtin(Tokenizer),
+    File(Box<HfTokenizer>),
+}
+
+impl TextTokenizer {
+    pub fn kind(&self) -> Tokenizer {
+        match self {
+            TextTokenizer::Builtin(t) => *t,
+            TextTokenizer::File(_) => Tokenizer::HuggingFace,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            TextTokenizer::Builtin(t) => t.vocab_size().expect("built-in tokenizers have a fixed vocabulary"),
+            TextTokenizer::File(t) => t.vocab_size,
+        }
+    }
+
+    /// A prompt's ids as a document starts in the training data: after GPT-2's <|endoftext|>
+    /// or the tokenizer.json's BOS. An empty prompt with no such token is a newline (bytes), or
+    /// the EOS.
+    pub fn prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = match self {
+            TextTokenizer::Builtin(t) => t.encode(text),
+            TextTokenizer::File(t) => t.bos.into_iter().chain(t.encode(text)?).collect(),
+        };
+        if ids.is_empty() {
+            match self {
+                TextTokenizer::Builtin(t) => ids.push(t.end_of_text().unwrap_or(b'\n' as u32)),
+                TextTokenizer::File(t) => match t.eos {
+                    Some(eos) => ids.push(eos),
+                    None => bail!("--prompt is empty and the tokenizer has no BOS or EOS token to start from"),
+                },
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The token that ends a document: generation stops there.
+    pub fn stop_token(&self) -> Option<u32> {
+        match self {
+            TextTokenizer::Builtin(t) => t.end_of_text(),
+            TextTokenizer::File(t) => t.eos,
+        }
+    }
+
+    /// A decoder for ids that arrive one at a time.
+    pub fn decoder(&self) -> Decoder<'_> {
+        match self {
+            TextTokenizer::Builtin(t) => Decoder::Builtin(*t, Utf8Stream::default()),
+            TextTokenizer::File(t) => Decoder::File(t.stream()),
+        }
+    }
+}
+
+/// See [`TextTokenizer::decoder`]: the text each id completes.
+pub enum Decoder<'a> {
+    Builtin(Tokenizer, Utf8Stream),
+    File(HfStream<'a>),
+}
+
+impl Decoder<'_> {
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        match self {
+            Decoder::Builtin(t, stream) => Ok(stream.push(&t.decode_bytes(&[id]))),
+            Decoder::File(stream) => stream.push(id),
+        }
+    }
+
+    /// Whatever is held back at the end, lossily.
+    pub fn finish(&mut self) -> Result<String> {
+        match self {
+            Decoder::Builtin(_, stream) => Ok(stream.finish()),
+            Decoder::File(stream) => stream.finish(),
         }
     }
 }
@@ -228,7 +323,7 @@ mod tests {
         let text = "Hello world — naïve café\n";
         for tok in [Tokenizer::Gpt2, Tokenizer::Bytes] {
             let ids = tok.encode(text);
-            assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()));
+            assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size().unwrap()));
             assert_eq!(tok.decode_bytes(&ids), text.as_bytes());
         }
         assert_eq!(Tokenizer::Bytes.encode("AB"), [65, 66]);

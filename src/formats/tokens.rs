@@ -489,14 +489,14 @@ pub fn read_meta(token_file: &Path) -> Option<(PathBuf, DataMeta)> {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
     json.get("tokenizer")?;
     match serde_json::from_value::<DataMeta>(json) {
-        Ok(meta) if meta.vocab_size == meta.tokenizer.vocab_size() => Some((path, meta)),
+        Ok(meta) if meta.tokenizer.vocab_size().is_none_or(|v| v == meta.vocab_size) => Some((path, meta)),
         Ok(meta) => {
             eprintln!(
                 "warning: {}: vocab_size {} is not the {} tokenizer's {}; ignoring the file",
                 path.display(),
                 meta.vocab_size,
                 meta.tokenizer.name(),
-                meta.tokenizer.vocab_size()
+                meta.tokenizer.vocab_size().unwrap_or_default()
             );
             None
         }

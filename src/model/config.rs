@@ -1,4 +1,4 @@
-//! Model hyper-parameters: the GPT-2 family presets and the `config.json` fields they map to.
+//! Model hyper-parameters: the presets (GPT-2's sizes and a Llama one) and the `config.json` fields they map to.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,11 @@ pub enum Preset {
     Gpt2Large,
     /// 1558M: 48 layers, 25 heads, 1600 channels.
     Gpt2Xl,
+    /// A Llama-family model of SmolLM2-135M's shape: 30 layers, 9 query and 3 key/value heads,
+    /// 576 channels, MLP 1536, tied embeddings, context 2048.
+    #[value(name = "llama-135m")]
+    #[serde(rename = "llama-135m")]
+    Llama135m,
 }
 
 /// Every padded vocabulary is a multiple of this, so the classifier matmul tiles evenly on a GPU
@@ -48,6 +53,8 @@ impl GptConfig {
             Preset::Gpt2Medium => (24, 16, 1024),
             Preset::Gpt2Large => (36, 20, 1280),
             Preset::Gpt2Xl => (48, 25, 1600),
+            // ModelConfig::preset takes the Llama presets before they come here.
+            Preset::Llama135m => panic!("llama-135m is not a GPT-2 size"),
         };
         GptConfig { n_layer, n_head, n_embd, vocab_size: 50257, n_positions: 1024, layer_norm_epsilon: 1e-5 }
     }

@@ -34,6 +34,25 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// SmolLM2-135M's shape (the `llama-135m` preset) with GPT-2's vocabulary, which the data's
+    /// meta.json or --vocab-size replaces.
+    pub fn small() -> Self {
+        LlamaConfig {
+            vocab_size: 50257,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            attention_bias: false,
+            o_proj_bias: false,
+            tie_word_embeddings: true,
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }

@@ -8,8 +8,8 @@ use crate::cuda::Precision;
 use crate::formats::rundir::ARGS_FILE;
 use crate::formats::tokenizer::Tokenizer;
 use crate::formats::tokens::DataFormat;
-use crate::model::config::{GptConfig, Preset};
-use crate::model::layout::activation_count;
+use crate::model::config::Preset;
+use crate::model::family::ModelConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -45,9 +45,10 @@ pub struct TrainArgs {
     /// finch run directory (its model/, or its checkpoint's weights if it has no model yet)
     #[arg(long, value_name = "DIR")]
     pub init: Option<PathBuf>,
-    /// Random init of a GPT-2 size [default: gpt2]: gpt2 124M (12 layers, 12 heads, 768 channels),
-    /// gpt2-medium 350M (24, 16, 1024), gpt2-large 774M (36, 20, 1280), gpt2-xl 1558M (48, 25, 1600);
-    /// the flags below override its fields
+    /// Random init of a preset size [default: gpt2]: gpt2 124M (12 layers, 12 heads, 768 channels),
+    /// gpt2-medium 350M (24, 16, 1024), gpt2-large 774M (36, 20, 1280), gpt2-xl 1558M (48, 25, 1600),
+    /// or llama-135m (a Llama-family model of SmolLM2-135M's shape: 30 layers, 9 heads of which 3
+    /// key/value, 576 channels, MLP 1536, context 2048); the flags below override its fields
     #[arg(long, value_enum)]
     pub model: Option<Preset>,
     /// Transformer blocks
@@ -59,6 +60,15 @@ pub struct TrainArgs {
     /// Channels: the width of the model
     #[arg(long, value_name = "C")]
     pub n_embd: Option<usize>,
+    /// Llama family: key/value heads, each shared by a group of query heads (must divide
+    /// --n-head)
+    #[arg(long, value_name = "NKV")]
+    #[serde(default)]
+    pub n_kv_head: Option<usize>,
+    /// Llama family: the width of the SwiGLU MLP
+    #[arg(long, value_name = "I")]
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
     /// Vocabulary size [default: from meta.json beside --data (finch tokenize writes it), else 50257]
     #[arg(long, value_name = "V")]
     pub vocab_size: Option<usize>,
@@ -69,6 +79,11 @@ pub struct TrainArgs {
     /// meta.json beside --data, else gpt2 for vocabulary 50257 and bytes for 256]
     #[arg(long, value_enum)]
     pub tokenizer: Option<Tokenizer>,
+    /// For ids of a tokenizer.json: the directory holding it (beside the data, or the --init
+    /// model's), copied into RUN_DIR and the saved model
+    #[arg(skip)]
+    #[serde(skip)]
+    pub tokenizer_dir: Option<PathBuf>,
     /// Seed of the random init
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
@@ -212,7 +227,8 @@ impl TrainArgs {
     }
 }
 
-const MODEL_FLAGS: [&str; 6] = ["model", "n_layer", "n_head", "n_embd", "vocab_size", "context_length"];
+const MODEL_FLAGS: [&str; 8] =
+    ["model", "n_layer", "n_head", "n_embd", "n_kv_head", "intermediate_size", "vocab_size", "context_length"];
 
 /// For --resume: the run's saved flags, overridden by those given on this command line.
 pub fn merge_resumed_args(cli: &TrainArgs, is_explicit: impl Fn(&str) -> bool) -> Result<TrainArgs> {
@@ -321,19 +337,36 @@ pub(super) fn check_flags(a: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> 
 
 /// The model the flags describe; `data_vocab` (from the data's meta.json) is the vocabulary when
 /// --vocab-size is not given.
-pub(super) fn model_config(a: &TrainArgs, data_vocab: Option<usize>) -> Result<GptConfig> {
-    let mut cfg = GptConfig::preset(a.model.unwrap_or(Preset::Gpt2));
-    cfg.vocab_size = data_vocab.unwrap_or(cfg.vocab_size);
-    let overrides = [
-        (&mut cfg.n_layer, a.n_layer),
-        (&mut cfg.n_head, a.n_head),
-        (&mut cfg.n_embd, a.n_embd),
-        (&mut cfg.vocab_size, a.vocab_size),
-        (&mut cfg.n_positions, a.context_length),
-    ];
-    for (field, value) in overrides {
-        if let Some(v) = value {
-            *field = v;
+pub(super) fn model_config(a: &TrainArgs, data_vocab: Option<usize>) -> Result<ModelConfig> {
+    let mut cfg = ModelConfig::preset(a.model.unwrap_or(Preset::Gpt2));
+    let common = [a.n_layer, a.n_head, a.n_embd, a.vocab_size.or(data_vocab), a.context_length];
+    let common = |i: usize, field: &mut usize| *field = common[i].unwrap_or(*field);
+    let llama_only = [("--n-kv-head", a.n_kv_head), ("--intermediate-size", a.intermediate_size)];
+    match &mut cfg {
+        ModelConfig::Gpt2(c) => {
+            if let Some((flag, _)) = llama_only.iter().find(|(_, v)| v.is_some()) {
+                bail!("{flag} is a Llama-family flag; GPT-2 has neither (use --model llama-135m)");
+            }
+            for (i, field) in [&mut c.n_layer, &mut c.n_head, &mut c.n_embd, &mut c.vocab_size, &mut c.n_positions]
+                .into_iter()
+                .enumerate()
+            {
+                common(i, field);
+            }
+        }
+        ModelConfig::Llama(c) => {
+            let fields = [
+                &mut c.num_hidden_layers,
+                &mut c.num_attention_heads,
+                &mut c.hidden_size,
+                &mut c.vocab_size,
+                &mut c.max_position_embeddings,
+            ];
+            for (i, field) in fields.into_iter().enumerate() {
+                common(i, field);
+            }
+            c.num_key_value_heads = a.n_kv_head.unwrap_or(c.num_key_value_heads);
+            c.intermediate_size = a.intermediate_size.unwrap_or(c.intermediate_size);
         }
     }
     cfg.validate("model flags (--n-layer, --n-head, --n-embd, --vocab-size, --context-length)")?;
@@ -348,10 +381,11 @@ pub(super) struct BatchShape {
     pub step_tokens: usize,
 }
 
-pub(super) fn batch_shape(a: &TrainArgs, config: &GptConfig) -> Result<BatchShape> {
-    let t = a.seq_len.unwrap_or(config.n_positions);
-    if t > config.n_positions {
-        bail!("--seq-len {t} exceeds the model's context length {}", config.n_positions);
+pub(super) fn batch_shape(a: &TrainArgs, config: &ModelConfig) -> Result<BatchShape> {
+    let context = config.context_length();
+    let t = a.seq_len.unwrap_or(context);
+    if t > context {
+        bail!("--seq-len {t} exceeds the model's context length {context}");
     }
     let b = a.batch_size;
     // Every size computed from the shape (activations and their gradients, at most 16 bytes per
@@ -359,7 +393,7 @@ pub(super) fn batch_shape(a: &TrainArgs, config: &GptConfig) -> Result<BatchShap
     let too_large =
         || format!("--batch-size {b} × --seq-len {t} is too large: its activations alone exceed any memory");
     let window = b.checked_mul(t).with_context(too_large)?;
-    window.checked_mul(activation_count(config, 1, 1)).and_then(|n| n.checked_mul(16)).with_context(too_large)?;
+    window.checked_mul(config.activation_count(1, 1)).and_then(|n| n.checked_mul(16)).with_context(too_large)?;
     // The tokens of one step; bounded, so that later products cannot overflow.
     let step_tokens = window
         .checked_mul(a.grad_accum)
@@ -388,7 +422,9 @@ pub fn check_saved_args(text: &str) -> Result<()> {
         host_memory_plan(on_gpu, &config, shape.b, shape.t);
     }
     for precision in [Precision::F32, Precision::Bf16] {
-        gpu_memory_plan(&config, (shape.b, shape.t), precision, args.recompute, 1);
+        if let Some(gpt) = config.gpt() {
+            gpu_memory_plan(gpt, (shape.b, shape.t), precision, args.recompute, 1);
+        }
     }
     let steps = args.steps.unwrap_or(1);
     for step in [1, steps / 2, steps] {

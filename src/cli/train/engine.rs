@@ -2,13 +2,15 @@
 //! interface (the choice between them is `cli::device`).
 
 use crate::cli::device::Device;
+use crate::cpu::llama::Llama;
 use crate::cpu::model::Gpt;
 use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 use crate::cuda::model::{GpuGpt, StepOutcome, Votes};
 use crate::cuda::nccl::Nccl;
 use crate::cuda::profile::{dense_bf16_peak, KernelTotal};
-use crate::model::config::GptConfig;
+use crate::model::family::ModelConfig;
 use crate::model::layout::ParamLayout;
+use anyhow::bail;
 use anyhow::Result;
 
 /// A non-finite value found in a parameter-shaped buffer: which tensor, where, what.
@@ -62,9 +64,48 @@ impl GpuOptions {
     }
 }
 
+/// What the loop asks of a CPU reference model, whichever its family.
+pub trait CpuModel: Send {
+    /// Mean loss over the batch.
+    fn forward(&mut self, x: &[u32], y: &[u32], b: usize, t: usize) -> f64;
+    fn backward(&mut self, loss_scale: f64);
+    fn zero_grad(&mut self);
+    fn params(&self) -> &[f32];
+    fn grads(&self) -> &[f32];
+    /// The weights (to update), their gradients (to clip) and their layout, at once.
+    fn state_mut(&mut self) -> (&mut [f32], &mut [f32], &ParamLayout);
+}
+
+macro_rules! cpu_model {
+    ($model:ty) => {
+        impl CpuModel for $model {
+            fn forward(&mut self, x: &[u32], y: &[u32], b: usize, t: usize) -> f64 {
+                <$model>::forward(self, x, Some(y), b, t).expect("targets given")
+            }
+            fn backward(&mut self, loss_scale: f64) {
+                <$model>::backward(self, loss_scale)
+            }
+            fn zero_grad(&mut self) {
+                <$model>::zero_grad(self)
+            }
+            fn params(&self) -> &[f32] {
+                &self.params
+            }
+            fn grads(&self) -> &[f32] {
+                &self.grads
+            }
+            fn state_mut(&mut self) -> (&mut [f32], &mut [f32], &ParamLayout) {
+                (&mut self.params, &mut self.grads, &self.layout)
+            }
+        }
+    };
+}
+cpu_model!(Gpt<f32>);
+cpu_model!(Llama<f32>);
+
 /// A model and its optimizer on one device.
 pub enum Engine {
-    Cpu { model: Box<Gpt<f32>>, optimizer: AdamW<f32> },
+    Cpu { model: Box<dyn CpuModel>, optimizer: AdamW<f32> },
     Gpu(Box<GpuGpt>),
 }
 
@@ -73,19 +114,25 @@ impl Engine {
     /// job when `nccl` is given.
     pub fn new(
         device: &Device,
-        config: GptConfig,
+        config: ModelConfig,
         params: Vec<f32>,
         optimizer: Option<AdamW<f32>>,
         options: GpuOptions,
         nccl: Option<Nccl>,
     ) -> Result<Engine> {
-        let n = ParamLayout::new(&config).total;
-        Ok(match device {
-            Device::Cpu => Engine::Cpu {
-                model: Box::new(Gpt::new(config, params)),
+        let n = config.layout().total;
+        Ok(match (device, config) {
+            (Device::Cpu, config) => Engine::Cpu {
+                model: match config {
+                    ModelConfig::Gpt2(c) => Box::new(Gpt::new(c, params)),
+                    ModelConfig::Llama(c) => Box::new(Llama::new(c, params)),
+                },
                 optimizer: optimizer.unwrap_or_else(|| AdamW::new(n)),
             },
-            Device::Cuda(gpu, precision) => {
+            (Device::Cuda(..), ModelConfig::Llama(_)) => {
+                bail!("the GPU backend does not train Llama-family models yet")
+            }
+            (Device::Cuda(gpu, precision), ModelConfig::Gpt2(config)) => {
                 let mut model = match nccl {
                     Some(nccl) => GpuGpt::new_sharded(gpu.clone(), config, *precision, &params, nccl)?,
                     None => GpuGpt::new(gpu.clone(), config, *precision, &params)?,
@@ -122,14 +169,15 @@ impl Engine {
                 model.zero_grad();
                 let mut loss = 0.0;
                 for (x, y) in micro_batches {
-                    loss += model.forward(x, Some(y), b, t).expect("targets given") / accum;
+                    loss += model.forward(x, y, b, t) / accum;
                     model.backward(1.0 / accum);
                 }
-                let grad_norm = global_norm(&model.grads);
+                let grad_norm = global_norm(model.grads());
                 let applied = loss.is_finite() && grad_norm.is_finite();
                 if applied {
-                    clip_grad_norm(&mut model.grads, grad_norm, grad_clip);
-                    optimizer.update(&mut model.params, &model.grads, &model.layout, lr, hp);
+                    let (params, grads, layout) = model.state_mut();
+                    clip_grad_norm(grads, grad_norm, grad_clip);
+                    optimizer.update(params, grads, layout, lr, hp);
                 }
                 let (stop_votes, checkpoint_votes) = (votes.stop as usize, votes.checkpoint as usize);
                 Ok(StepOutcome { loss, grad_norm, applied, stop_votes, checkpoint_votes })
@@ -176,11 +224,10 @@ impl Engine {
 
     /// Mean loss over the batch.
     pub fn forward(&mut self, x: &[u32], y: &[u32], b: usize, t: usize) -> Result<f64> {
-        let loss = match self {
-            Engine::Cpu { model, .. } => model.forward(x, Some(y), b, t),
-            Engine::Gpu(m) => m.forward(x, Some(y), b, t)?,
-        };
-        Ok(loss.expect("targets given"))
+        Ok(match self {
+            Engine::Cpu { model, .. } => model.forward(x, y, b, t),
+            Engine::Gpu(m) => m.forward(x, Some(y), b, t)?.expect("targets given"),
+        })
     }
 
     pub fn backward(&mut self, loss_scale: f64) -> Result<()> {
@@ -193,7 +240,7 @@ impl Engine {
 
     pub fn grad_norm(&self) -> Result<f64> {
         match self {
-            Engine::Cpu { model, .. } => Ok(global_norm(&model.grads)),
+            Engine::Cpu { model, .. } => Ok(global_norm(model.grads())),
             Engine::Gpu(m) => m.grad_norm(),
         }
     }
@@ -202,7 +249,7 @@ impl Engine {
     /// there); None if all are finite.
     pub fn first_nonfinite_grad(&self, layout: &ParamLayout) -> Result<Option<NonFinite>> {
         Ok(match self {
-            Engine::Cpu { model, .. } => first_nonfinite(layout, &model.grads),
+            Engine::Cpu { model, .. } => first_nonfinite(layout, model.grads()),
             Engine::Gpu(m) => first_nonfinite(layout, &m.grads()?),
         })
     }
@@ -211,8 +258,9 @@ impl Engine {
     pub fn update(&mut self, lr: f64, hp: &AdamWConfig, grad_norm: f64, grad_clip: f64) -> Result<()> {
         match self {
             Engine::Cpu { model, optimizer } => {
-                clip_grad_norm(&mut model.grads, grad_norm, grad_clip);
-                optimizer.update(&mut model.params, &model.grads, &model.layout, lr, hp);
+                let (params, grads, layout) = model.state_mut();
+                clip_grad_norm(grads, grad_norm, grad_clip);
+                optimizer.update(params, grads, layout, lr, hp);
                 Ok(())
             }
             Engine::Gpu(m) => m.update(lr, hp, grad_norm, grad_clip),
@@ -223,7 +271,7 @@ impl Engine {
     /// when training there.
     pub fn with_state<R>(&self, f: impl FnOnce(&[f32], &AdamW<f32>) -> Result<R>) -> Result<R> {
         match self {
-            Engine::Cpu { model, optimizer } => f(&model.params, optimizer),
+            Engine::Cpu { model, optimizer } => f(model.params(), optimizer),
             Engine::Gpu(m) => f(&m.master_params()?, &m.optimizer()?),
         }
     }
@@ -235,8 +283,14 @@ mod tests {
 
     #[test]
     fn the_first_nonfinite_value_is_named_by_tensor_and_index() {
-        let cfg =
-            GptConfig { n_layer: 2, n_head: 2, n_embd: 8, vocab_size: 50, n_positions: 8, layer_norm_epsilon: 1e-5 };
+        let cfg = crate::model::config::GptConfig {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            vocab_size: 50,
+            n_positions: 8,
+            layer_norm_epsilon: 1e-5,
+        };
         let layout = ParamLayout::new(&cfg);
         let mut values = vec![0.5f32; layout.total];
         assert_eq!(first_nonfinite(&layout, &values), None);

@@ -5,7 +5,7 @@
 use crate::cuda::model::memory_plan as gpu_memory_plan;
 use crate::cuda::{Gpu, Precision};
 use crate::model::config::GptConfig;
-use crate::model::layout::{activation_count, ParamLayout};
+use crate::model::family::ModelConfig;
 use crate::os::resources::{available_memory, human_bytes, AvailableMemory};
 use anyhow::{bail, Result};
 
@@ -13,11 +13,11 @@ use anyhow::{bail, Result};
 /// v, then the activations and their gradients, all f32. On a GPU everything lives on the
 /// device, but each checkpoint copies the f32 weights and both moments to the host (as a resumed
 /// run holds its loaded checkpoint there until the upload).
-pub(super) fn host_memory_plan(on_gpu: bool, cfg: &GptConfig, b: usize, t: usize) -> Vec<(&'static str, usize)> {
-    let n = ParamLayout::new(cfg).total;
+pub(super) fn host_memory_plan(on_gpu: bool, cfg: &ModelConfig, b: usize, t: usize) -> Vec<(&'static str, usize)> {
+    let n = cfg.layout().total;
     match on_gpu {
         false => {
-            vec![("weights+grads+optimizer", 4 * 4 * n), ("activations", 2 * 4 * activation_count(cfg, b, t))]
+            vec![("weights+grads+optimizer", 4 * 4 * n), ("activations", 2 * 4 * cfg.activation_count(b, t))]
         }
         true => vec![("weights and AdamW moments copied from the GPU for each checkpoint", 3 * 4 * n)],
     }
@@ -108,12 +108,13 @@ pub(super) fn describe_plan(plan: &[(&str, usize)]) -> String {
 mod tests {
     use super::*;
     use crate::model::config::Preset;
+    use crate::model::layout::{activation_count, ParamLayout};
 
     #[test]
     fn a_run_beyond_the_available_host_memory_is_refused_with_the_numbers() {
         let cfg = GptConfig::preset(Preset::Gpt2);
         let n = ParamLayout::new(&cfg).total;
-        let cpu = host_memory_plan(false, &cfg, 4, 64);
+        let cpu = host_memory_plan(false, &ModelConfig::Gpt2(cfg), 4, 64);
         let needed = 16 * n + 8 * activation_count(&cfg, 4, 64);
         let room = |bytes: usize| AvailableMemory { bytes: bytes as u64, limited_by: None };
         assert_eq!(memory_refusal(&cpu, Some((4, 64)), &room(needed)), None);
@@ -128,8 +129,8 @@ mod tests {
             bytes: (12 * n - 1) as u64,
             limited_by: Some("the memory limit of cgroup /job (1.0 GiB)".into()),
         };
-        let gpu = host_memory_plan(true, &cfg, 4, 64);
-        assert_eq!(gpu, host_memory_plan(true, &cfg, 64, 1024));
+        let gpu = host_memory_plan(true, &ModelConfig::Gpt2(cfg), 4, 64);
+        assert_eq!(gpu, host_memory_plan(true, &ModelConfig::Gpt2(cfg), 64, 1024));
         let refusal = memory_refusal(&gpu, None, &limited).expect("one byte short");
         assert_eq!(
             refusal,

@@ -28,7 +28,7 @@ use crate::dist::world::World;
 use crate::formats::checkpoint::TrainState;
 use crate::formats::tokens::{BatchWalker, TokenStream};
 use crate::formats::trainlog::{human_duration, plural, Console, JsonlLog, StepRecord};
-use crate::model::config::GptConfig;
+use crate::model::family::ModelConfig;
 use crate::model::layout::ParamLayout;
 use crate::model::rng::Rng;
 use crate::os::files::check_free_space;
@@ -39,7 +39,7 @@ use outputs::{
     check_writable, final_outputs_are_current, mid_run, save_checkpoint, write_final_outputs, HEADER_ALLOWANCE,
 };
 use schedule::LrSchedule;
-use setup::{out_flag, plan, prepare_run_dir, print_setup, real_params, save_args, Plan, ValSet};
+use setup::{out_flag, plan, prepare_run_dir, print_setup, save_args, Plan, ValSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -79,6 +79,7 @@ pub fn run(cli: TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Result<()> {
         return if lead { finish_finished_run(&args, &plan, state.step) } else { Ok(()) };
     }
     args.tokenizer = plan.tokenizer;
+    args.tokenizer_dir = plan.tokenizer_dir.clone();
     args.steps = Some(plan.steps);
     let schedule_note = schedule_segment(&mut args, &plan);
     if lead {
@@ -152,7 +153,7 @@ fn finish_finished_run(args: &TrainArgs, plan: &Plan, step: usize) -> Result<()>
         bail!("the run already completed {step} of {} steps; pass a larger --steps to continue it", plan.steps);
     }
     println!("the run completed its {step} steps before it was interrupted; writing its final outputs");
-    write_final_outputs(args, &plan.config, &plan.params, plan.log_path.as_deref(), real_params(&plan.config))
+    write_final_outputs(args, &plan.config, &plan.params, plan.log_path.as_deref(), plan.config.real_params())
 }
 
 /// For a resumed run given a new --steps: with --new-schedule, a new learning-rate schedule over
@@ -194,7 +195,7 @@ fn explicit_flags(args: &TrainArgs, is_explicit: &dyn Fn(&str) -> bool) -> Vec<S
 /// A run under way: what the loop reads and updates from one step to the next.
 struct Run<'a> {
     args: &'a TrainArgs,
-    cfg: GptConfig,
+    cfg: ModelConfig,
     layout: ParamLayout,
     b: usize,
     t: usize,
@@ -238,14 +239,14 @@ impl<'a> Run<'a> {
     ) -> Result<Run<'a>> {
         let lead = world.rank == 0;
         let cfg = plan.config;
-        let layout = ParamLayout::new(&cfg);
+        let layout = cfg.layout();
         let (optimizer, state): (Option<AdamW<f32>>, TrainState) = match plan.resumed {
             Some((optimizer, state)) => (Some(optimizer), state),
             None => (None, TrainState { step: 0, walker: BatchWalker { position: 0 }, rng: Rng::new(args.seed) }),
         };
         // Fail now, not after hours of training, when the checkpoint and the model cannot fit.
         let checkpoint_bytes = 3 * 4 * layout.total as u64 + HEADER_ALLOWANCE;
-        let model_bytes = 4 * real_params(&cfg) as u64 + HEADER_ALLOWANCE;
+        let model_bytes = 4 * cfg.real_params() as u64 + HEADER_ALLOWANCE;
         if let Some(dir) = args.out.as_ref().filter(|_| lead) {
             check_free_space(
                 dir,
@@ -269,7 +270,7 @@ impl<'a> Run<'a> {
             Some(path) => {
                 let mut log = JsonlLog::create(path)?;
                 log.write(&serde_json::json!({
-                    "event": "start", "config": cfg, "params": real_params(&cfg), "args": args,
+                    "event": "start", "config": cfg, "params": cfg.real_params(), "args": args,
                     "batch_size": plan.b, "seq_len": plan.t, "steps": plan.steps,
                 }))?;
                 Some(log)
@@ -300,7 +301,7 @@ impl<'a> Run<'a> {
             if lead {
                 println!("MFU: llm.c's FLOP count (6·N + 6·L·C·T per token) against the {peak}");
             }
-            flops_per_token(&cfg, plan.t) * tokens_per_step as f64
+            flops_per_token(cfg.gpt().expect("only GPT-2 runs on a GPU"), plan.t) * tokens_per_step as f64
         });
         if args.profile && matches!(engine, Engine::Cpu { .. }) {
             println!("--profile: the run is on the CPU, where there are no kernels to time");
@@ -491,7 +492,7 @@ impl<'a> Run<'a> {
             return self.engine.with_state(|_, _| Ok(()));
         }
         self.report_profile()?;
-        let real = real_params(&self.cfg);
+        let real = self.cfg.real_params();
         self.engine.with_state(|params, _| {
             write_final_outputs(self.args, &self.cfg, params, self.log_path.as_deref(), real)
         })?;

@@ -5,10 +5,12 @@
 use super::args::TrainArgs;
 use super::engine::{first_nonfinite, Engine};
 use crate::formats::checkpoint::{self, TrainState};
+use crate::formats::hf_tokenizer::HfTokenizer;
 use crate::formats::huggingface;
+use crate::formats::model_dir::{load_model_params, model_config_json, save_model_dir};
 use crate::formats::rundir::MODEL_DIR;
 use crate::formats::trainlog::JsonlLog;
-use crate::model::config::GptConfig;
+use crate::model::family::ModelConfig;
 use crate::model::layout::ParamLayout;
 use crate::os::files::{check_free_space, create_dir, explain_write_error};
 use anyhow::{bail, Result};
@@ -24,7 +26,7 @@ pub(super) fn save_checkpoint(
     dir: &Path,
     engine: &Engine,
     layout: &ParamLayout,
-    cfg: &GptConfig,
+    cfg: &ModelConfig,
     state: &TrainState,
     log: Option<&JsonlLog>,
     bytes: u64,
@@ -69,13 +71,13 @@ pub(super) fn check_writable(dir: &Path, flag: &str) -> Result<()> {
 
 /// Whether the model directories a finished run writes (`RUN_DIR/model`, and --save) hold
 /// exactly `params` and the config.
-pub(super) fn final_outputs_are_current(args: &TrainArgs, cfg: &GptConfig, params: &[f32]) -> bool {
+pub(super) fn final_outputs_are_current(args: &TrainArgs, cfg: &ModelConfig, params: &[f32]) -> bool {
     let current = |dir: &Path| {
         let config = std::fs::read_to_string(dir.join(huggingface::CONFIG_FILE))
             .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
-        config == Some(huggingface::config_json(cfg, args.tokenizer))
-            && huggingface::load_params(dir, cfg).is_ok_and(|saved| {
+        config == Some(model_config_json(cfg, args.tokenizer))
+            && load_model_params(dir, cfg).is_ok_and(|saved| {
                 saved.len() == params.len()
                     && saved.iter().zip(params).all(|(a, b)| a.to_bits() == b.to_bits() || *a == 0.0 && *b == 0.0)
             })
@@ -86,17 +88,18 @@ pub(super) fn final_outputs_are_current(args: &TrainArgs, cfg: &GptConfig, param
 /// What a finished run writes: `RUN_DIR/model` first, then the loss plot, then --save.
 pub(super) fn write_final_outputs(
     args: &TrainArgs,
-    cfg: &GptConfig,
+    cfg: &ModelConfig,
     params: &[f32],
     log_path: Option<&Path>,
     real_params: usize,
 ) -> Result<()> {
-    if let Some(bad) = first_nonfinite(&ParamLayout::new(cfg), params) {
+    if let Some(bad) = first_nonfinite(&cfg.layout(), params) {
         bail!("the final weights are not finite ({bad}); not saving them as the model");
     }
     let model_bytes = 4 * real_params as u64 + HEADER_ALLOWANCE;
     if let Some(dir) = &args.out {
-        huggingface::save_model(&dir.join(MODEL_DIR), cfg, params, args.tokenizer, "--out")
+        save_model_dir(&dir.join(MODEL_DIR), cfg, params, args.tokenizer, "--out")
+            .and_then(|()| copy_tokenizer(args, &dir.join(MODEL_DIR), "--out"))
             .map_err(|e| explain_write_error(e, "--out", dir, Some((model_bytes, "the model"))))?;
         // The plot is a convenience: a failure to draw it must not fail a finished run.
         let plotted = match log_path {
@@ -112,9 +115,18 @@ pub(super) fn write_final_outputs(
         println!("run directory: {} (log.jsonl, checkpoint, model/{plotted})", dir.display());
     }
     if let Some(dir) = &args.save {
-        huggingface::save_model(dir, cfg, params, args.tokenizer, "--save")
+        save_model_dir(dir, cfg, params, args.tokenizer, "--save")
+            .and_then(|()| copy_tokenizer(args, dir, "--save"))
             .map_err(|e| explain_write_error(e, "--save", dir, Some((model_bytes, "the model"))))?;
         println!("saved model to {}", dir.display());
     }
     Ok(())
+}
+
+/// A model directory gets the tokenizer.json its ids are of, as published models have.
+fn copy_tokenizer(args: &TrainArgs, dir: &Path, flag: &str) -> Result<()> {
+    match &args.tokenizer_dir {
+        Some(from) => HfTokenizer::load(from, "tokenizer")?.copy_into(dir, flag),
+        None => Ok(()),
+    }
 }

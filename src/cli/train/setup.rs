@@ -11,13 +11,12 @@ use crate::cpu::optimizer::AdamW;
 use crate::cuda::model::memory_plan as gpu_memory_plan;
 use crate::dist::world::World;
 use crate::formats::checkpoint::{self, TrainState};
+use crate::formats::hf_tokenizer::{HfTokenizer, TOKENIZER_FILE};
 use crate::formats::rundir::{ModelSource, ARGS_FILE, MODEL_DIR};
 use crate::formats::tokenizer::Tokenizer;
 use crate::formats::tokens::{expand_paths, read_meta, DataMeta, TokenStream};
 use crate::formats::trainlog::{human_duration, plural};
-use crate::model::config::GptConfig;
-use crate::model::init::init_params;
-use crate::model::layout::ParamLayout;
+use crate::model::family::ModelConfig;
 use crate::os::files::{
     create_dir, explain_write_error, lock_run_dir, remove_stale_temp_files, write_atomically, LOCK_FILE,
 };
@@ -74,9 +73,12 @@ pub(super) fn prepare_run_dir(args: &TrainArgs) -> Result<Option<RunDir>> {
     Ok(Some(run_dir))
 }
 
-/// Saves the run's flags in its directory, for --resume.
+/// Saves the run's flags in its directory, for --resume, and the tokenizer.json its ids are of.
 pub(super) fn save_args(args: &TrainArgs) -> Result<()> {
     let Some(dir) = &args.out else { return Ok(()) };
+    if let Some(from) = &args.tokenizer_dir {
+        HfTokenizer::load(from, "tokenizer")?.copy_into(dir, out_flag(args))?;
+    }
     write_atomically(&dir.join(ARGS_FILE), (serde_json::to_string_pretty(args)? + "\n").as_bytes())
         .map_err(|e| explain_write_error(e, out_flag(args), dir, None))
 }
@@ -92,7 +94,7 @@ pub(super) fn out_flag(args: &TrainArgs) -> &'static str {
 
 /// Flags checked and combined into what the loop needs.
 pub(super) struct Plan {
-    pub config: GptConfig,
+    pub config: ModelConfig,
     /// Where the initial weights come from, for the console.
     pub init_source: String,
     pub params: Vec<f32>,
@@ -106,6 +108,8 @@ pub(super) struct Plan {
     pub resumed: Option<(AdamW<f32>, TrainState)>,
     /// What the token ids mean, when known: recorded with the saved model.
     pub tokenizer: Option<Tokenizer>,
+    /// For a tokenizer.json: the directory holding it, copied into the run's and the saved model.
+    pub tokenizer_dir: Option<PathBuf>,
     pub device: Device,
     /// Why `device` was chosen, for the console (under `--device auto`).
     pub device_reason: Option<String>,
@@ -122,8 +126,8 @@ pub(super) struct ValSet {
     pub note: Option<String>,
 }
 
-fn open_stream(pattern: &str, flag: &str, a: &TrainArgs, cfg: &GptConfig, window: usize) -> Result<TokenStream> {
-    let stream = TokenStream::open(pattern, flag, a.data_format, cfg.vocab_size)?;
+fn open_stream(pattern: &str, flag: &str, a: &TrainArgs, cfg: &ModelConfig, window: usize) -> Result<TokenStream> {
+    let stream = TokenStream::open(pattern, flag, a.data_format, cfg.vocab_size())?;
     if stream.len() <= window {
         bail!(
             "{flag} {}: {} tokens, too few for one batch (--batch-size × --seq-len + 1 = {} tokens)",
@@ -189,14 +193,18 @@ pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>,
         (None, None) => (model_config(a, meta.as_ref().map(|(_, m)| m.vocab_size))?, a.tokenizer),
     };
     let tokenizer = resolve_tokenizer(a, meta.as_ref(), recorded, &config, init.as_ref())?;
+    let tokenizer_dir = match tokenizer {
+        Some(Tokenizer::HuggingFace) => Some(tokenizer_json_dir(a, meta.as_ref(), init.as_ref(), &config)?),
+        _ => None,
+    };
     let (device, device_reason) = device.fit(device_reason, &a.device, &config)?;
     let device = &device;
     let BatchShape { b, t, window, step_tokens } = batch_shape(a, &config)?;
     // The CPU's needs depend on the batch shape; a GPU run's host needs do not.
     let on_gpu = matches!(device, Device::Cuda(..));
     check_memory(&host_memory_plan(on_gpu, &config, b, t), (!on_gpu).then_some((b, t)))?;
-    if let Device::Cuda(gpu, precision) = device {
-        check_gpu_memory(gpu, &config, (b, t), *precision, (a.recompute, ranks))?;
+    if let (Device::Cuda(gpu, precision), Some(gpt)) = (device, config.gpt()) {
+        check_gpu_memory(gpu, gpt, (b, t), *precision, (a.recompute, ranks))?;
     }
     // A job's ranks read disjoint windows of each global batch (BatchWalker::next_batch_of).
     let train = open_stream(data, "--data", a, &config, window * ranks)?;
@@ -206,7 +214,7 @@ pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>,
     let val = match a.val.as_deref() {
         Some(pattern) => {
             check_val_meta(pattern, meta.as_ref())?;
-            let stream = TokenStream::open(pattern, "--val", a.data_format, config.vocab_size)?;
+            let stream = TokenStream::open(pattern, "--val", a.data_format, config.vocab_size())?;
             Some(val_set(stream, "--val", b, t, a.val_batches)?)
         }
         None => None,
@@ -218,7 +226,7 @@ pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>,
             (ck.params, "the run's checkpoint".to_string(), Some((ck.optimizer, ck.state)))
         }
         (None, Some(source)) => (source.params(&config)?, source.describe(), None),
-        (None, None) => (init_params(&config, a.seed), format!("random init, seed {}", a.seed), None),
+        (None, None) => (config.init_params(a.seed), format!("random init, seed {}", a.seed), None),
     };
     let log_path = a.log.clone().or_else(|| a.out.as_ref().map(|d| d.join("log.jsonl")));
     let device = device.clone();
@@ -234,9 +242,38 @@ pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>,
         log_path,
         resumed,
         tokenizer,
+        tokenizer_dir,
         device,
         device_reason,
     })
+}
+
+/// Where the tokenizer.json of a run whose ids are a tokenizer.json's is: beside the data (finch
+/// tokenize copies it there), in the --init model, or in the run directory; checked against the
+/// model's vocabulary.
+fn tokenizer_json_dir(
+    a: &TrainArgs,
+    meta: Option<&(PathBuf, DataMeta)>,
+    init: Option<&ModelSource>,
+    config: &ModelConfig,
+) -> Result<PathBuf> {
+    let beside_data = meta.map(|(path, _)| path.parent().unwrap_or(std::path::Path::new(".")).to_path_buf());
+    let candidates = [beside_data, init.map(|s| s.tokenizer_dir()), a.resume.clone()];
+    let Some(dir) = candidates.into_iter().flatten().find(|d| d.join(TOKENIZER_FILE).is_file()) else {
+        bail!(
+            "the data's ids are a tokenizer.json's, but there is no {TOKENIZER_FILE} beside --data, in --init or in              the run directory; put the one the data was tokenized with beside it"
+        );
+    };
+    let tokenizer = HfTokenizer::load(&dir, "tokenizer")?;
+    if tokenizer.vocab_size > config.vocab_size() {
+        bail!(
+            "{}: its {} tokens do not fit the model's vocabulary of {}",
+            dir.join(TOKENIZER_FILE).display(),
+            tokenizer.vocab_size,
+            config.vocab_size()
+        );
+    }
+    Ok(dir)
 }
 
 /// What the token ids mean: meta.json beside --data when `finch tokenize` wrote one (refusing a
@@ -246,7 +283,7 @@ fn resolve_tokenizer(
     a: &TrainArgs,
     meta: Option<&(PathBuf, DataMeta)>,
     recorded: Option<Tokenizer>,
-    config: &GptConfig,
+    config: &ModelConfig,
     init: Option<&ModelSource>,
 ) -> Result<Option<Tokenizer>> {
     if let Some((path, m)) = meta {
@@ -255,8 +292,8 @@ fn resolve_tokenizer(
         if let Some(t) = a.tokenizer.filter(|t| *t != m.tokenizer) {
             bail!("--tokenizer {} does not match the data: {tokens}; drop --tokenizer", t.name());
         }
-        if config.vocab_size != m.vocab_size {
-            let v = config.vocab_size;
+        if config.vocab_size() != m.vocab_size {
+            let v = config.vocab_size();
             let (model, advice) = match (init, a.resume.is_some()) {
                 (_, true) => {
                     (format!("the run's model has vocabulary {v}"), "resume it on the tokens it was trained on")
@@ -273,28 +310,23 @@ fn resolve_tokenizer(
         }
         return Ok(Some(m.tokenizer));
     }
-    let tokenizer = a.tokenizer.or(recorded).or_else(|| Tokenizer::guess_from_vocab(config.vocab_size));
-    if let Some(t) = tokenizer.filter(|t| t.vocab_size() > config.vocab_size) {
-        bail!(
-            "--tokenizer {}: its {} tokens do not fit the model's vocabulary of {}",
-            t.name(),
-            t.vocab_size(),
-            config.vocab_size
-        );
+    let tokenizer = a.tokenizer.or(recorded).or_else(|| Tokenizer::guess_from_vocab(config.vocab_size()));
+    if let Some((t, v)) = tokenizer.and_then(|t| Some((t, t.vocab_size()?))).filter(|&(_, v)| v > config.vocab_size()) {
+        bail!("--tokenizer {}: its {v} tokens do not fit the model's vocabulary of {}", t.name(), config.vocab_size());
     }
     Ok(tokenizer)
 }
 
 /// Without meta.json to say what the tokens are: a warning when the largest id is far below the
 /// vocabulary, the mark of byte tokens (or another small tokenizer's) in a GPT-2-sized model.
-fn warn_if_ids_look_smaller(train: &TokenStream, config: &GptConfig) {
+fn warn_if_ids_look_smaller(train: &TokenStream, config: &ModelConfig) {
     let largest = train.largest_id() as usize;
-    if largest < config.vocab_size / 4 {
+    if largest < config.vocab_size() / 4 {
         eprintln!(
             "warning: the largest token id in --data is {largest}, far below the model's vocabulary of {}: if \
              these are byte tokens, pass --vocab-size 256 (finch tokenize writes a meta.json beside its shards \
              that sets it)",
-            config.vocab_size
+            config.vocab_size()
         );
     }
 }
@@ -321,17 +353,7 @@ pub(super) fn print_setup(args: &TrainArgs, plan: &Plan, world: &World) {
     let (device, device_reason) = (&plan.device, plan.device_reason.as_ref());
     let cfg = &plan.config;
     let (b, t) = (plan.b, plan.t);
-    println!(
-        "model: {:.2}M parameters ({}, {}, {} channels, vocab {} padded to {}, context {}) from {}",
-        real_params(cfg) as f64 / 1e6,
-        plural(cfg.n_layer as u64, "layer"),
-        plural(cfg.n_head as u64, "head"),
-        cfg.n_embd,
-        cfg.vocab_size,
-        cfg.padded_vocab_size(),
-        cfg.n_positions,
-        plan.init_source
-    );
+    println!("model: {:.2}M parameters ({}) from {}", cfg.real_params() as f64 / 1e6, cfg.describe(), plan.init_source);
     println!(
         "data: {} ({} tokens{}); {} of {b}×{t}×{} tokens",
         plan.train.describe(),
@@ -367,7 +389,8 @@ pub(super) fn print_setup(args: &TrainArgs, plan: &Plan, world: &World) {
             }
         }
         Device::Cuda(gpu, precision) => {
-            let plan = gpu_memory_plan(cfg, (b, t), *precision, args.recompute, world.size);
+            let gpt = cfg.gpt().expect("Device::fit keeps other families off the GPU");
+            let plan = gpu_memory_plan(gpt, (b, t), *precision, args.recompute, world.size);
             let total = plan_bytes(&plan);
             println!(
                 "device: cuda, {} (compute {}.{}, {} kernels), {precision}{why}",
@@ -379,27 +402,13 @@ pub(super) fn print_setup(args: &TrainArgs, plan: &Plan, world: &World) {
     }
 }
 
-/// Parameters without the vocabulary padding: what the model has, and what its export holds.
-pub(super) fn real_params(cfg: &GptConfig) -> usize {
-    ParamLayout::new(cfg).total - (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.n_embd
-}
-
-/// Multiply-adds ×2 of one micro-batch's forward and backward: the matmuls (3× the forward's
-/// 2·params·B·T) and attention's two products (causal: half of B·T² per head dimension and layer).
-fn step_flops(cfg: &GptConfig, b: usize, t: usize) -> f64 {
-    let (bt, c, l) = ((b * t) as f64, cfg.n_embd as f64, cfg.n_layer as f64);
-    let matmul_params = 12.0 * l * c * c + c * cfg.padded_vocab_size() as f64;
-    let attention = 2.0 * l * b as f64 * (t as f64).powi(2) * c;
-    3.0 * (2.0 * matmul_params * bt + attention)
-}
-
 /// Runs longer than this on the CPU get a note at the start.
 const LONG_RUN_SECONDS: f64 = 3600.0;
 
 /// For a CPU run that would take hours: about how long a step and the run take, from the model's
 /// arithmetic and the speed of this machine's matmul, measured now (a fraction of a second).
-fn cpu_time_note(cfg: &GptConfig, b: usize, t: usize, accum: usize, steps: usize) -> Option<String> {
-    let flops = step_flops(cfg, b, t) * accum as f64;
+fn cpu_time_note(cfg: &ModelConfig, b: usize, t: usize, accum: usize, steps: usize) -> Option<String> {
+    let flops = cfg.step_flops(b, t) * accum as f64;
     // No CPU does 2 TFLOP/s: below that bound, the run is short whatever the machine.
     if flops * steps as f64 / 2e12 < LONG_RUN_SECONDS {
         return None;
@@ -441,13 +450,19 @@ mod tests {
     #[test]
     fn a_long_cpu_run_is_projected_from_its_arithmetic() {
         // GPT-2 124M at B=8, T=1024: 3 × (2 · 124M · 8192 + attention) ≈ 6.5 TFLOP a step.
-        let gpt2 = GptConfig::preset(Preset::Gpt2);
-        let flops = step_flops(&gpt2, 8, 1024);
+        let gpt2 = ModelConfig::preset(Preset::Gpt2);
+        let flops = gpt2.step_flops(8, 1024);
         assert!((6.0e12..7.0e12).contains(&flops), "{flops:e}");
         let note = cpu_time_note(&gpt2, 8, 1024, 1, 5000).expect("days on any CPU");
         assert!(note.starts_with("note: at about ") && note.contains(" per step on this CPU, 5000 steps take about "));
-        let tiny =
-            GptConfig { n_layer: 1, n_head: 1, n_embd: 8, vocab_size: 50, n_positions: 8, layer_norm_epsilon: 1e-5 };
+        let tiny = ModelConfig::Gpt2(crate::model::config::GptConfig {
+            n_layer: 1,
+            n_head: 1,
+            n_embd: 8,
+            vocab_size: 50,
+            n_positions: 8,
+            layer_norm_epsilon: 1e-5,
+        });
         assert_eq!(cpu_time_note(&tiny, 1, 8, 1, 100), None);
     }
 }
