@@ -9,7 +9,7 @@
 mod common;
 
 use common::{deterministic_step_lines, finch, report, text, tokens, TempDir};
-use finch::cuda::check::{kernel_checks, print_table, small_model, training_check, CheckRow};
+use finch::cuda::check::{kernel_checks, llama_training_check, print_table, small_model, training_check, CheckRow};
 use finch::cuda::model::GpuGpt;
 use finch::cuda::{Gpu, Precision};
 use finch::formats::tokens::write_llmc_u16;
@@ -52,6 +52,67 @@ fn gpu_training_follows_the_cpu() {
     for precision in [Precision::F32, Precision::Bf16] {
         assert_all_pass(&training_check(&gpu, precision).unwrap());
     }
+}
+
+#[test]
+fn gpu_llama_training_follows_the_cpu() {
+    let Some(gpu) = gpu_or_skip("gpu_llama_training_follows_the_cpu") else { return };
+    for precision in [Precision::F32, Precision::Bf16] {
+        assert_all_pass(&llama_training_check(&gpu, precision).unwrap());
+    }
+}
+
+/// A Llama-family run through the CLI on the GPU follows the CPU's, resumes, and samples.
+#[test]
+fn gpu_llama_training_through_the_cli_follows_the_cpu_and_resumes() {
+    if gpu_or_skip("gpu_llama_training_through_the_cli_follows_the_cpu_and_resumes").is_none() {
+        return;
+    }
+    let dir = TempDir::new("gpu-llama-cli");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(8_000, 256, 9)).unwrap();
+    let d = data.to_str().unwrap();
+    let run = |device: &str, precision: &str, out: &str, steps: &str| {
+        #[rustfmt::skip]
+        let args = [
+            "train", "--device", device, "--precision", precision, "--data", d, "--model", "llama-135m",
+            "--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32", "--intermediate-size", "40",
+            "--vocab-size", "256", "--context-length", "16", "--batch-size", "4", "--steps", steps,
+            "--lr-schedule", "constant", "--out", out,
+        ];
+        let out = finch(&args);
+        assert!(out.status.success(), "{device} {precision}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let losses = |out: &str| -> Vec<f64> {
+        let log = std::path::Path::new(out).join("log.jsonl");
+        deterministic_step_lines(&log).iter().map(|l| l["loss"].as_f64().unwrap()).collect()
+    };
+    let cpu = dir.path("cpu");
+    run("cpu", "f32", cpu.to_str().unwrap(), "6");
+    for precision in [Precision::F32, Precision::Bf16] {
+        let out = dir.path(&format!("gpu-{precision}"));
+        let o = out.to_str().unwrap();
+        let stdout = run("cuda", &precision.to_string(), o, "3");
+        assert!(stdout.contains("device: cuda") && stdout.contains("GPU memory: "), "{stdout}");
+        let resumed = finch(&["train", "--resume", o, "--steps", "6"]);
+        assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+        let (want, got) = (losses(cpu.to_str().unwrap()), losses(o));
+        assert_eq!(got.len(), 6);
+        for (step, (w, g)) in want.iter().zip(&got).enumerate() {
+            let tolerance = finch::cuda::check::training_tolerance(precision);
+            assert!((w - g).abs() <= tolerance, "{precision} step {}: cpu {w}, gpu {g}", step + 1);
+        }
+    }
+    // Greedy sampling on the GPU gives the CPU's text.
+    let sample = |device: &str| {
+        let model = dir.path("gpu-f32");
+        let args = ["sample", "--model", model.to_str().unwrap(), "--device", device, "--temperature", "0"];
+        let out = finch(&[&args[..], &["--prompt", "ab", "--max-new-tokens", "12"]].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        out.stdout
+    };
+    assert_eq!(sample("cuda"), sample("cpu"));
 }
 
 /// Losses and final weights of `steps` training steps on the GPU.

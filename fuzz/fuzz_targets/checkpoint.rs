@@ -35,7 +35,7 @@ fuzz_target!(|input: &[u8]| {
         }
     };
     if let Ok(ckpt) = finch::formats::checkpoint::parse(&file, Path::new("checkpoint.safetensors")) {
-        let n = finch::model::layout::ParamLayout::new(&ckpt.config).total;
+        let n = ckpt.config.layout().total;
         assert_eq!(ckpt.params.len(), n);
         assert_eq!(ckpt.optimizer.m.len(), n);
         assert_eq!(ckpt.optimizer.v.len(), n);

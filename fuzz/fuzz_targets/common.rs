@@ -45,7 +45,7 @@ pub static CHECKPOINT: LazyLock<Vec<u8>> = LazyLock::new(|| {
     adam.t = 7;
     adam.v.iter_mut().for_each(|v| *v = 0.5);
     let state = TrainState { step: 7, walker: BatchWalker { position: 12 }, rng: Rng::new(42) };
-    finch::formats::checkpoint::save(&dir, &TINY, &p, &adam, &state).expect("checkpoint::save");
+    finch::formats::checkpoint::save(&dir, &finch::model::family::ModelConfig::Gpt2(TINY), &p, &adam, &state).expect("checkpoint::save");
     let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     bytes

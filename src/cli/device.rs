@@ -1,5 +1,6 @@
 //! `--device` and `--precision`: which backend a command (train, sample) runs on.
 
+use crate::cuda::llama_model::GpuLlama;
 use crate::cuda::model::GpuGpt;
 use crate::cuda::{Gpu, Precision, NO_GPU};
 use crate::model::family::ModelConfig;
@@ -60,9 +61,7 @@ impl Device {
     pub fn fit(self, reason: Option<String>, flag: &str, cfg: &ModelConfig) -> Result<(Device, Option<String>)> {
         let unsupported = match cfg {
             ModelConfig::Gpt2(c) => GpuGpt::unsupported(c),
-            ModelConfig::Llama(_) => {
-                Some("the GPU backend does not train Llama-family models yet (its kernels are not wired in)".into())
-            }
+            ModelConfig::Llama(c) => GpuLlama::unsupported(c),
         };
         match (&self, unsupported) {
             (Device::Cuda(..), Some(why)) if flag == "auto" => Ok((Device::Cpu, Some(format!("on the CPU: {why}")))),

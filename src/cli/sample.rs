@@ -1,12 +1,13 @@
 //! `finch sample`: generate text from a saved model, streaming tokens as they come.
 //!
 //! On the CPU a GPT-2 model's new token costs one step of [`Generator`] (KV cache). On a GPU, and
-//! for the Llama family on the CPU, the context is recomputed by the training forward for every
-//! token (no KV cache there yet).
+//! for the Llama family, the context is recomputed by the training forward for every token (no
+//! KV cache there yet).
 
 use crate::cli::device::Device;
 use crate::cpu::infer::Generator;
 use crate::cpu::llama::Llama;
+use crate::cuda::llama_model::GpuLlama;
 use crate::cuda::model::GpuGpt;
 use crate::cuda::Precision;
 use crate::formats::hf_tokenizer::HfTokenizer;
@@ -142,6 +143,7 @@ enum Runner<'a> {
     Cpu(Box<Generator<'a>>),
     CpuLlama(Box<Llama<f32>>, Vec<u32>),
     Gpu(Box<GpuGpt>, Vec<u32>),
+    GpuLlama(Box<GpuLlama>, Vec<u32>),
 }
 
 impl Runner<'_> {
@@ -149,7 +151,7 @@ impl Runner<'_> {
     fn reset(&mut self) {
         match self {
             Runner::Cpu(g) => g.cache.clear(),
-            Runner::CpuLlama(_, context) | Runner::Gpu(_, context) => context.clear(),
+            Runner::CpuLlama(_, context) | Runner::Gpu(_, context) | Runner::GpuLlama(_, context) => context.clear(),
         }
     }
 
@@ -178,6 +180,13 @@ impl Runner<'_> {
                 model.forward(context, None, 1, t);
                 let (vp, v) = (model.config.padded_vocab_size(), model.config.vocab_size);
                 Ok(model.logits()[(t - 1) * vp..(t - 1) * vp + v].to_vec())
+            }
+            Runner::GpuLlama(model, context) => {
+                extend_context(context, tokens, max_t);
+                let t = context.len();
+                model.forward(context, None, 1, t)?;
+                let (vp, v) = (model.config.padded_vocab_size(), model.config.vocab_size);
+                Ok(model.logits()?[(t - 1) * vp..(t - 1) * vp + v].to_vec())
             }
             Runner::Gpu(model, context) => {
                 extend_context(context, tokens, max_t);
@@ -229,7 +238,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         (Device::Cuda(gpu, _), ModelConfig::Gpt2(cfg)) => {
             Runner::Gpu(Box::new(GpuGpt::new(gpu.clone(), cfg, Precision::F32, &params)?), Vec::new())
         }
-        (Device::Cuda(..), ModelConfig::Llama(_)) => unreachable!("Device::fit keeps Llama models on the CPU"),
+        (Device::Cuda(gpu, _), ModelConfig::Llama(cfg)) => {
+            Runner::GpuLlama(Box::new(GpuLlama::new(gpu.clone(), cfg, Precision::F32, &params)?), Vec::new())
+        }
     };
     let mut rng = Rng::new(args.seed);
     let mut out = std::io::stdout().lock();

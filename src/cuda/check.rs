@@ -90,9 +90,9 @@ pub fn print_table(rows: &[CheckRow]) {
 }
 
 /// Device buffers and random inputs for one precision's kernel checks.
-struct Harness<'a> {
+pub(super) struct Harness<'a> {
     gpu: &'a Gpu,
-    precision: Precision,
+    pub(super) precision: Precision,
     rng: Rng,
     buffers: Vec<DeviceBuffer>,
     rows: Vec<CheckRow>,
@@ -101,18 +101,18 @@ struct Harness<'a> {
 }
 
 impl<'a> Harness<'a> {
-    fn ops(&self) -> Ops<'a> {
+    pub(super) fn ops(&self) -> Ops<'a> {
         Ops { gpu: self.gpu, precision: self.precision, force_variant: self.variant }
     }
 
     /// n normals × scale, rounded to the storage precision.
-    fn random(&mut self, n: usize, scale: f64) -> Vec<f32> {
+    pub(super) fn random(&mut self, n: usize, scale: f64) -> Vec<f32> {
         let mut x = vec![0f32; n];
         self.rng.fill_normal(&mut x, 0.0, scale);
         x.iter().map(|&v| self.precision.round(v)).collect()
     }
 
-    fn alloc(&mut self, bytes: usize) -> Result<DPtr> {
+    pub(super) fn alloc(&mut self, bytes: usize) -> Result<DPtr> {
         let buf = self.gpu.alloc(bytes, "check buffers")?;
         let ptr = buf.ptr;
         self.buffers.push(buf);
@@ -120,20 +120,20 @@ impl<'a> Harness<'a> {
     }
 
     /// Uploads f32 values as f32.
-    fn f32s(&mut self, data: &[f32]) -> Result<DPtr> {
+    pub(super) fn f32s(&mut self, data: &[f32]) -> Result<DPtr> {
         let p = self.alloc(4 * data.len())?;
         self.gpu.upload(p, data)?;
         Ok(p)
     }
 
-    fn i32s(&mut self, data: &[i32]) -> Result<DPtr> {
+    pub(super) fn i32s(&mut self, data: &[i32]) -> Result<DPtr> {
         let p = self.alloc(4 * data.len())?;
         self.gpu.upload(p, data)?;
         Ok(p)
     }
 
     /// Uploads values (already representable) in the storage type.
-    fn stored(&mut self, data: &[f32]) -> Result<DPtr> {
+    pub(super) fn stored(&mut self, data: &[f32]) -> Result<DPtr> {
         let staging = self.f32s(data)?;
         let p = self.alloc(self.precision.size() * data.len())?;
         self.ops().f32_to_floatx(p, staging, data.len())?;
@@ -141,20 +141,20 @@ impl<'a> Harness<'a> {
     }
 
     /// A NaN-filled output of n elements (storage type, or f32).
-    fn poisoned(&mut self, n: usize, f32_type: bool) -> Result<DPtr> {
+    pub(super) fn poisoned(&mut self, n: usize, f32_type: bool) -> Result<DPtr> {
         let bytes = if f32_type { 4 } else { self.precision.size() } * n;
         let p = self.alloc(bytes)?;
         self.gpu.fill_bytes(p, 0xFF, bytes)?;
         Ok(p)
     }
 
-    fn fetch_f32(&self, p: DPtr, n: usize) -> Result<Vec<f32>> {
+    pub(super) fn fetch_f32(&self, p: DPtr, n: usize) -> Result<Vec<f32>> {
         let mut out = vec![0f32; n];
         self.gpu.download(&mut out, p)?;
         Ok(out)
     }
 
-    fn fetch(&mut self, p: DPtr, n: usize) -> Result<Vec<f32>> {
+    pub(super) fn fetch(&mut self, p: DPtr, n: usize) -> Result<Vec<f32>> {
         if self.precision == Precision::F32 {
             return self.fetch_f32(p, n);
         }
@@ -163,7 +163,7 @@ impl<'a> Harness<'a> {
         self.fetch_f32(tmp, n)
     }
 
-    fn record(&mut self, kernel: &str, shape: &str, got: &[f32], want: &[f64]) {
+    pub(super) fn record(&mut self, kernel: &str, shape: &str, got: &[f32], want: &[f64]) {
         self.rows.push(CheckRow {
             kernel: kernel.to_string(),
             shape: shape.to_string(),
@@ -175,7 +175,7 @@ impl<'a> Harness<'a> {
 
     /// A row that passes only if `a` and `b` hold the same bits; its error is the fraction of
     /// elements that differ.
-    fn record_bits(&mut self, kernel: &str, shape: &str, a: &[f32], b: &[f32]) {
+    pub(super) fn record_bits(&mut self, kernel: &str, shape: &str, a: &[f32], b: &[f32]) {
         let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
         self.rows.push(CheckRow {
             kernel: kernel.to_string(),
@@ -186,12 +186,12 @@ impl<'a> Harness<'a> {
         });
     }
 
-    fn free(&mut self) {
+    pub(super) fn free(&mut self) {
         self.buffers.clear();
     }
 }
 
-fn f64s(x: &[f32]) -> Vec<f64> {
+pub(super) fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
 }
 
@@ -237,6 +237,7 @@ pub fn kernel_checks(gpu: &Gpu, precision: Precision, seed: u64) -> Result<Vec<C
     for n in [1000, (1 << 20) + 3] {
         check_optimizer(&mut h, n)?;
     }
+    super::check_llama::llama_kernel_checks(&mut h)?;
     Ok(h.rows)
 }
 
@@ -681,12 +682,15 @@ fn gradient_rows(layout: &ParamLayout, cpu: &[f32], gpu: &[f32], precision: Prec
     rows
 }
 
-/// Every kernel check, then the training comparison, at each requested precision.
+pub use super::check_llama::llama_training_check;
+
+/// Every kernel check, then the training comparisons (GPT-2, Llama), at each requested precision.
 pub fn run_checks(gpu: &Arc<Gpu>, precisions: &[Precision], seed: u64) -> Result<Vec<CheckRow>> {
     let mut rows = Vec::new();
     for &precision in precisions {
         rows.extend(kernel_checks(gpu, precision, seed)?);
         rows.extend(training_check(gpu, precision)?);
+        rows.extend(llama_training_check(gpu, precision)?);
     }
     Ok(rows)
 }

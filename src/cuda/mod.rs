@@ -9,6 +9,9 @@
 pub mod bench;
 pub mod bench_memory;
 pub mod check;
+mod check_llama;
+pub mod llama_model;
+pub mod llama_ops;
 pub mod model;
 pub mod nccl;
 pub mod ops;

@@ -45,7 +45,7 @@ pub fn layernorm_scratch_len(n: usize, c: usize) -> usize {
     (layernorm_workers(n) * 2 * c).max(bias_scratch_len(n, 4 * c))
 }
 
-fn layernorm_workers(n: usize) -> usize {
+pub(super) fn layernorm_workers(n: usize) -> usize {
     n.clamp(1, LAYERNORM_WORKERS)
 }
 
@@ -127,23 +127,38 @@ pub struct Ops<'a> {
 impl Ops<'_> {
     /// A grid for `units` independent pieces of work (rows, groups, chunks) taken grid-stride:
     /// no more blocks than the GPU runs at once.
-    fn grid_for(&self, units: usize, per_block: usize, per_sm: usize) -> (u32, u32, u32) {
+    pub(super) fn grid_for(&self, units: usize, per_block: usize, per_sm: usize) -> (u32, u32, u32) {
         let most = self.gpu.sm_count as usize * per_sm;
         (blocks(units, per_block).min(most.max(1) as u32), 1, 1)
     }
 
     /// Launches `family` at this precision (its `_bf16` or `_f32` kernel), doing `work`.
-    fn launch(&self, family: &str, grid: (u32, u32, u32), block: u32, args: &[Arg], work: Work) -> Result<()> {
+    pub(super) fn launch(
+        &self,
+        family: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+        work: Work,
+    ) -> Result<()> {
         self.run(&format!("{family}_{}", self.precision.suffix()), grid, block, 0, args, work)
     }
 
     /// Launches kernel `name` with `smem` bytes of dynamic shared memory, doing `work`.
-    fn run(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg], work: Work) -> Result<()> {
+    pub(super) fn run(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+        work: Work,
+    ) -> Result<()> {
         self.gpu.launch_measured(name, grid, block, smem, args, work)
     }
 
     /// Bytes of `n` elements at this precision (activations, weights).
-    fn x(&self, n: usize) -> f64 {
+    pub(super) fn x(&self, n: usize) -> f64 {
         (n * self.precision.size()) as f64
     }
 

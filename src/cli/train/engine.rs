@@ -5,6 +5,7 @@ use crate::cli::device::Device;
 use crate::cpu::llama::Llama;
 use crate::cpu::model::Gpt;
 use crate::cpu::optimizer::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
+use crate::cuda::llama_model::GpuLlama;
 use crate::cuda::model::{GpuGpt, StepOutcome, Votes};
 use crate::cuda::nccl::Nccl;
 use crate::cuda::profile::{dense_bf16_peak, KernelTotal};
@@ -105,8 +106,13 @@ cpu_model!(Llama<f32>);
 
 /// A model and its optimizer on one device.
 pub enum Engine {
-    Cpu { model: Box<dyn CpuModel>, optimizer: AdamW<f32> },
+    Cpu {
+        model: Box<dyn CpuModel>,
+        optimizer: AdamW<f32>,
+    },
     Gpu(Box<GpuGpt>),
+    /// A Llama-family model on a GPU: one call per phase, each waiting (no one-sync step yet).
+    GpuLlama(Box<GpuLlama>),
 }
 
 impl Engine {
@@ -129,8 +135,15 @@ impl Engine {
                 },
                 optimizer: optimizer.unwrap_or_else(|| AdamW::new(n)),
             },
-            (Device::Cuda(..), ModelConfig::Llama(_)) => {
-                bail!("the GPU backend does not train Llama-family models yet")
+            (Device::Cuda(gpu, precision), ModelConfig::Llama(config)) => {
+                if nccl.is_some() {
+                    bail!("data-parallel training of Llama-family models is not implemented yet; use one GPU");
+                }
+                let mut model = GpuLlama::new(gpu.clone(), config, *precision, &params)?;
+                if let Some(opt) = optimizer {
+                    model.set_optimizer(&opt)?;
+                }
+                Engine::GpuLlama(Box::new(model))
             }
             (Device::Cuda(gpu, precision), ModelConfig::Gpt2(config)) => {
                 let mut model = match nccl {
@@ -186,6 +199,21 @@ impl Engine {
                 let batches: Vec<(&[u32], &[u32])> = micro_batches.iter().map(|(x, y)| (&x[..], &y[..])).collect();
                 m.train_step(&batches, (b, t), (lr, hp), grad_clip, votes)
             }
+            Engine::GpuLlama(m) => {
+                m.zero_grad()?;
+                let mut loss = 0.0;
+                for (x, y) in micro_batches {
+                    loss += m.forward(x, Some(y), b, t)?.expect("targets given") / accum;
+                    m.backward(1.0 / accum)?;
+                }
+                let grad_norm = m.grad_norm()?;
+                let applied = loss.is_finite() && grad_norm.is_finite();
+                if applied {
+                    m.update(lr, hp, grad_norm, grad_clip)?;
+                }
+                let (stop_votes, checkpoint_votes) = (votes.stop as usize, votes.checkpoint as usize);
+                Ok(StepOutcome { loss, grad_norm, applied, stop_votes, checkpoint_votes })
+            }
         }
     }
 
@@ -193,7 +221,7 @@ impl Engine {
     /// the table lacks.
     pub fn peak(&self) -> Option<(f64, &'static str)> {
         match self {
-            Engine::Cpu { .. } => None,
+            Engine::Cpu { .. } | Engine::GpuLlama(_) => None,
             Engine::Gpu(m) => dense_bf16_peak(&m.gpu_name()),
         }
     }
@@ -201,7 +229,7 @@ impl Engine {
     /// --profile's per-kernel totals and the steps they cover.
     pub fn profile(&self) -> Option<(Vec<KernelTotal>, usize)> {
         match self {
-            Engine::Cpu { .. } => None,
+            Engine::Cpu { .. } | Engine::GpuLlama(_) => None,
             Engine::Gpu(m) => m.profile(),
         }
     }
@@ -209,7 +237,7 @@ impl Engine {
     /// Values each rank computed (a validation loss's sum and count), summed over the ranks.
     pub fn sum_over_ranks(&self, values: &[f64]) -> Result<Vec<f64>> {
         match self {
-            Engine::Cpu { .. } => Ok(values.to_vec()),
+            Engine::Cpu { .. } | Engine::GpuLlama(_) => Ok(values.to_vec()),
             Engine::Gpu(m) => m.sum_over_ranks(values),
         }
     }
@@ -218,6 +246,7 @@ impl Engine {
         match self {
             Engine::Cpu { model, .. } => model.zero_grad(),
             Engine::Gpu(m) => m.zero_grad()?,
+            Engine::GpuLlama(m) => m.zero_grad()?,
         }
         Ok(())
     }
@@ -227,6 +256,7 @@ impl Engine {
         Ok(match self {
             Engine::Cpu { model, .. } => model.forward(x, y, b, t),
             Engine::Gpu(m) => m.forward(x, Some(y), b, t)?.expect("targets given"),
+            Engine::GpuLlama(m) => m.forward(x, Some(y), b, t)?.expect("targets given"),
         })
     }
 
@@ -234,6 +264,7 @@ impl Engine {
         match self {
             Engine::Cpu { model, .. } => model.backward(loss_scale),
             Engine::Gpu(m) => m.backward(loss_scale)?,
+            Engine::GpuLlama(m) => m.backward(loss_scale)?,
         }
         Ok(())
     }
@@ -242,6 +273,7 @@ impl Engine {
         match self {
             Engine::Cpu { model, .. } => Ok(global_norm(model.grads())),
             Engine::Gpu(m) => m.grad_norm(),
+            Engine::GpuLlama(m) => m.grad_norm(),
         }
     }
 
@@ -251,6 +283,7 @@ impl Engine {
         Ok(match self {
             Engine::Cpu { model, .. } => first_nonfinite(layout, model.grads()),
             Engine::Gpu(m) => first_nonfinite(layout, &m.grads()?),
+            Engine::GpuLlama(m) => first_nonfinite(layout, &m.grads()?),
         })
     }
 
@@ -264,6 +297,7 @@ impl Engine {
                 Ok(())
             }
             Engine::Gpu(m) => m.update(lr, hp, grad_norm, grad_clip),
+            Engine::GpuLlama(m) => m.update(lr, hp, grad_norm, grad_clip),
         }
     }
 
@@ -273,6 +307,7 @@ impl Engine {
         match self {
             Engine::Cpu { model, optimizer } => f(model.params(), optimizer),
             Engine::Gpu(m) => f(&m.master_params()?, &m.optimizer()?),
+            Engine::GpuLlama(m) => f(&m.master_params()?, &m.optimizer()?),
         }
     }
 }

@@ -2,9 +2,9 @@
 //! against what is available before anything large is allocated, and the one-line refusal when
 //! they do not fit.
 
+use crate::cuda::llama_model::llama_memory_plan;
 use crate::cuda::model::memory_plan as gpu_memory_plan;
 use crate::cuda::{Gpu, Precision};
-use crate::model::config::GptConfig;
 use crate::model::family::ModelConfig;
 use crate::os::resources::{available_memory, human_bytes, AvailableMemory};
 use anyhow::{bail, Result};
@@ -57,18 +57,35 @@ fn memory_refusal(
 /// Refuses a GPU run whose buffers cannot fit in the free device memory.
 pub(super) fn check_gpu_memory(
     gpu: &Gpu,
-    cfg: &GptConfig,
+    cfg: &ModelConfig,
     (b, t): (usize, usize),
     precision: Precision,
     (recompute, ranks): (bool, usize),
 ) -> Result<()> {
     let (free, _) = gpu.memory()?;
-    let plan = gpu_memory_plan(cfg, (b, t), precision, recompute, ranks);
-    // What --recompute would need, when it is not on: the first thing to try.
-    let with_recompute = (!recompute).then(|| plan_bytes(&gpu_memory_plan(cfg, (b, t), precision, true, ranks)));
+    let plan = gpu_plan(cfg, (b, t), precision, recompute, ranks);
+    // What --recompute would need, when it is not on (and the model has it): the first thing to try.
+    let with_recompute = match cfg {
+        ModelConfig::Gpt2(c) if !recompute => Some(plan_bytes(&gpu_memory_plan(c, (b, t), precision, true, ranks))),
+        _ => None,
+    };
     match gpu_memory_refusal(&plan, free, &gpu.name, precision, with_recompute) {
         Some(refusal) => bail!(refusal),
         None => Ok(()),
+    }
+}
+
+/// The device memory a GPU run of `cfg` needs, by part.
+pub(super) fn gpu_plan(
+    cfg: &ModelConfig,
+    (b, t): (usize, usize),
+    precision: Precision,
+    recompute: bool,
+    ranks: usize,
+) -> Vec<(&'static str, usize)> {
+    match cfg {
+        ModelConfig::Gpt2(c) => gpu_memory_plan(c, (b, t), precision, recompute, ranks),
+        ModelConfig::Llama(c) => llama_memory_plan(c, (b, t), precision),
     }
 }
 
@@ -107,6 +124,7 @@ pub(super) fn describe_plan(plan: &[(&str, usize)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::GptConfig;
     use crate::model::config::Preset;
     use crate::model::layout::{activation_count, ParamLayout};
 

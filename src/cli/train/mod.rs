@@ -301,10 +301,13 @@ impl<'a> Run<'a> {
             if lead {
                 println!("MFU: llm.c's FLOP count (6·N + 6·L·C·T per token) against the {peak}");
             }
-            flops_per_token(cfg.gpt().expect("only GPT-2 runs on a GPU"), plan.t) * tokens_per_step as f64
+            flops_per_token(cfg.gpt().expect("only GpuGpt reports a peak"), plan.t) * tokens_per_step as f64
         });
         if args.profile && matches!(engine, Engine::Cpu { .. }) {
             println!("--profile: the run is on the CPU, where there are no kernels to time");
+        }
+        if (args.profile || args.recompute) && matches!(engine, Engine::GpuLlama(_)) && lead {
+            println!("--profile and --recompute: not implemented for Llama-family models yet; training without them");
         }
         Ok(Run {
             args,

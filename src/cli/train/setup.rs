@@ -5,10 +5,9 @@
 //! start-up lines that say what was chosen.
 
 use super::args::{batch_shape, model_config, BatchShape, TrainArgs};
-use super::memory::{check_gpu_memory, check_memory, describe_plan, host_memory_plan, plan_bytes};
+use super::memory::{check_gpu_memory, check_memory, describe_plan, gpu_plan, host_memory_plan, plan_bytes};
 use crate::cli::device::Device;
 use crate::cpu::optimizer::AdamW;
-use crate::cuda::model::memory_plan as gpu_memory_plan;
 use crate::dist::world::World;
 use crate::formats::checkpoint::{self, TrainState};
 use crate::formats::hf_tokenizer::{HfTokenizer, TOKENIZER_FILE};
@@ -203,8 +202,8 @@ pub(super) fn plan(a: &TrainArgs, device: Device, device_reason: Option<String>,
     // The CPU's needs depend on the batch shape; a GPU run's host needs do not.
     let on_gpu = matches!(device, Device::Cuda(..));
     check_memory(&host_memory_plan(on_gpu, &config, b, t), (!on_gpu).then_some((b, t)))?;
-    if let (Device::Cuda(gpu, precision), Some(gpt)) = (device, config.gpt()) {
-        check_gpu_memory(gpu, gpt, (b, t), *precision, (a.recompute, ranks))?;
+    if let Device::Cuda(gpu, precision) = device {
+        check_gpu_memory(gpu, &config, (b, t), *precision, (a.recompute, ranks))?;
     }
     // A job's ranks read disjoint windows of each global batch (BatchWalker::next_batch_of).
     let train = open_stream(data, "--data", a, &config, window * ranks)?;
@@ -389,8 +388,7 @@ pub(super) fn print_setup(args: &TrainArgs, plan: &Plan, world: &World) {
             }
         }
         Device::Cuda(gpu, precision) => {
-            let gpt = cfg.gpt().expect("Device::fit keeps other families off the GPU");
-            let plan = gpu_memory_plan(gpt, (b, t), *precision, args.recompute, world.size);
+            let plan = gpu_plan(cfg, (b, t), *precision, args.recompute, world.size);
             let total = plan_bytes(&plan);
             println!(
                 "device: cuda, {} (compute {}.{}, {} kernels), {precision}{why}",
