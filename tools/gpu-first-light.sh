@@ -10,7 +10,8 @@
 # The run, at most about 9.5 minutes: nvidia-smi and the driver; finch check (every kernel at
 # f32 and bf16, and training CPU vs GPU); the GPU tests; finch train --model gpt2 on random tokens
 # at B=16 and B=64, T=1024, 20 steps each (the first loss should be about ln 50257 = 10.8-11;
-# tok/s and MFU), then 8 steps at B=16 with --profile (per-kernel times); finch bench matmul
+# tok/s and MFU), then 8 steps at B=16 with --profile (per-kernel times); 10 steps of
+# --model llama-135m at B=8, T=1024 (first loss also about 10.8; tok/s); finch bench matmul
 # against cuBLAS, square shapes first, then GPT-2's; finch bench attention; finch bench memory;
 # the PyTorch references in benches/. A step that fails or runs out of time is recorded and the next one starts: a
 # short GPU window is not spent on one problem. The table at the end says what passed.
@@ -111,26 +112,29 @@ print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob
     step train-b16 60 "${self[@]}" _train 16 "$out"
     step train-b64 45 "${self[@]}" _train 64 "$out"
     step profile-b16 40 "${self[@]}" _train 16 "$out" 8 profile-b16 --profile
-    step bench-square 45 "$bin/finch" bench matmul --shapes square
+    # The Llama family's first run on a GPU (GpuLlama: a few waits per step, no graph yet).
+    step train-llama 30 "$bin/finch" train --device cuda --data "$out/tokens.bin" --model llama-135m \
+        --batch-size 8 --seq-len 1024 --steps 10 --lr-schedule constant --print-every 1 --log "$out/train-llama.jsonl"
+    step bench-square 35 "$bin/finch" bench matmul --shapes square
     step bench-gpt2 50 "$bin/finch" bench matmul --shapes gpt2
     step bench-attention 30 "$bin/finch" bench attention
     step bench-memory 30 "$bin/finch" bench memory
-    step torch-gpt2 60 python3 benches/gpt2_torch.py --batch-size 16 --seq-len 1024 --steps 10
+    step torch-gpt2 40 python3 benches/gpt2_torch.py --batch-size 16 --seq-len 1024 --steps 10
     step torch-attention 30 python3 benches/attention_torch.py --backends flash
     rm -f "$out/tokens.bin"
 
     echo
     echo "first-light summary ($out/first-light.log)"
     printf '%s\n' "${results[@]}"
-    for b in 16 64; do
-        [ -f "$out/train-b$b.jsonl" ] && python3 - "$out/train-b$b.jsonl" "$b" <<'EOF'
+    for run in train-b16:16 train-b64:64 train-llama:8; do
+        [ -f "$out/${run%:*}.jsonl" ] && python3 - "$out/${run%:*}.jsonl" "${run#*:}" "${run%:*}" <<'EOF'
 import json, statistics, sys
 steps = [json.loads(l) for l in open(sys.argv[1]) if '"step"' in l]
 if steps:
     rate = statistics.median(s["tok_per_s"] for s in steps[2:] or steps)
     mfus = [s["mfu"] for s in steps[2:] or steps if "mfu" in s]
     mfu = f", median MFU {100 * statistics.median(mfus):.1f}%" if mfus else ""
-    print(f"train B={sys.argv[2]} T=1024: first loss {steps[0]['loss']:.3f} (ln 50257 = 10.825), "
+    print(f"{sys.argv[3]} B={sys.argv[2]} T=1024: first loss {steps[0]['loss']:.3f} (ln 50257 = 10.825), "
           f"{len(steps)} steps, median {rate:,.0f} tok/s after the first two{mfu}")
 EOF
     done
