@@ -537,6 +537,62 @@ fn a_training_step_synchronises_once() {
     }
 }
 
+/// A Llama-family training step on the GPU waits for it once, with one copy each way (no CUDA
+/// graph yet: its launches are issued every step).
+#[test]
+fn a_llama_training_step_synchronises_once() {
+    let Some(gpu) = gpu_or_skip("a_llama_training_step_synchronises_once") else { return };
+    if !gpu.name.starts_with("Fake CUDA") {
+        report("test a_llama_training_step_synchronises_once ... skipped: the counters are the fake CUDA driver's");
+        return;
+    }
+    let dir = TempDir::new("gpu-llama-counters");
+    let data = dir.path("train.bin");
+    write_llmc_u16(&data, &tokens(20_000, 97, 6)).unwrap();
+    let data = data.to_str().unwrap();
+    for accum in ["1", "3"] {
+        let counters = |steps: &str| -> serde_json::Value {
+            let out = dir.path(&format!("run-{accum}-{steps}"));
+            let file = dir.path(&format!("counters-{accum}-{steps}.json"));
+            #[rustfmt::skip]
+            let args = [
+                "train", "--device", "cuda", "--data", data, "--model", "llama-135m", "--n-layer", "2", "--n-head", "4",
+                "--n-kv-head", "2", "--n-embd", "32", "--intermediate-size", "40", "--vocab-size", "97",
+                "--context-length", "32", "--batch-size", "4", "--steps", steps, "--grad-accum", accum,
+                "--checkpoint-every", "100", "--out", out.to_str().unwrap(),
+            ];
+            let run = std::process::Command::new(common::finch_bin())
+                .args(args)
+                .env("FAKE_CUDA_COUNTERS", &file)
+                .output()
+                .expect("run finch");
+            assert!(run.status.success(), "{}", text(&run.stderr));
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("the fake writes its counters")).unwrap()
+        };
+        let (a, b) = (counters("2"), counters("6"));
+        let per_step = |path: &[&str]| {
+            let get = |v: &serde_json::Value| path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0);
+            (get(&b) - get(&a)) / 4.0
+        };
+        let accum_n: usize = accum.parse().unwrap();
+        assert_eq!(per_step(&["syncs", "total"]), 1.0, "grad-accum {accum}: host waits per step");
+        assert_eq!(per_step(&["per_kernel", "adamw_bf16", "launches"]), 1.0, "grad-accum {accum}");
+        // Up: the AdamW scalars, the initial state and each micro-batch's tokens, in one copy;
+        // down: the step's state.
+        let bt = 4 * 32;
+        assert_eq!(per_step(&["htod", "count"]), 1.0);
+        assert_eq!(per_step(&["htod", "bytes"]), (4 * (8 + 12 + accum_n * (5 * bt + 2))) as f64);
+        assert_eq!((per_step(&["dtoh", "count"]), per_step(&["dtoh", "bytes"])), (1.0, 48.0));
+        report(&format!(
+            "llama grad-accum {accum}: per step {} launches, {} host sync, {} B up, {} B down",
+            per_step(&["launches"]),
+            per_step(&["syncs", "total"]),
+            per_step(&["htod", "bytes"]),
+            per_step(&["dtoh", "bytes"])
+        ));
+    }
+}
+
 /// `--profile`: a table of every kernel's time per step at the end, and the same as a "profile"
 /// event in the log, with MFU against the named peak (the fake driver reports H100 limits).
 #[test]

@@ -5,13 +5,19 @@
 //! RMSNorm, the SwiGLU MLP; the final RMSNorm and the classifier (lm_head, or the embedding when
 //! tied). bf16 (or f32) weights and activations, f32 master weights, gradients and AdamW moments.
 //!
-//! A first version: one call per phase (forward, backward, norm, update), each waiting for the
-//! GPU, without GPT-2's one-sync CUDA-graph step, data parallelism or --recompute.
+//! Training runs `train_step`: tokens and the step's scalars up in one copy, every micro-batch's
+//! forward and backward, the loss, norm, clipping and AdamW on the device, and one wait for the
+//! 48-byte state (as GPT-2's step, but not yet captured into a CUDA graph); no data parallelism or
+//! --recompute yet. `forward`, `backward`, `grad_norm` and `update` are the per-call API that
+//! `finch check` and sampling use, each waiting.
 
 use super::llama_ops::rmsnorm_scratch_len;
-use super::model::{adamw_chunks, adamw_header, StepState, MAX_HEAD_DIM};
-use super::ops::{attention_scratch_len, bias_scratch_len, Epilogue, Ops, TokenBuckets, NORM_BLOCKS};
-use super::{DPtr, DeviceBuffer, Gpu, Precision};
+use super::model::{
+    adamw_chunks, adamw_header, fill_slot, slot_len, token_buffer_len, StepOutcome, StepState, Votes, ADAMW_WORDS,
+    HEADER_WORDS, MAX_HEAD_DIM, STEP_STATE_BYTES,
+};
+use super::ops::{attention_scratch_len, bias_scratch_len, Epilogue, Ops, NORM_BLOCKS};
+use super::{DPtr, DeviceBuffer, Gpu, PinnedBuffer, Precision};
 use crate::cpu::matmul::WeightLayout::{self, OutIn};
 use crate::cpu::optimizer::{clip_coefficient, AdamW, AdamWConfig};
 use crate::cpu::rope::rope_tables;
@@ -85,7 +91,10 @@ struct Batch {
     norm_scratch: DPtr,
     bias_scratch: DPtr,
     att_scratch: DPtr,
-    // i32: inputs, targets, then the token buckets (tokens, starts, positions, count).
+}
+
+/// Where one micro-batch's tokens are in the token buffer (see `cuda/model.rs`'s `fill_slot`).
+struct Slot {
     inputs: DPtr,
     targets: DPtr,
     buckets: (DPtr, DPtr, DPtr, DPtr),
@@ -104,8 +113,13 @@ pub struct GpuLlama {
     adam_t: u64,
     chunks: DeviceBuffer,
     n_chunks: usize,
-    /// AdamW's scalars, then the StepState the kernel reads.
-    header: DeviceBuffer,
+    /// i32 words: AdamW's scalars and the StepState (HEADER_WORDS), then one slot of tokens per
+    /// micro-batch; grown to the largest step seen.
+    tokens: Option<DeviceBuffer>,
+    /// Page-locked copies of a step's upload and of its state read back: copies from and to them
+    /// do not wait.
+    staging: Option<PinnedBuffer>,
+    readback: PinnedBuffer,
     grad_norm_scratch: DeviceBuffer,
     /// Zeros standing in for GPT-2's position table in the shared embedding kernels, and a sink
     /// for its gradient.
@@ -145,7 +159,9 @@ impl GpuLlama {
         gpu.upload(rope.1.ptr, &sin)?;
         let mut model = GpuLlama {
             params: gpu.alloc(precision.size() * n, "weights")?,
-            header: gpu.alloc(4 * 8 + std::mem::size_of::<StepState>(), "the step's scalars")?,
+            tokens: None,
+            staging: None,
+            readback: gpu.alloc_pinned(STEP_STATE_BYTES, "the step's state")?,
             grad_norm_scratch: gpu.alloc(8 * (NORM_BLOCKS + 1), "the gradient norm")?,
             zero_wpe: gpu.alloc(precision.size() * max_t * c, "zeros")?,
             dwpe_sink: gpu.alloc(4 * max_t * c, "scratch")?,
@@ -295,13 +311,33 @@ impl GpuLlama {
             norm_scratch: alloc(4 * rmsnorm_scratch_len(n, c))?,
             bias_scratch: alloc(4 * bias_scratch_len(n, c.max(kvd)))?,
             att_scratch: alloc(4 * attention_scratch_len(b, t, nh))?,
-            inputs: alloc(4 * n)?,
-            targets: alloc(4 * n)?,
-            buckets: (alloc(4 * n)?, alloc(4 * (n + 1))?, alloc(4 * n)?, alloc(4)?),
             _buffers: Vec::new(),
         };
         self.batch = Some(Batch { _buffers: buffers, ..batch });
         Ok(())
+    }
+
+    /// Makes the token buffer hold `slots` micro-batches of B·T = `n` tokens.
+    fn ensure_tokens(&mut self, n: usize, slots: usize) -> Result<()> {
+        let bytes = 4 * token_buffer_len(n, slots);
+        if self.tokens.as_ref().is_none_or(|buf| buf.bytes < bytes) {
+            self.tokens = None;
+            self.tokens = Some(self.gpu.alloc(bytes, "the step's tokens")?);
+        }
+        Ok(())
+    }
+
+    /// Micro-batch k's tokens (B·T = `n`).
+    fn slot(&self, k: usize, n: usize) -> Slot {
+        let base = self.tokens.as_ref().expect("ensure_tokens ran").ptr.add(HEADER_WORDS + k * slot_len(n), 4);
+        let at = |words: usize| base.add(words, 4);
+        Slot { inputs: at(0), targets: at(n), buckets: (at(2 * n), at(3 * n), at(4 * n + 1), at(5 * n + 1)) }
+    }
+
+    /// The AdamW scalars and, after them, the step's StepState.
+    fn header(&self) -> (DPtr, DPtr) {
+        let base = self.tokens.as_ref().expect("ensure_tokens ran").ptr;
+        (base, base.add(ADAMW_WORDS, 4))
     }
 
     /// Runs the model on `inputs` (B·T token ids). With `targets`, returns the mean loss
@@ -311,27 +347,28 @@ impl GpuLlama {
         assert!(t >= 1 && t <= cfg.max_position_embeddings, "sequence length {t} outside the context");
         assert_eq!(inputs.len(), b * t, "inputs must hold B·T tokens");
         self.ensure_batch(b, t)?;
-        self.ready_for_backward = false;
         let n = b * t;
-        let bb = self.batch.as_ref().expect("allocated above");
+        self.ensure_tokens(n, 1)?;
+        self.ready_for_backward = false;
+        let (bb, slot) = (self.batch.as_ref().expect("allocated above"), self.slot(0, n));
         let as_i32 = |x: &[u32]| x.iter().map(|&x| x as i32).collect::<Vec<i32>>();
-        self.gpu.upload(bb.inputs, &as_i32(inputs))?;
+        self.gpu.upload(slot.inputs, &as_i32(inputs))?;
         self.inputs = inputs.to_vec();
-        self.forward_launches(bb)?;
+        self.forward_launches(bb, &slot)?;
         let Some(targets) = targets else {
             self.gpu.synchronize()?;
             return Ok(None);
         };
         assert_eq!(targets.len(), n, "targets must hold B·T tokens");
-        self.gpu.upload(bb.targets, &as_i32(targets))?;
+        self.gpu.upload(slot.targets, &as_i32(targets))?;
         let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size());
-        self.ops().crossentropy(bb.losses, None, bb.logits, bb.targets, n, v, vp, 0.0)?;
+        self.ops().crossentropy(bb.losses, None, bb.logits, slot.targets, n, v, vp, 0.0)?;
         let losses = self.download_f32(bb.losses, n)?;
         self.ready_for_backward = true;
         Ok(Some(losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64))
     }
 
-    fn forward_launches(&self, bb: &Batch) -> Result<()> {
+    fn forward_launches(&self, bb: &Batch, slot: &Slot) -> Result<()> {
         let cfg = self.config;
         let (b, t, n) = (bb.b, bb.t, bb.b * bb.t);
         let (c, kvd, inner, vp, eps) =
@@ -341,7 +378,7 @@ impl GpuLlama {
         let ops = self.ops();
         let rope = Some(((self.rope.0.ptr, self.rope.1.ptr), t));
         let first = &bb.layers[0];
-        ops.encoder_forward(first.input, bb.inputs, p.embed, self.zero_wpe.ptr, b, t, c)?;
+        ops.encoder_forward(first.input, slot.inputs, p.embed, self.zero_wpe.ptr, b, t, c)?;
         ops.rmsnorm_forward(first.norm1, first.rstd1, first.input, p.layers[0].input_norm, n, c, eps)?;
         for (l, (lp, la)) in p.layers.iter().zip(&bb.layers).enumerate() {
             if l > 0 {
@@ -384,21 +421,21 @@ impl GpuLlama {
         }
         self.ready_for_backward = false;
         let bb = self.batch.as_ref().expect("a forward ran");
-        let buckets = TokenBuckets::new(&self.inputs);
-        self.gpu.upload(bb.buckets.0, &buckets.tokens)?;
-        self.gpu.upload(bb.buckets.1, &buckets.starts)?;
-        self.gpu.upload(bb.buckets.2, &buckets.positions)?;
-        self.gpu.upload(bb.buckets.3, &[buckets.tokens.len() as i32])?;
-        let cfg = self.config;
         let n = bb.b * bb.t;
+        let slot = self.slot(0, n);
+        // The targets are in slot 0 already; the token buckets of the inputs go beside them.
+        let mut words = vec![0i32; slot_len(n)];
+        fill_slot(&mut words, &self.inputs, &vec![0; n]);
+        self.gpu.upload(slot.buckets.0, &words[2 * n..])?;
+        let cfg = self.config;
         let dloss = (loss_scale / n as f64) as f32;
         let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size());
-        self.ops().crossentropy(bb.losses, Some(bb.logits), bb.logits, bb.targets, n, v, vp, dloss)?;
-        self.backward_launches(bb)?;
+        self.ops().crossentropy(bb.losses, Some(bb.logits), bb.logits, slot.targets, n, v, vp, dloss)?;
+        self.backward_launches(bb, &slot)?;
         self.gpu.synchronize()
     }
 
-    fn backward_launches(&self, bb: &Batch) -> Result<()> {
+    fn backward_launches(&self, bb: &Batch, slot: &Slot) -> Result<()> {
         let cfg = self.config;
         let (b, t, n) = (bb.b, bb.t, bb.b * bb.t);
         let (c, kvd, inner, vp) = (cfg.hidden_size, cfg.kv_dim(), cfg.intermediate_size, cfg.padded_vocab_size());
@@ -440,7 +477,7 @@ impl GpuLlama {
             let norm1 = (la.input, lp.input_norm, la.rstd1);
             ops.rmsnorm_backward((bb.d_a, bb.d_b, lg.input_norm), bb.d_norm, norm1, bb.norm_scratch, n, c)?;
         }
-        ops.encoder_backward(g.embed, self.dwpe_sink.ptr, bb.d_a, bb.buckets, b, t, c)
+        ops.encoder_backward(g.embed, self.dwpe_sink.ptr, bb.d_a, slot.buckets, b, t, c)
     }
 
     /// The global L2 norm of the gradients (f64).
@@ -459,12 +496,98 @@ impl GpuLlama {
             finite: 1,
             ..StepState::default()
         };
-        let state_ptr = self.header.ptr.add(header.len(), 4);
-        self.gpu.upload(self.header.ptr, &header)?;
+        self.tokens.as_ref().context("an update needs a forward and backward first")?;
+        let (header_ptr, state_ptr) = self.header();
+        self.gpu.upload(header_ptr, &header)?;
         self.gpu.upload(state_ptr, bytemuck::bytes_of(&state))?;
-        let buffers = (self.params.ptr, self.master.ptr, self.grads.ptr, self.adam_m.ptr, self.adam_v.ptr);
-        self.ops().adamw(buffers, (self.chunks.ptr, self.n_chunks), self.layout.total, self.header.ptr, state_ptr)?;
+        self.adamw_launch()?;
         self.gpu.synchronize()
+    }
+
+    fn adamw_launch(&self) -> Result<()> {
+        let (header, state) = self.header();
+        let buffers = (self.params.ptr, self.master.ptr, self.grads.ptr, self.adam_m.ptr, self.adam_v.ptr);
+        self.ops().adamw(buffers, (self.chunks.ptr, self.n_chunks), self.layout.total, header, state)
+    }
+
+    /// One optimizer step over `micro_batches` (inputs, targets; B·T each): the gradient of the
+    /// mean loss, its norm, clipping and AdamW, all on the device after one upload (the AdamW
+    /// scalars, the step's initial state and every micro-batch's tokens), with one host wait at
+    /// the end for the step's state: the loss, the norm and whether the update was applied (both
+    /// finite; otherwise the weights and moments are untouched).
+    pub fn train_step(
+        &mut self,
+        micro_batches: &[(&[u32], &[u32])],
+        (b, t): (usize, usize),
+        (lr, hp): (f64, &AdamWConfig),
+        grad_clip: f64,
+        votes: Votes,
+    ) -> Result<StepOutcome> {
+        let (accum, n) = (micro_batches.len(), b * t);
+        assert!(accum >= 1, "a step needs a micro-batch");
+        assert!(t >= 1 && t <= self.config.max_position_embeddings, "sequence length {t} outside the context");
+        self.ensure_batch(b, t)?;
+        self.ensure_tokens(n, accum)?;
+        self.ready_for_backward = false;
+        self.adam_t += 1;
+        let header = adamw_header(&hp.step(self.adam_t, lr));
+        let start = StepState {
+            stop_votes: votes.stop as u8 as f64,
+            checkpoint_votes: votes.checkpoint as u8 as f64,
+            ..StepState::default()
+        };
+        let len = token_buffer_len(n, accum);
+        if self.staging.as_ref().is_none_or(|s| s.bytes < 4 * len) {
+            self.staging = Some(self.gpu.alloc_pinned(4 * len, "the step's tokens")?);
+        }
+        let words = &mut self.staging.as_mut().expect("allocated above").as_mut_slice::<i32>()[..len];
+        words[..ADAMW_WORDS].copy_from_slice(bytemuck::cast_slice(&header));
+        words[ADAMW_WORDS..HEADER_WORDS].copy_from_slice(bytemuck::cast_slice(bytemuck::bytes_of(&start)));
+        for (k, (x, y)) in micro_batches.iter().enumerate() {
+            assert!(x.len() == n && y.len() == n, "micro-batch {k} is not B·T tokens");
+            let at = HEADER_WORDS + k * slot_len(n);
+            fill_slot(&mut words[at..at + slot_len(n)], x, y);
+        }
+        let tokens = self.tokens.as_ref().expect("allocated above").ptr;
+        self.gpu.upload_async(tokens, self.staging.as_ref().expect("allocated above"), 4 * len)?;
+        self.issue_step(accum, grad_clip)?;
+        self.gpu.download_async(&self.readback, self.header().1, STEP_STATE_BYTES)?;
+        self.gpu.synchronize()?;
+        let state: StepState = bytemuck::pod_read_unaligned(&self.readback.as_slice::<u8>()[..STEP_STATE_BYTES]);
+        let applied = state.finite != 0;
+        if !applied {
+            self.adam_t -= 1; // the device skipped the update
+        }
+        Ok(StepOutcome {
+            loss: state.loss,
+            grad_norm: state.norm,
+            applied,
+            stop_votes: state.stop_votes as usize,
+            checkpoint_votes: state.checkpoint_votes as usize,
+        })
+    }
+
+    /// The step's launches: zeroed gradients; per micro-batch the forward, the fused
+    /// cross-entropy (loss and logits gradient), the loss added to the step's, the backward; the
+    /// squared norm, the norm, clipping factor and finiteness (step_finish), AdamW. No host wait.
+    fn issue_step(&self, accum: usize, grad_clip: f64) -> Result<()> {
+        let bb = self.batch.as_ref().expect("train_step allocated it");
+        let cfg = self.config;
+        let n = bb.b * bb.t;
+        let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size());
+        let (ops, state) = (self.ops(), self.header().1);
+        self.gpu.fill_bytes(self.grads.ptr, 0, self.grads.bytes)?;
+        let dloss = (1.0 / accum as f64 / n as f64) as f32;
+        for k in 0..accum {
+            let slot = self.slot(k, n);
+            self.forward_launches(bb, &slot)?;
+            ops.crossentropy(bb.losses, Some(bb.logits), bb.logits, slot.targets, n, v, vp, dloss)?;
+            ops.loss_accumulate(state, bb.losses, n, accum)?;
+            self.backward_launches(bb, &slot)?;
+        }
+        ops.grad_norm_squared_into(state.add(1, 8), self.grads.ptr, self.layout.total, self.grad_norm_scratch.ptr)?;
+        ops.step_finish(state, grad_clip)?;
+        self.adamw_launch()
     }
 }
 

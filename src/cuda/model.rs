@@ -219,18 +219,18 @@ pub fn memory_plan(
 /// i32 words of one micro-batch's slot in the token buffer: inputs (B·T), targets (B·T), then
 /// the token buckets the encoder backward reads (tokens B·T, starts B·T+1, positions B·T) and
 /// their count.
-fn slot_len(bt: usize) -> usize {
+pub(crate) fn slot_len(bt: usize) -> usize {
     5 * bt + 2
 }
 
 /// Words before the slots: one step's AdamW scalars (the kernels' AdamWParams, 7 f32 and a
 /// spare), then the step's StepState as it starts (zeros and this rank's votes): the one upload
 /// of the step initialises both.
-const ADAMW_WORDS: usize = 8;
-const HEADER_WORDS: usize = ADAMW_WORDS + STEP_STATE_BYTES / 4;
+pub(crate) const ADAMW_WORDS: usize = 8;
+pub(crate) const HEADER_WORDS: usize = ADAMW_WORDS + STEP_STATE_BYTES / 4;
 
 /// i32 words of the token buffer for `slots` micro-batches.
-fn token_buffer_len(bt: usize, slots: usize) -> usize {
+pub(crate) fn token_buffer_len(bt: usize, slots: usize) -> usize {
     HEADER_WORDS + slots * slot_len(bt)
 }
 
@@ -244,7 +244,7 @@ struct Slot {
 
 /// Writes one micro-batch into its slot's words: inputs, targets and the token buckets of the
 /// inputs (computed here, on the host) with their count.
-fn fill_slot(words: &mut [i32], inputs: &[u32], targets: &[u32]) {
+pub(crate) fn fill_slot(words: &mut [i32], inputs: &[u32], targets: &[u32]) {
     let bt = inputs.len();
     let buckets = TokenBuckets::new(inputs);
     let (ins, rest) = words.split_at_mut(bt);

@@ -111,7 +111,7 @@ pub enum Engine {
         optimizer: AdamW<f32>,
     },
     Gpu(Box<GpuGpt>),
-    /// A Llama-family model on a GPU: one call per phase, each waiting (no one-sync step yet).
+    /// A Llama-family model on a GPU (one host sync per step, no CUDA graph yet).
     GpuLlama(Box<GpuLlama>),
 }
 
@@ -200,19 +200,8 @@ impl Engine {
                 m.train_step(&batches, (b, t), (lr, hp), grad_clip, votes)
             }
             Engine::GpuLlama(m) => {
-                m.zero_grad()?;
-                let mut loss = 0.0;
-                for (x, y) in micro_batches {
-                    loss += m.forward(x, Some(y), b, t)?.expect("targets given") / accum;
-                    m.backward(1.0 / accum)?;
-                }
-                let grad_norm = m.grad_norm()?;
-                let applied = loss.is_finite() && grad_norm.is_finite();
-                if applied {
-                    m.update(lr, hp, grad_norm, grad_clip)?;
-                }
-                let (stop_votes, checkpoint_votes) = (votes.stop as usize, votes.checkpoint as usize);
-                Ok(StepOutcome { loss, grad_norm, applied, stop_votes, checkpoint_votes })
+                let batches: Vec<(&[u32], &[u32])> = micro_batches.iter().map(|(x, y)| (&x[..], &y[..])).collect();
+                m.train_step(&batches, (b, t), (lr, hp), grad_clip, votes)
             }
         }
     }
