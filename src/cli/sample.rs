@@ -1,12 +1,11 @@
 //! `finch sample`: generate text from a saved model, streaming tokens as they come.
 //!
-//! On the CPU a GPT-2 model's new token costs one step of [`Generator`] (KV cache). On a GPU, and
-//! for the Llama family, the context is recomputed by the training forward for every token (no
-//! KV cache there yet).
+//! On the CPU each new token costs one step of a KV cache ([`Generator`], [`LlamaGenerator`]). On
+//! a GPU the context is recomputed by the training forward for every token (no GPU KV cache yet).
 
 use crate::cli::device::Device;
 use crate::cpu::infer::Generator;
-use crate::cpu::llama::Llama;
+use crate::cpu::infer_llama::LlamaGenerator;
 use crate::cuda::llama_model::GpuLlama;
 use crate::cuda::model::GpuGpt;
 use crate::cuda::Precision;
@@ -139,9 +138,40 @@ pub fn model_tokenizer(source: &ModelSource, cfg: &ModelConfig, flag: Option<Tok
 }
 
 /// Next-token logits given a growing context, on the CPU (KV cache) or the GPU (recompute).
+/// A CPU model that takes one token at a time into its KV cache.
+trait Incremental {
+    fn is_full(&self) -> bool;
+    fn clear(&mut self);
+    /// The logits (V) after appending `token`.
+    fn step(&mut self, token: u32) -> Vec<f32>;
+}
+
+impl Incremental for Generator<'_> {
+    fn is_full(&self) -> bool {
+        self.cache.is_full()
+    }
+    fn clear(&mut self) {
+        self.cache.clear()
+    }
+    fn step(&mut self, token: u32) -> Vec<f32> {
+        Generator::step(self, token)
+    }
+}
+
+impl Incremental for LlamaGenerator<'_> {
+    fn is_full(&self) -> bool {
+        LlamaGenerator::is_full(self)
+    }
+    fn clear(&mut self) {
+        LlamaGenerator::clear(self)
+    }
+    fn step(&mut self, token: u32) -> Vec<f32> {
+        LlamaGenerator::step(self, token)
+    }
+}
+
 enum Runner<'a> {
-    Cpu(Box<Generator<'a>>),
-    CpuLlama(Box<Llama<f32>>, Vec<u32>),
+    Cpu(Box<dyn Incremental + 'a>),
     Gpu(Box<GpuGpt>, Vec<u32>),
     GpuLlama(Box<GpuLlama>, Vec<u32>),
 }
@@ -150,8 +180,8 @@ impl Runner<'_> {
     /// Clears the context.
     fn reset(&mut self) {
         match self {
-            Runner::Cpu(g) => g.cache.clear(),
-            Runner::CpuLlama(_, context) | Runner::Gpu(_, context) | Runner::GpuLlama(_, context) => context.clear(),
+            Runner::Cpu(g) => g.clear(),
+            Runner::Gpu(_, context) | Runner::GpuLlama(_, context) => context.clear(),
         }
     }
 
@@ -163,8 +193,8 @@ impl Runner<'_> {
             Runner::Cpu(g) => {
                 let mut logits = Vec::new();
                 for &t in tokens {
-                    if g.cache.is_full() {
-                        g.cache.clear();
+                    if g.is_full() {
+                        g.clear();
                         let keep = &history[history.len().saturating_sub(max_t / 2)..];
                         for &h in keep {
                             g.step(h);
@@ -173,13 +203,6 @@ impl Runner<'_> {
                     logits = g.step(t);
                 }
                 Ok(logits)
-            }
-            Runner::CpuLlama(model, context) => {
-                extend_context(context, tokens, max_t);
-                let t = context.len();
-                model.forward(context, None, 1, t);
-                let (vp, v) = (model.config.padded_vocab_size(), model.config.vocab_size);
-                Ok(model.logits()[(t - 1) * vp..(t - 1) * vp + v].to_vec())
             }
             Runner::GpuLlama(model, context) => {
                 extend_context(context, tokens, max_t);
@@ -232,9 +255,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let (device, _) = device.fit(reason, &args.device, &cfg)?;
     let mut runner = match (&device, cfg) {
         (Device::Cpu, ModelConfig::Gpt2(cfg)) => Runner::Cpu(Box::new(Generator::new(cfg, &params))),
-        (Device::Cpu, ModelConfig::Llama(cfg)) => {
-            Runner::CpuLlama(Box::new(Llama::new(cfg, params.clone())), Vec::new())
-        }
+        (Device::Cpu, ModelConfig::Llama(cfg)) => Runner::Cpu(Box::new(LlamaGenerator::new(cfg, &params))),
         (Device::Cuda(gpu, _), ModelConfig::Gpt2(cfg)) => {
             Runner::Gpu(Box::new(GpuGpt::new(gpu.clone(), cfg, Precision::F32, &params)?), Vec::new())
         }

@@ -1,7 +1,8 @@
 //! The CPU reference engine, the oracle every GPU kernel is judged against: one file per op, each
 //! with an explicit forward and backward (no autograd); the GPT-2 model composed from them
-//! (`model`) and the Llama family's (`llama`, with `rmsnorm`, `rope` and `swiglu`); token-by-token inference with a KV cache (`infer`); and the float types and GEMM
-//! they compute with (`real`).
+//! (`model`) and the Llama family's (`llama`, with `rmsnorm`, `rope` and `swiglu`); token-by-token
+//! inference with a KV cache (`infer`, `infer_llama`); and the float types and GEMM they compute
+//! with (`real`).
 //!
 //! Conventions (from llm.c): every function opens with the shapes it works on; backward
 //! functions *accumulate* (`+=`) into their gradient outputs, so a tensor used twice simply
@@ -15,6 +16,7 @@ pub mod crossentropy;
 pub mod encoder;
 pub mod gelu;
 pub mod infer;
+pub mod infer_llama;
 pub mod layernorm;
 pub mod llama;
 pub mod matmul;
