@@ -659,7 +659,13 @@ pub fn gradient_tolerance(precision: Precision) -> f64 {
     }
 }
 
-fn gradient_rows(layout: &ParamLayout, cpu: &[f32], gpu: &[f32], precision: Precision, shape: &str) -> Vec<CheckRow> {
+pub(super) fn gradient_rows(
+    layout: &ParamLayout,
+    cpu: &[f32],
+    gpu: &[f32],
+    precision: Precision,
+    shape: &str,
+) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     for spec in &layout.specs {
         let (mut want, mut got) = (f64s(&cpu[spec.range()]), gpu[spec.range()].to_vec());

@@ -4,7 +4,7 @@
 //! width, then multiples, so both the 1-wide and the 16-byte paths run); and training a small
 //! Llama on the CPU and on the GPU (`GpuLlama`) side by side.
 
-use super::check::{f64s, gradient_tolerance, relative_error, training_tolerance, CheckRow, Harness};
+use super::check::{f64s, gradient_rows, gradient_tolerance, training_tolerance, CheckRow, Harness};
 use super::llama_model::GpuLlama;
 use super::llama_ops::rmsnorm_scratch_len;
 use super::{DPtr, Gpu, Precision};
@@ -253,16 +253,7 @@ fn train_both(gpu: &Arc<Gpu>, precision: Precision, cfg: LlamaConfig, steps: usi
         gpu_model.backward(1.0)?;
         let gpu_norm = gpu_model.grad_norm()?;
         if step == 1 {
-            let gpu_grads = gpu_model.grads()?;
-            for spec in &layout.specs {
-                rows.push(CheckRow {
-                    kernel: format!("gradient {}", spec.name),
-                    shape: shape.clone(),
-                    precision,
-                    max_error: relative_error(&gpu_grads[spec.range()], &f64s(&cpu_model.grads[spec.range()])),
-                    tolerance: gradient_tolerance(precision),
-                });
-            }
+            rows.extend(gradient_rows(&layout, &cpu_model.grads, &gpu_model.grads()?, precision, &shape));
         }
         clip_grad_norm(&mut cpu_model.grads, norm, 1.0);
         cpu_opt.update(&mut cpu_model.params, &cpu_model.grads, &layout, lr, &hp);
